@@ -1,0 +1,264 @@
+"""Config schema, YAML loading with validation and `--set` overrides, and the CLI plumbing
+every script shares: one-line errors with a non-zero exit code, atomic file writes.
+
+All experiments read one flat dict. Keys, types, defaults and allowed values live in SCHEMA;
+README.md documents them. A bad key, type or value raises ConfigError (exit code 2).
+"""
+import argparse
+import difflib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ASPECTS = ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l")
+DATASETS = ("11k", "hd")
+
+
+class UserError(Exception):
+    """Bad input the user can fix (missing data, corrupt file, wrong checkpoint).
+
+    The message is one line naming the problem and the fix; scripts exit with `exit_code`.
+    """
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """A bad config file, key, type, value or command-line argument."""
+    exit_code = 2
+
+
+def _opt(kind, default, help, choices=None, low=None, nullable=False):
+    return {"type": kind, "default": default, "help": help, "choices": choices, "min": low,
+            "nullable": nullable or default is None}
+
+
+# key -> spec. Types: str, int, float, bool, list (of numbers). `None` default = derived.
+SCHEMA = {
+    # what to train / evaluate
+    "name": _opt(str, None, "experiment name in logs and tables (default: config file stem)"),
+    "dataset": _opt(str, "11k", "dataset", choices=DATASETS),
+    "aspect": _opt(str, "dorsal_r", "11k aspect (ignored for hd)", choices=ASPECTS),
+    "data_dir": _opt(str, None, "prepared dataset root, the --out of the prepare script "
+                                "(default: datasets/11khands or datasets/HD)"),
+    "model": _opt(str, "vitb16", "backbone: vitb16, vitb32, rn50, rn101, vitl14, tiny, "
+                                 "or any open_clip 'architecture:pretrained_tag'"),
+    "pretrained": _opt(str, None, "weights: open_clip tag, local weights file, or 'none' for "
+                                  "random init (default: the model's OpenAI weights)"),
+    "head": _opt(str, "linear", "identity head: linear, or bnneck (BatchNorm1d + bias-free "
+                                "linear, features after the BN)", choices=("linear", "bnneck")),
+    "variant": _opt(str, "finetuned", "evaluation: baseline (pretrained CLIP) or finetuned "
+                                      "(checkpoint at save_path)",
+                    choices=("baseline", "finetuned")),
+    # data pipeline
+    "image_size": _opt(int, None, "input side in pixels (default: the backbone's)", low=8),
+    "cache_images": _opt(bool, True, "decode and resize every image once and keep it in memory "
+                                     "as uint8 (the fast data path)"),
+    "num_workers": _opt(int, 2, "data loader worker processes", low=0),
+    "aug_hflip": _opt(float, 0.5, "probability of a horizontal flip", low=0.0),
+    "aug_pad": _opt(int, 10, "pixels of padding before the random crop (0 = no crop)", low=0),
+    "aug_color_jitter": _opt(float, 0.0, "brightness/contrast/saturation jitter strength",
+                             low=0.0),
+    "aug_random_erasing": _opt(float, 0.5, "probability of random erasing", low=0.0),
+    # optimisation
+    "epochs": _opt(int, 60, "training epochs", low=1),
+    "batch_size": _opt(int, 64, "images per optimizer step (per process under torchrun)", low=1),
+    "lr": _opt(float, 5e-6, "learning rate of the image encoder", low=0.0),
+    "head_lr_mult": _opt(float, 10.0, "learning-rate multiplier of the identity head", low=0.0),
+    "weight_decay": _opt(float, 1e-4, "AdamW weight decay (never on norms and biases)", low=0.0),
+    "scheduler": _opt(str, "cosine", "per-iteration schedule after warmup",
+                      choices=("cosine", "step")),
+    "warmup_epochs": _opt(int, 5, "linear warmup epochs", low=0),
+    "lr_steps": _opt(list, [30, 50], "epochs at which the step schedule multiplies by lr_gamma"),
+    "lr_gamma": _opt(float, 0.1, "step schedule factor", low=0.0),
+    "label_smoothing": _opt(float, 0.1, "cross-entropy label smoothing", low=0.0),
+    "grad_clip": _opt(float, 0.0, "max gradient norm (0 = off)", low=0.0),
+    "amp": _opt(str, "auto", "precision: auto (bf16 on CUDA where supported, else fp16; fp32 "
+                             "on CPU), bf16, fp16, fp32",
+                choices=("auto", "bf16", "fp16", "fp32")),
+    "seed": _opt(int, 0, "random seed"),
+    "device": _opt(str, "auto", "auto, cpu, cuda or cuda:N"),
+    # outputs
+    "save_path": _opt(str, None, "checkpoint file (default: saved_models/<name>.pth)"),
+    "log_path": _opt(str, None, "human log file; metrics and plots go beside it "
+                                "(default: logs/<name>.log)"),
+    # evaluation
+    "num_splits": _opt(int, 10, "query/gallery splits to evaluate", low=1),
+    "gallery": _opt(str, "all", "11k gallery: all (gallery{i}_all, the published protocol) or "
+                                "aspect (gallery{i})", choices=("all", "aspect")),
+    "flip": _opt(bool, False, "average features of the image and its mirror"),
+    "ap_mode": _opt(str, "standard", "standard (uninterpolated, torchreid/fast-reid) or "
+                                     "trapezoid (MBA-Net / CLIP-HandID)",
+                    choices=("standard", "trapezoid")),
+    "max_rank": _opt(int, 10, "length of the CMC curve", low=1),
+    "eval_batch_size": _opt(int, 128, "images per forward pass in evaluation", low=1),
+    "results_dir": _opt(str, "logs/results", "results JSON, CSV and plots"),
+    "plots": _opt(bool, True, "write the CMC curve and ranked-retrieval grid PNGs"),
+    "plot_queries": _opt(int, 6, "queries shown in the ranked-retrieval grid", low=1),
+}
+
+
+def _suggest(key):
+    close = difflib.get_close_matches(key, SCHEMA, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_value(key, value, where):
+    spec = SCHEMA[key]
+    kind = spec["type"]
+    if value is None:
+        if spec["nullable"]:
+            return None
+        raise ConfigError(f"{where}: '{key}' must not be empty (expected {kind.__name__})")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list:
+        ok = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    elif kind in (int, float):
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ConfigError(f"{where}: '{key}' must be {kind.__name__}, "
+                          f"got {type(value).__name__} {value!r}")
+    if spec["choices"] and value not in spec["choices"]:
+        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(spec['choices'])}, "
+                          f"got {value!r}")
+    if spec["min"] is not None and value < spec["min"]:
+        raise ConfigError(f"{where}: '{key}' must be >= {spec['min']}, got {value!r}")
+    return value
+
+
+def parse_override(text):
+    """'key=value' -> (key, value), the value parsed as YAML ('1e-5' -> float, 'true' -> bool)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set lr=1e-5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    kind = SCHEMA.get(key, {}).get("type")
+    # YAML reads '1e-5' as a string; numbers written that way are common in lr overrides.
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is str and value is not None and not isinstance(value, str):
+        value = raw.strip()
+    return key, value
+
+
+def _read_yaml(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return data
+
+
+def load_config(path=None, overrides=()):
+    """Defaults <- YAML file <- `key=value` overrides; validated, derived paths filled in."""
+    config = {key: spec["default"] for key, spec in SCHEMA.items()}
+    sources = []
+    if path is not None:
+        sources.append((str(path), _read_yaml(path).items()))
+    sources.append(("--set", [parse_override(o) if isinstance(o, str) else o for o in overrides]))
+    for where, items in sources:
+        for key, value in items:
+            if key not in SCHEMA:
+                raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key)}")
+            config[key] = _check_value(key, value, where)
+    if config["name"] is None:
+        config["name"] = Path(path).stem if path is not None else "experiment"
+    if config["data_dir"] is None:
+        config["data_dir"] = "datasets/11khands" if config["dataset"] == "11k" else "datasets/HD"
+    if config["save_path"] is None:
+        config["save_path"] = f"saved_models/{config['name']}.pth"
+    if config["log_path"] is None:
+        config["log_path"] = f"logs/{config['name']}.log"
+    return config
+
+
+def dataset_dir(config):
+    """The prepared split folder the loaders read for this dataset (and 11k aspect)."""
+    root = Path(config["data_dir"])
+    if config["dataset"] == "11k":
+        return root / f"train_val_test_split_{config['aspect']}"
+    return root / "train_val_test_split"
+
+
+def prepare_command(config):
+    """The command that creates dataset_dir(config), quoted in missing-data errors."""
+    script = "prepare_11k.py" if config["dataset"] == "11k" else "prepare_hd.py"
+    return f"python datasets/{script} --raw <raw dataset folder> --out {config['data_dir']}"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
+def make_parser(description, default_config=None):
+    """An argument parser with --config and repeatable --set key=value."""
+    parser = _Parser(description=description)
+    parser.add_argument("--config", default=default_config, required=default_config is None,
+                        help="YAML config file" + (f" (default: {default_config})"
+                                                   if default_config else ""))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key; repeatable")
+    return parser
+
+
+def run_cli(main):
+    """Run main(); a UserError becomes one line on stderr and its exit code, no traceback."""
+    try:
+        result = main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(result or 0)
+
+
+def atomic_write(path, write):
+    """Call write(binary_file) on a temp file in the same folder, then rename it over `path`:
+    a kill mid-write never leaves a partial file. torch.save(obj, f) is a valid `write`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
