@@ -1,0 +1,87 @@
+"""Config schema: defaults, validation errors (one line, exit code 2), --set overrides."""
+import pytest
+
+from config import SCHEMA, ConfigError, dataset_dir, load_config, make_parser, parse_override
+from conftest import ROOT, run_script
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_derived_paths(tmp_path):
+    config = load_config(write(tmp_path, "model: rn50\n"))
+    assert set(config) == set(SCHEMA)
+    assert config["model"] == "rn50" and config["epochs"] == SCHEMA["epochs"]["default"]
+    assert config["name"] == "c"
+    assert config["save_path"] == "saved_models/c.pth" and config["log_path"] == "logs/c.log"
+    assert str(dataset_dir(config)) == "datasets/11khands/train_val_test_split_dorsal_r"
+    hd = load_config(write(tmp_path, "dataset: hd\n"))
+    assert str(dataset_dir(hd)) == "datasets/HD/train_val_test_split"
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted(ROOT.glob("configs/**/*.yml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lerning_rate: 0.1\n", "unknown key 'lerning_rate'"),
+    ("epoch: 3\n", "did you mean 'epochs'"),
+    ("epochs: three\n", "'epochs' must be int"),
+    ("lr: true\n", "'lr' must be float"),
+    ("aspect: dorsal_x\n", "'aspect' must be one of dorsal_r"),
+    ("dataset: 12k\n", "'dataset' must be one of 11k, hd"),
+    ("batch_size: 0\n", "'batch_size' must be >= 1"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("a: [\n", "not valid YAML"),
+])
+def test_bad_config_file(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(write(tmp_path, text))
+
+
+def test_overrides_parse_types(tmp_path):
+    config = load_config(write(tmp_path, "lr: 0.1\n"),
+                         ["lr=1e-5", "epochs=3", "cache_images=false", "lr_steps=[10, 20]",
+                          "name=123", "pretrained=none"])
+    assert config["lr"] == 1e-5 and config["epochs"] == 3 and config["cache_images"] is False
+    assert config["lr_steps"] == [10, 20] and config["name"] == "123"
+    assert config["pretrained"] == "none"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr", "expected key=value"),
+    ("lrr=1", "unknown key 'lrr'"),
+    ("epochs=1.5", "'epochs' must be int"),
+    ("amp=fp8", "'amp' must be one of"),
+])
+def test_bad_override(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_parser_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="--config"):
+        make_parser("x").parse_args([])
+
+
+def test_parse_override_keeps_strings():
+    assert parse_override("data_dir=/tmp/a b") == ("data_dir", "/tmp/a b")
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path):
+    bad = write(tmp_path, "epochz: 3\n")
+    proc = run_script("experiments/run_eval_clip.py", "--config", bad, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "did you mean 'epochs'" in proc.stderr
+    assert "Traceback" not in proc.stderr
