@@ -209,14 +209,16 @@ def prepare_command(config):
     return f"python datasets/{script} --raw <raw dataset folder> --out {config['data_dir']}"
 
 
-class _Parser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigErrors: one line, exit code 2, under run_cli."""
+
     def error(self, message):
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
 def make_parser(description, default_config=None):
     """An argument parser with --config and repeatable --set key=value."""
-    parser = _Parser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, required=default_config is None,
                         help="YAML config file" + (f" (default: {default_config})"
                                                    if default_config else ""))
@@ -238,6 +240,12 @@ def run_cli(main):
     sys.exit(result or 0)
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """Call write(binary_file) on a temp file in the same folder, then rename it over `path`:
     a kill mid-write never leaves a partial file. torch.save(obj, f) is a valid `write`."""
@@ -245,6 +253,7 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
