@@ -1,0 +1,14 @@
+"""Stage 1 fine-tuning of ViT-B/16 on 11k dorsal right: train_stage1_frozen_text.py with
+configs/finetuning_stage1_frozen_text/train_vitb16_11k_dorsal_r.yml as the default --config."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from config import run_cli  # noqa: E402
+from experiments.train_stage1_frozen_text import main  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "configs/finetuning_stage1_frozen_text/train_vitb16_11k_dorsal_r.yml"
+
+if __name__ == "__main__":
+    run_cli(lambda: main(default_config=str(DEFAULT_CONFIG)))
