@@ -1,0 +1,223 @@
+"""evaluation.py (features, multi-split protocol, encode-once cache) and
+experiments/run_eval_clip.py (baseline / finetuned runs, outputs, failure paths)."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluation
+import make_model
+from build_dataloader import eval_loader, list_split
+from config import UserError, load_config
+from conftest import run_script
+from reid_metrics import compute_reid_metrics
+
+EVAL_SCRIPT = "experiments/run_eval_clip.py"
+
+
+def tiny_model(config):
+    torch.manual_seed(0)
+    clip_model, classifier = make_model.build_model(config)
+    return make_model.HandIdModel(clip_model, classifier)
+
+
+def count_encoded(model):
+    """Wrap model.features; the returned list grows by the batch size of every call."""
+    calls, inner = [], model.features
+
+    def features(images):
+        calls.append(len(images))
+        return inner(images)
+
+    model.features = features
+    return calls
+
+
+def test_encodes_each_unique_image_once_whatever_num_splits(make_config):
+    encoded, unique = {}, {}
+    for splits in (1, 3):
+        config = make_config(num_splits=splits)
+        model = tiny_model(config)
+        calls = count_encoded(model)
+        report = evaluation.evaluate(model, config, torch.device("cpu")).report
+        # Prepared files keep their source file name: one name per source image.
+        listed = [path for query, gallery in evaluation.split_names(config)
+                  for name in (query, gallery) for path, _ in list_split(config, name)]
+        encoded[splits] = sum(calls)
+        unique[splits] = len({os.path.basename(path) for path in listed})
+        assert encoded[splits] == unique[splits] == report["counts"]["unique_images"] \
+            == report["counts"]["images_encoded"]
+        assert report["counts"]["images_listed"] == len(listed) >= unique[splits]
+        assert report["num_splits"] == len(report["per_split"]) == splits
+    assert unique[3] >= unique[1]
+    assert report["counts"]["images_listed"] > unique[3]  # splits share images
+    # 3 splits list 3x the images of one, but encode far fewer than 3x.
+    assert encoded[3] < 2 * encoded[1]
+
+
+def test_cached_split_metrics_equal_a_direct_evaluation(make_config):
+    """Split 2 through the unique-image cache == encoding its own query and gallery lists."""
+    config = make_config(num_splits=3, ap_mode="trapezoid", max_rank=5)
+    model = tiny_model(config)
+    device = torch.device("cpu")
+    report = evaluation.evaluate(model, config, device).report
+    query, gallery = list_split(config, "query2"), list_split(config, "gallery2_all")
+    query_features = evaluation.extract_features(
+        model, eval_loader(config, [p for p, _ in query]), device)
+    gallery_features = evaluation.extract_features(
+        model, eval_loader(config, [p for p, _ in gallery]), device)
+    direct = compute_reid_metrics(query_features @ gallery_features.T, [n for _, n in query],
+                                  [n for _, n in gallery], max_rank=5, ap_mode="trapezoid")
+    cached = report["per_split"][2]
+    assert cached["query"] == "query2" and cached["gallery"] == "gallery2_all"
+    for key in ("rank1", "rank5", "mAP", "mINP", "num_valid_queries", "num_queries"):
+        assert cached[key] == pytest.approx(direct[key], abs=1e-6)
+    assert len(cached["cmc"]) == 5
+
+
+def test_distractor_galleries_are_ranked_by_identity_name(make_config, prepared_hd):
+    """Gallery folders hold identities the queries lack (other aspects, HD 502-712); name
+    labels keep every query valid, and `gallery: aspect` drops the distractors."""
+    for config, gallery_name, distractor in [
+            (make_config(num_splits=1), "gallery0_all", "__"),
+            (make_config(num_splits=1, gallery="aspect"), "gallery0", None),
+            (make_config(num_splits=1, dataset="hd", data_dir=str(prepared_hd)), "gallery0",
+             "distractor__")]:
+        _, splits, _ = evaluation.collect_splits(config)
+        split = splits[0]
+        assert split.gallery == gallery_name
+        extra = set(split.gallery_ids) - set(split.query_ids)
+        assert set(split.query_ids) <= set(split.gallery_ids)
+        assert bool(extra) == (distractor is not None)
+        assert all(distractor in name for name in extra)
+        row = evaluation.evaluate(tiny_model(config), config, torch.device("cpu")) \
+            .report["per_split"][0]
+        assert row["num_valid_queries"] == row["num_queries"] == len(split.query_ids)
+        assert row["num_gallery"] == len(split.gallery_ids)
+
+
+def test_flip_averages_the_two_normalised_views(make_config):
+    config = make_config()
+    model = tiny_model(config)
+    paths = [path for path, _ in list_split(config, "query0")][:10]
+    loader = eval_loader(config, paths, batch_size=4)
+    calls = count_encoded(model)
+    flipped = evaluation.extract_features(model, loader, torch.device("cpu"), flip=True)
+    assert sum(calls) == 2 * len(paths)
+    images = torch.cat([batch for batch, _ in loader])
+    with torch.no_grad():
+        plain = F.normalize(model.features(images), dim=1)
+        mirror = F.normalize(model.features(images.flip(3)), dim=1)
+    assert torch.allclose(flipped, F.normalize(plain + mirror, dim=1), atol=1e-5)
+    assert torch.allclose(flipped.norm(dim=1), torch.ones(len(paths)))
+    assert not torch.allclose(flipped, plain, atol=1e-3)
+    assert model.training  # extract_features restores the caller's mode
+
+
+def test_more_splits_than_prepared_is_a_clear_error(make_config):
+    with pytest.raises(UserError, match="num_splits is 5 but .* has 3 prepared splits"):
+        evaluation.check_data(make_config(num_splits=5))
+
+
+# ------------------------------------------------------------------ run_eval_clip.py
+
+def eval_args(config_path, tmp_path, *overrides):
+    return ["--config", str(config_path), "--set", f"results_dir={tmp_path / 'results'}",
+            *overrides]
+
+
+@pytest.fixture
+def eval_config(make_config, tmp_path):
+    """An eval config file on the synthetic data (tiny model, 2 splits) under tmp_path."""
+    config = make_config()
+    path = tmp_path / "eval_tiny.yml"
+    path.write_text(f"name: tiny_eval\nmodel: tiny\ndata_dir: {config['data_dir']}\n"
+                    f"save_path: {config['save_path']}\nnum_splits: 2\nnum_workers: 0\n"
+                    f"plot_queries: 3\nmax_rank: 8\n")
+    return path, config
+
+
+def save_tiny_checkpoint(config, path, **changes):
+    config = dict(config, **changes)
+    names = sorted({name for _, name in list_split(config, "train")})
+    torch.manual_seed(1)
+    clip_model, classifier = make_model.build_model(config, num_classes=len(names))
+    make_model.save_checkpoint(path, clip_model, classifier, config, names, epoch=4,
+                               val_accuracy=0.625)
+
+
+def test_baseline_run_writes_results_and_keeps_earlier_ones(eval_config, tmp_path):
+    from experiments import run_eval_clip
+
+    path, _ = eval_config
+    results = tmp_path / "results"
+    run_eval_clip.main(eval_args(path, tmp_path, "--set", "variant=baseline"))
+    first = json.loads((results / "tiny_eval_baseline.json").read_text())
+    assert first["variant"] == "baseline" and first["checkpoint"] is None
+    assert first["config"]["model"] == "tiny" and first["config"]["num_splits"] == 2
+    assert [row["split"] for row in first["per_split"]] == [0, 1]
+    assert set(first["mean"]) == set(first["std"]) == {"rank1", "rank5", "rank10", "mAP",
+                                                       "mINP", "cmc"}
+    assert len(first["mean"]["cmc"]) == 8 and first["std_ddof"] == 1
+    assert first["gallery"] == "gallery{i}_all" and first["ap_mode"] == "standard"
+    assert first["counts"]["images_encoded"] == first["counts"]["unique_images"] > 0
+    assert first["timings"]["total_seconds"] >= first["timings"]["encode_seconds"] > 0
+    assert (results / "tiny_eval_baseline_cmc.png").stat().st_size > 1000
+    # Ranking grid: 3 query rows of query + top-8 tiles (104 px with frame, 26 px captions);
+    # the query frame is blue, every gallery frame green (same identity) or red.
+    with Image.open(results / "tiny_eval_baseline_ranking.png") as grid:
+        assert grid.size == (4 + 12 + 9 * 104 + 4, 4 + 3 * 130 + 4)
+        for row in range(3):
+            y = 4 + row * 130 + 1
+            assert grid.getpixel((5, y)) == (0x1F, 0x5F, 0xBF)
+            assert {grid.getpixel((4 + 12 + rank * 104 + 1, y)) for rank in range(1, 9)} <= \
+                {(0x1A, 0x9E, 0x3A), (0xD6, 0x20, 0x20)}
+
+    run_eval_clip.main(eval_args(path, tmp_path, "--set", "variant=baseline",
+                                 "--set", "flip=true"))
+    second = json.loads((results / "tiny_eval_baseline.json").read_text())
+    assert second["flip"] and second["counts"]["images_encoded"] == \
+        2 * second["counts"]["unique_images"]
+    kept = [json.loads(p.read_text()) for p in results.glob("tiny_eval_baseline.*.json")]
+    assert len(kept) == 1 and kept[0]["timestamp"] == first["timestamp"] and not kept[0]["flip"]
+    with (results / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["flip"] for row in rows] == ["False", "True"]
+    assert float(rows[0]["rank1"]) == pytest.approx(first["mean"]["rank1"], abs=1e-3)
+
+
+def test_finetuned_run_loads_the_checkpoint(eval_config, tmp_path):
+    path, config = eval_config
+    save_tiny_checkpoint(config, config["save_path"])
+    proc = run_script(EVAL_SCRIPT, *eval_args(path, tmp_path, "--set", "plots=false"))
+    assert "rank-1" in proc.stdout and "mean ± std over 2 splits" in proc.stdout
+    result = json.loads((tmp_path / "results/tiny_eval_finetuned.json").read_text())
+    assert result["checkpoint"]["epoch"] == 4 and result["checkpoint"]["val_accuracy"] == 0.625
+    assert result["checkpoint"]["path"] == config["save_path"]
+    assert "cmc_plot" not in result["files"]
+    assert len((tmp_path / "results/results.csv").read_text().splitlines()) == 2
+
+
+def test_missing_checkpoint_is_a_one_line_error(eval_config, tmp_path):
+    path, _ = eval_config
+    proc = run_script(EVAL_SCRIPT, *eval_args(path, tmp_path), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint not found")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"aspect": "dorsal_l"}, "was trained on aspect 'dorsal_l'"),
+    ({"head": "bnneck"}, "has a bnneck head"),
+])
+def test_mismatched_checkpoint_is_refused(eval_config, tmp_path, changes, message):
+    from experiments import run_eval_clip
+
+    path, config = eval_config
+    save_tiny_checkpoint(config, config["save_path"], **changes)
+    with pytest.raises(UserError, match=message):
+        run_eval_clip.evaluate_config(load_config(path, [("results_dir", str(tmp_path))]))

@@ -1,0 +1,83 @@
+"""run_all_finetuned_stage1.py: the batch runner over eval configs, --train, failures."""
+import csv
+import json
+
+import run_all_finetuned_stage1
+from config import load_config
+from conftest import ROOT, run_script
+from test_evaluation import save_tiny_checkpoint
+
+SCRIPT = "run_all_finetuned_stage1.py"
+
+
+def write_experiment(folder, data_dir):
+    """A fine-tuned eval config with its train config, and a baseline eval config."""
+    common = f"model: tiny\ndata_dir: {data_dir}\nnum_workers: 0\nplots: false\n"
+    save = f"save_path: {folder / 'tiny.pth'}\n"
+    (folder / "eval_tiny.yml").write_text(f"name: tiny\nvariant: finetuned\n{common}{save}")
+    (folder / "train_tiny.yml").write_text(
+        f"name: tiny\n{common}{save}log_path: {folder / 'logs/train.log'}\nbatch_size: 16\n"
+        f"lr: 1.0e-3\nhead_lr_mult: 1.0\nwarmup_epochs: 0\n")
+    (folder / "eval_baseline_tiny.yml").write_text(f"name: baseline_tiny\nvariant: baseline\n"
+                                                   f"{common}")
+
+
+def test_train_missing_checkpoint_and_continue_past_a_broken_config(prepared_11k, tmp_path):
+    write_experiment(tmp_path, prepared_11k)
+    (tmp_path / "eval_broken.yml").write_text("model: tiny\nnum_split: 2\n")
+    results, out = tmp_path / "results", tmp_path / "summary"
+    proc = run_script(SCRIPT, "--configs", tmp_path / "eval_*.yml", "--train", "--set",
+                      "num_splits=2", "--set", "epochs=1", "--set", f"results_dir={results}",
+                      "--out", out, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"{tmp_path / 'eval_broken.yml'}: " in proc.stderr
+    assert "unknown key 'num_split'" in proc.stderr
+    assert "1 of 3 configs failed" in proc.stderr
+    # The checkpoint was trained (one epoch) from train_tiny.yml, then evaluated.
+    assert f"=== training {tmp_path / 'train_tiny.yml'}" in proc.stdout
+    assert (tmp_path / "tiny.pth").is_file()
+    finetuned = json.loads((results / "tiny_finetuned.json").read_text())
+    assert finetuned["checkpoint"]["epoch"] == 1 and finetuned["num_splits"] == 2
+    # The table still holds the good configs, baseline before fine-tuned.
+    table = out.with_suffix(".md").read_text()
+    assert table in proc.stdout
+    assert "eval_broken.yml: " in table.split("Failed:")[1]
+    with out.with_suffix(".csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["variant"], r["dataset"], r["splits"]) for r in rows] == \
+        [("baseline", "11k/dorsal_r", "2"), ("finetuned", "11k/dorsal_r", "2")]
+    assert float(rows[1]["rank1"]) == round(finetuned["mean"]["rank1"], 4)
+    assert float(rows[1]["mAP_std"]) == round(finetuned["std"]["mAP"], 4)
+
+
+def test_existing_checkpoint_is_not_retrained(make_config, tmp_path, capsys):
+    """--train leaves an existing checkpoint alone; a clean batch exits 0."""
+    config = make_config()
+    write_experiment(tmp_path, config["data_dir"])
+    save_tiny_checkpoint(config, tmp_path / "tiny.pth")
+    before = (tmp_path / "tiny.pth").stat().st_mtime_ns
+    code = run_all_finetuned_stage1.main([
+        "--configs", str(tmp_path / "eval_tiny.yml"), "--train", "--set", "num_splits=1",
+        "--set", f"results_dir={tmp_path / 'results'}", "--out", str(tmp_path / "summary")])
+    assert code == 0 and (tmp_path / "tiny.pth").stat().st_mtime_ns == before
+    output = capsys.readouterr().out
+    assert "=== training" not in output and "| tiny | 11k/dorsal_r | finetuned | 1 |" in output
+
+
+def test_shipped_eval_configs_match_their_train_and_baseline_twins():
+    """--train maps eval_X.yml to train_X.yml: both must name the same model and checkpoint;
+    every fine-tuned experiment has a baseline beside it."""
+    finetuned = sorted(ROOT.glob("configs/finetuning_stage1_frozen_text/eval_*.yml"))
+    assert len(finetuned) == 10
+    pairs = [(path, ROOT / "configs/baseline" / path.name) for path in finetuned]
+    pairs.append((ROOT / "configs/demo/eval_tiny_11k_dorsal_r.yml",
+                  ROOT / "configs/demo/eval_baseline_tiny_11k_dorsal_r.yml"))
+    data = ("dataset", "aspect", "data_dir", "model", "pretrained")
+    model = data + ("name", "head", "image_size", "save_path")
+    for path, baseline_path in pairs:
+        config, baseline = load_config(path), load_config(baseline_path)
+        train = load_config(path.with_name(path.name.replace("eval_", "train_", 1)))
+        assert config["variant"] == "finetuned" and baseline["variant"] == "baseline"
+        assert {k: config[k] for k in model} == {k: train[k] for k in model}, path.name
+        assert {k: baseline[k] for k in data} == {k: config[k] for k in data}, path.name
+        assert baseline["name"].startswith("baseline_")
