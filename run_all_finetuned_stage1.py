@@ -12,7 +12,6 @@ config whose checkpoint is missing first runs its train config (eval_X.yml -> tr
 the same folder) through experiments/train_stage1_frozen_text.py in a subprocess, with the
 same --set overrides. The table is written as <out>.md and <out>.csv.
 """
-import argparse
 import csv
 import glob
 import io
@@ -21,7 +20,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from config import ConfigError, UserError, atomic_write_text, load_config, run_cli
+from config import ArgumentParser, ConfigError, UserError, atomic_write_text, load_config, run_cli
 from experiments import run_eval_clip
 
 ROOT = Path(__file__).resolve().parent
@@ -31,13 +30,8 @@ DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
 METRIC_COLUMNS = (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"), ("mAP", "mAP"))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(f"{self.prog}: {message} (see --help)")
-
-
 def parse_args(argv):
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="GLOB",
                         help="eval config files or glob patterns (default: %(default)s)")
     parser.add_argument("--train", action="store_true",
