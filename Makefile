@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean-demo
+.PHONY: test demo bench
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,3 +15,20 @@ $(STAMP): requirements.txt requirements-test.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Synthetic raw 11k -> prepare -> baseline eval, Stage-1 training (tiny model), fine-tuned
+# eval -> summary table. Re-running skips what is already done.
+demo: $(STAMP)
+	$(PY) datasets/make_synthetic_hands.py --out datasets/synthetic_11k
+	$(PY) datasets/prepare_11k.py --raw datasets/synthetic_11k
+	$(PY) run_all_finetuned_stage1.py --train --configs 'configs/demo/eval_*.yml' --out logs/demo/summary
+
+bench: $(STAMP)
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/bench_metrics.py --out benchmarks/results/metrics.md
+	$(PY) benchmarks/bench_data_path.py --out benchmarks/results/data_path.md
+	$(PY) benchmarks/bench_train.py --out benchmarks/results/train.md
+	$(PY) benchmarks/bench_eval.py --out benchmarks/results/eval.md
+	cat benchmarks/results/metrics.md benchmarks/results/data_path.md \
+	    benchmarks/results/train.md benchmarks/results/eval.md > benchmarks/results/benchmarks.md
+	@echo "wrote benchmarks/results/benchmarks.md"
