@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) run_all_finetuned_stage1.py --train --configs 'configs/demo/eval_*.yml' --out logs/demo/summary
 
 bench: $(STAMP)
-	mkdir -p benchmarks/results
+	rm -f benchmarks/results/*.md
 	$(PY) benchmarks/bench_metrics.py --out benchmarks/results/metrics.md
 	$(PY) benchmarks/bench_data_path.py --out benchmarks/results/data_path.md
 	$(PY) benchmarks/bench_train.py --out benchmarks/results/train.md

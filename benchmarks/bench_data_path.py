@@ -1,0 +1,119 @@
+"""Loader throughput on full-size (1600x1200) JPEGs: the reference path (full decode of every
+image on every pass, decoding workers) against the fast path (`cache_images: true`: one
+draft-mode decode per image, then tensors in memory), measured side by side in one run on
+the real training loader. Also reports how closely the two paths' evaluation inputs and
+ViT-B/16 features agree.
+
+    python benchmarks/bench_data_path.py [--epochs 3] [--out benchmarks/results/data_path.md]
+"""
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from build_dataloader import eval_loader, get_train_val_loaders, list_split  # noqa: E402
+from config import atomic_write_text, load_config  # noqa: E402
+from make_model import HandIdModel, build_model, preprocess_spec  # noqa: E402
+
+
+def make_data(folder, subjects, per_aspect, config):
+    """Synthetic raw 11k, prepared in place, whose dorsal_r train and val images are then
+    upscaled to the real 1600x1200. Drawing at full size costs over 0.1 s an image; decoding
+    cost depends on the pixel count, which this keeps. The split entries are hard links, so
+    rewriting them in place rewrites the raw files too."""
+    scripts = ROOT / "datasets"
+    for command in (["make_synthetic_hands.py", "--out", folder, "--subjects", str(subjects),
+                     "--images-per-aspect", str(per_aspect)],
+                    ["prepare_11k.py", "--raw", folder, "--num-splits", "1"]):
+        subprocess.run([sys.executable, str(scripts / command[0]), *command[1:]], check=True,
+                       stdout=subprocess.DEVNULL)
+    for path, _ in list_split(config, "train") + list_split(config, "val"):
+        with Image.open(path) as image:
+            image = image.resize((1600, 1200), Image.BICUBIC)
+        image.save(path, quality=90)
+
+
+def epoch_rates(config, epochs):
+    """images/s of each epoch; the first includes building the loader (and the cache)."""
+    start = time.perf_counter()
+    loader, _, _ = get_train_val_loaders(config)
+    rates = []
+    for _ in range(epochs):
+        seen = 0
+        for images, _ in loader:
+            seen += len(images)
+        rates.append(seen / (time.perf_counter() - start))
+        start = time.perf_counter()
+    return rates
+
+
+def feature_agreement(config, paths):
+    """Max |pixel difference| (0-255) and cosine of ViT-B/16 (random init) features between
+    the reference and the fast path's evaluation inputs."""
+    inputs = {}
+    for cached in (False, True):
+        config = dict(config, cache_images=cached)
+        inputs[cached] = torch.cat([x for x, _ in eval_loader(config, paths, batch_size=16)])
+    std = torch.tensor(preprocess_spec(config)["std"]).view(1, 3, 1, 1)
+    pixel = ((inputs[True] - inputs[False]) * std * 255).abs()
+    torch.manual_seed(0)
+    clip_model, _ = build_model(dict(config, pretrained="none"))
+    model = HandIdModel(clip_model, None).eval()
+    with torch.inference_mode():
+        feats = {k: torch.nn.functional.normalize(model.features(v), dim=-1)
+                 for k, v in inputs.items()}
+    cosine = (feats[True] * feats[False]).sum(-1)
+    return pixel.max().item(), pixel.mean().item(), cosine.min().item(), cosine.mean().item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--subjects", type=int, default=40)
+    parser.add_argument("--images-per-aspect", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(None, [("model", "vitb16"), ("data_dir", tmp), ("batch_size", 32),
+                                    ("num_workers", args.workers)])
+        make_data(tmp, args.subjects, args.images_per_aspect, config)
+        n = len(list_split(config, "train"))
+        reference = epoch_rates(dict(config, cache_images=False), args.epochs)
+        fast = epoch_rates(dict(config, cache_images=True), args.epochs)
+        paths = [p for p, _ in list_split(config, "val")][:16]
+        pix_max, pix_mean, cos_min, cos_mean = feature_agreement(config, paths)
+    steady_ref = sum(reference[1:]) / max(1, len(reference) - 1)
+    steady_fast = sum(fast[1:]) / max(1, len(fast) - 1)
+    lines = [
+        f"Train loader on {n} synthetic 1600x1200 JPEGs -> 224x224 (ViT-B/16 input), batch 32, "
+        f"{args.epochs} epochs, {torch.get_num_threads()} threads:",
+        "",
+        "| path | epoch 1 img/s (incl. setup) | later epochs img/s |",
+        "|---|---|---|",
+        f"| reference (decode every epoch, {args.workers} workers) | {reference[0]:.1f} | "
+        f"{steady_ref:.1f} |",
+        f"| fast (cache_images) | {fast[0]:.1f} | {steady_fast:.1f} |",
+        "",
+        f"Ratio, later epochs: {steady_fast / steady_ref:.1f}x; first epoch: "
+        f"{fast[0] / reference[0]:.1f}x.",
+        f"Eval inputs fast vs reference on {len(paths)} images: max |pixel diff| "
+        f"{pix_max:.1f}/255, mean {pix_mean:.2f}/255; ViT-B/16 (random init) feature cosine "
+        f"min {cos_min:.5f}, mean {cos_mean:.5f}.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Evaluation protocol cost: 1 split against 10 splits on the same prepared synthetic 11k
+data and model, with the number of images listed by the splits and the number encoded
+(each unique image once).
+
+    python benchmarks/bench_eval.py [--model tiny|vitb16] [--device cpu|cuda]
+        [--subjects 40] [--out benchmarks/results/eval.md]
+"""
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from config import atomic_write_text, load_config  # noqa: E402
+from evaluation import evaluate  # noqa: E402
+from make_model import HandIdModel, build_model  # noqa: E402
+
+BASELINE_CONFIG = ROOT / "configs/demo/eval_baseline_tiny_11k_dorsal_r.yml"
+
+
+def prepare(folder, subjects):
+    scripts = ROOT / "datasets"
+    for command in (["make_synthetic_hands.py", "--out", folder, "--subjects", str(subjects)],
+                    ["prepare_11k.py", "--raw", folder, "--num-splits", "10"]):
+        subprocess.run([sys.executable, str(scripts / command[0]), *command[1:]], check=True,
+                       stdout=subprocess.DEVNULL)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--subjects", type=int, default=40)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = ["| splits | images listed | images encoded | encode s | encode img/s | metrics s "
+            "| total s |", "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as folder:
+        prepare(folder, args.subjects)
+        for num_splits in (1, 10):
+            config = load_config(BASELINE_CONFIG, [
+                ("data_dir", folder), ("num_splits", num_splits), ("model", args.model),
+                ("pretrained", "none"), ("plots", False)])
+            torch.manual_seed(0)
+            clip_model, _ = build_model(config)
+            report = evaluate(HandIdModel(clip_model).to(device), config, device).report
+            counts, times = report["counts"], report["timings"]
+            rows.append(f"| {num_splits} | {counts['images_listed']} | "
+                        f"{counts['images_encoded']} | {times['encode_seconds']:.2f} | "
+                        f"{counts['images_encoded'] / times['encode_seconds']:.0f} | "
+                        f"{times['metrics_seconds']:.2f} | {times['total_seconds']:.2f} |")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    text = "\n".join([f"Evaluation protocol, {args.model} (random init) on synthetic 11k "
+                      f"dorsal_r vs gallery{{i}}_all, {where}:", ""] + rows)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
