@@ -29,6 +29,6 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_data_path.py --out benchmarks/results/data_path.md
 	$(PY) benchmarks/bench_train.py --out benchmarks/results/train.md
 	$(PY) benchmarks/bench_eval.py --out benchmarks/results/eval.md
-	cat benchmarks/results/metrics.md benchmarks/results/data_path.md \
-	    benchmarks/results/train.md benchmarks/results/eval.md > benchmarks/results/benchmarks.md
+	for part in metrics data_path train eval; do cat benchmarks/results/$$part.md; echo; done \
+	    > benchmarks/results/benchmarks.md
 	@echo "wrote benchmarks/results/benchmarks.md"

@@ -6,8 +6,8 @@ speed, not the disk's (benchmarks/bench_data_path.py measures the loader). Model
 initialised with the real architectures (no download). Epoch 1 is warm-up; the figure is
 epoch 2's images/s. On CUDA it also reports peak GPU memory.
 
-    python benchmarks/bench_train.py [--models tiny vitb16] [--batch-sizes 32] [--amp fp32 bf16]
-        [--steps 4] [--device cpu|cuda] [--out benchmarks/results/train.md]
+    python benchmarks/bench_train.py [--models tiny vitb16] [--batch-sizes 16] [--amp fp32 bf16]
+        [--steps 3] [--device cpu|cuda] [--out benchmarks/results/train.md]
 """
 import argparse
 import contextlib
@@ -65,9 +65,9 @@ def measure(model, batch_size, amp, steps, device, workdir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "vitb16"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
     parser.add_argument("--amp", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=4, help="training steps per epoch")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per epoch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -84,3 +84,18 @@ def test_corrupt_image_names_the_file(make_config, tmp_path):
         list(loader)
     with pytest.raises(UserError, match="cannot read image"):
         decode_image(victim, 64)
+
+
+def test_draft_decoding_stays_within_tolerance(synthetic_11k_raw, tmp_path):
+    """The fast path decodes large JPEGs in draft mode; on a photo-sized image its pixels
+    stay within a few levels of the full decode (benchmarks/bench_data_path.py measures
+    the same on 1600x1200 images)."""
+    from PIL import Image
+    source = sorted((synthetic_11k_raw / "Hands").glob("*.jpg"))[0]
+    big = tmp_path / "big.jpg"
+    with Image.open(source) as image:
+        image.resize((1600, 1200), Image.BICUBIC).save(big, quality=90)
+    full = decode_image(big, 224).float()
+    draft = decode_image(big, 224, draft=True).float()
+    difference = (full - draft).abs()
+    assert difference.max() <= 12 and difference.mean() <= 1.0
