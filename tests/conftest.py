@@ -22,38 +22,43 @@ def run_script(script, *args, cwd=ROOT, check=True, timeout=600):
     return proc
 
 
+def make_synthetic(tmp_path_factory, raw_format):
+    """A small synthetic raw dataset (few subjects, 160x120 images) in 11k or HD format."""
+    out = tmp_path_factory.mktemp(f"raw_{raw_format}")
+    run_script("datasets/make_synthetic_hands.py", "--format", raw_format, "--out", out,
+               "--seed", "0", "--subjects", "24", "--images-per-aspect", "5",
+               "--width", "160", "--height", "120")
+    return out
+
+
+def prepare(tmp_path_factory, script, raw):
+    """data_dir of `raw` prepared by `script` with 3 splits."""
+    out = tmp_path_factory.mktemp("prepared")
+    run_script(script, "--raw", raw, "--out", out, "--num-splits", "3")
+    return out
+
+
 @pytest.fixture(scope="session")
 def synthetic_11k_raw(tmp_path_factory):
-    """Raw 11k format: HandInfo.csv + Hands/ (small images, few subjects)."""
-    out = tmp_path_factory.mktemp("raw11k")
-    run_script("datasets/make_synthetic_hands.py", "--out", out, "--seed", "0",
-               "--subjects", "24", "--images-per-aspect", "5", "--width", "160", "--height", "120")
-    return out
+    """Raw 11k format: HandInfo.csv + Hands/."""
+    return make_synthetic(tmp_path_factory, "11k")
 
 
 @pytest.fixture(scope="session")
 def prepared_11k(synthetic_11k_raw, tmp_path_factory):
     """data_dir of the prepared synthetic 11k (train_val_test_split_<aspect>/ inside)."""
-    out = tmp_path_factory.mktemp("prep11k")
-    run_script("datasets/prepare_11k.py", "--raw", synthetic_11k_raw, "--out", out,
-               "--num-splits", "3")
-    return out
+    return prepare(tmp_path_factory, "datasets/prepare_11k.py", synthetic_11k_raw)
 
 
 @pytest.fixture(scope="session")
 def synthetic_hd_raw(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rawhd")
-    run_script("datasets/make_synthetic_hands.py", "--format", "hd", "--out", out, "--seed", "0",
-               "--subjects", "24", "--images-per-aspect", "5", "--width", "160", "--height", "120")
-    return out
+    """Raw HD format: Original Images/1-501 and 502-712."""
+    return make_synthetic(tmp_path_factory, "hd")
 
 
 @pytest.fixture(scope="session")
 def prepared_hd(synthetic_hd_raw, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prephd")
-    run_script("datasets/prepare_hd.py", "--raw", synthetic_hd_raw, "--out", out,
-               "--num-splits", "3")
-    return out
+    return prepare(tmp_path_factory, "datasets/prepare_hd.py", synthetic_hd_raw)
 
 
 @pytest.fixture
