@@ -104,7 +104,8 @@ def build(raw, seed, num_splits):
 def main():
     args = split_protocol.parse_args(__doc__.split("\n\n")[0], "datasets/11khands")
     split_protocol.prepare(args, "11k", PROTOCOL, [folder_name(a) for a in ASPECTS],
-                           lambda raw: build(raw, args.seed, args.num_splits))
+                           lambda raw: build(raw, args.seed, args.num_splits),
+                           ["HandInfo.csv", "Hands"])
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def build(raw, seed, num_splits):
 def main():
     args = split_protocol.parse_args(__doc__.split("\n\n")[0], "datasets/HD")
     split_protocol.prepare(args, "hd", PROTOCOL, [FOLDER],
-                           lambda raw: build(raw, args.seed, args.num_splits))
+                           lambda raw: build(raw, args.seed, args.num_splits),
+                           [IDENTITY_FOLDER, DISTRACTOR_FOLDER])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ source image is then the same inode, which evaluation uses to encode each image 
 Its splits.json, written last, lists the source of every entry and marks the folder complete.
 """
 import errno
+import hashlib
 import json
 import os
 import random
@@ -29,7 +30,8 @@ IMAGES_DIR = "_images"
 MIN_IMAGES = 2  # a train identity gives one val + >= 1 train image; a test one gallery + query
 SUMMARY_SPLITS = ("train", "val", "train_all", "test", "query0", "gallery0", "gallery0_all")
 # Keys of splits.json that must match for a re-run to be a no-op.
-REQUEST_KEYS = ("format_version", "dataset", "seed", "num_splits", "protocol", "images")
+REQUEST_KEYS = ("format_version", "dataset", "seed", "num_splits", "protocol", "images",
+                "raw_files")
 WORKERS = min(8, os.cpu_count() or 1)
 
 
@@ -204,8 +206,10 @@ def folder_state(folder, request):
                or manifest.get(k) != request[k]]
     if not differs:
         return "current"
-    shown = ", ".join(f"{k}={manifest.get(k)!r} (now {request[k]!r})" if k != "protocol"
-                      else "another protocol version" for k in differs)
+    shown = ", ".join("another protocol version" if k == "protocol"
+                      else "other raw files (images added, removed or replaced since)"
+                      if k == "raw_files" else f"{k}={manifest.get(k)!r} (now {request[k]!r})"
+                      for k in differs)
     return f"was prepared with {shown}"
 
 
@@ -281,15 +285,31 @@ def print_summary(counts_by_folder):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def prepare(args, dataset, protocol, folders, build):
+def raw_files(raw, inputs):
+    """A digest of the names, sizes and modification times of the raw inputs (files, and the
+    files directly inside folders): a completed or repaired download changes it."""
+    digest = hashlib.sha256()
+    for name in inputs:
+        path = raw / name
+        entries = sorted(os.scandir(path), key=lambda e: e.name) if path.is_dir() else (
+            [path] if path.exists() else [])
+        for entry in entries:
+            stat = entry.stat()
+            digest.update(f"{name}/{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def prepare(args, dataset, protocol, folders, build, inputs):
     """Write the split folders `folders` under args.out, or say they are up to date.
 
     build(raw) reads the raw data and returns {folder: manifest fields}, each with "splits"
     ({split: {identity: [source]}}) and "skipped"; it runs only when something must be built.
+    `inputs` are the raw files and folders it reads, relative to the raw folder.
     """
     out = args.out
     request = {"format_version": FORMAT_VERSION, "dataset": dataset, "seed": args.seed,
-               "num_splits": args.num_splits, "protocol": protocol, "images": args.images}
+               "num_splits": args.num_splits, "protocol": protocol, "images": args.images,
+               "raw_files": raw_files(args.raw, inputs)}
     states = {name: folder_state(out / name, request) for name in folders}
     conflicts = {n: s for n, s in states.items() if s not in ("missing", "current")}
     if conflicts and not args.overwrite:

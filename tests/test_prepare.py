@@ -300,6 +300,23 @@ def test_11k_partial_download_and_corrupt_files(tmp_path):
     assert dorsal_r["counts"]["train_all"] == {"identities": 2, "images": 6}
 
 
+def test_completed_download_is_not_taken_for_up_to_date(tmp_path):
+    raw = make_raw_11k(tmp_path / "raw")
+    missing = hands_of(raw, "dorsal_r", "0000100")[1]
+    kept = missing.read_bytes()
+    missing.unlink()
+    args = ("--raw", raw, "--out", tmp_path / "out", "--num-splits", 2)
+    run_script(PREPARE["11k"], *args)
+    missing.write_bytes(kept)  # the rest of the download arrives
+    refused = run_script(PREPARE["11k"], *args, check=False)
+    assert refused.returncode == 1 and "other raw files" in refused.stderr
+    assert "--overwrite" in refused.stderr
+    run_script(PREPARE["11k"], *args, "--overwrite")
+    manifest = check_protocol(tmp_path / "out/train_val_test_split_dorsal_r", 2)
+    assert not manifest["skipped"]["unusable_images"]
+    assert "up to date" in run_script(PREPARE["11k"], *args).stdout
+
+
 def test_hd_partial_download_and_corrupt_files(tmp_path):
     raw = make_raw_hd(tmp_path / "raw")
     subjects, distractors = (raw / folder for folder in HD_FOLDERS)
