@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from config import UserError, dataset_dir, prepare_command
+from make_model import preprocess_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -87,11 +88,6 @@ class HandImages(Dataset):
         return self.transform(image), self.targets[index]
 
 
-def image_spec(config):
-    from make_model import preprocess_spec
-    return preprocess_spec(config)
-
-
 def train_transform(config, spec):
     side = spec["image_size"]
     steps = []
@@ -123,7 +119,7 @@ def get_train_val_loaders(config):
     """-> (train_loader, val_loader, num_classes). The train loader's sampler is a
     DistributedSampler (one replica when not distributed) seeded by config seed: call
     set_loader_epoch(loader, epoch) at each epoch start for a reproducible, resumable order."""
-    spec = image_spec(config)
+    spec = preprocess_spec(config)
     train_items = list_split(config, "train")
     classes = sorted({name for _, name in train_items})
     index = {name: i for i, name in enumerate(classes)}
@@ -169,7 +165,7 @@ def set_loader_epoch(loader, epoch):
 
 def eval_loader(config, paths, batch_size=None):
     """DataLoader over image paths yielding (images, index) in order, eval transform."""
-    spec = image_spec(config)
+    spec = preprocess_spec(config)
     cached = config["cache_images"]
     dataset = HandImages(paths, list(range(len(paths))), spec["image_size"],
                          eval_transform(spec), cached)
