@@ -7,7 +7,6 @@ ViT-B/16 features agree.
     python benchmarks/bench_data_path.py [--epochs 3] [--out benchmarks/results/data_path.md]
 """
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from PIL import Image  # noqa: E402
 from build_dataloader import eval_loader, get_train_val_loaders, list_split  # noqa: E402
 from config import atomic_write_text, load_config  # noqa: E402
 from make_model import HandIdModel, build_model, preprocess_spec  # noqa: E402
+from synthetic_data import prepare_synthetic_11k  # noqa: E402
 
 
 def make_data(folder, subjects, per_aspect, config):
@@ -29,12 +29,7 @@ def make_data(folder, subjects, per_aspect, config):
     upscaled to the real 1600x1200. Drawing at full size costs over 0.1 s an image; decoding
     cost depends on the pixel count, which this keeps. The split entries are hard links, so
     rewriting them in place rewrites the raw files too."""
-    scripts = ROOT / "datasets"
-    for command in (["make_synthetic_hands.py", "--out", folder, "--subjects", str(subjects),
-                     "--images-per-aspect", str(per_aspect)],
-                    ["prepare_11k.py", "--raw", folder, "--num-splits", "1"]):
-        subprocess.run([sys.executable, str(scripts / command[0]), *command[1:]], check=True,
-                       stdout=subprocess.DEVNULL)
+    prepare_synthetic_11k(folder, subjects, 1, "--images-per-aspect", per_aspect)
     for path, _ in list_split(config, "train") + list_split(config, "val"):
         with Image.open(path) as image:
             image = image.resize((1600, 1200), Image.BICUBIC)

@@ -6,7 +6,6 @@ data and model, with the number of images listed by the splits and the number en
         [--subjects 40] [--out benchmarks/results/eval.md]
 """
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -19,16 +18,9 @@ import torch  # noqa: E402
 from config import atomic_write_text, load_config  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from make_model import HandIdModel, build_model  # noqa: E402
+from synthetic_data import prepare_synthetic_11k  # noqa: E402
 
 BASELINE_CONFIG = ROOT / "configs/demo/eval_baseline_tiny_11k_dorsal_r.yml"
-
-
-def prepare(folder, subjects):
-    scripts = ROOT / "datasets"
-    for command in (["make_synthetic_hands.py", "--out", folder, "--subjects", str(subjects)],
-                    ["prepare_11k.py", "--raw", folder, "--num-splits", "10"]):
-        subprocess.run([sys.executable, str(scripts / command[0]), *command[1:]], check=True,
-                       stdout=subprocess.DEVNULL)
 
 
 def main():
@@ -42,7 +34,7 @@ def main():
     rows = ["| splits | images listed | images encoded | encode s | encode img/s | metrics s "
             "| total s |", "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as folder:
-        prepare(folder, args.subjects)
+        prepare_synthetic_11k(folder, args.subjects, 10)
         for num_splits in (1, 10):
             config = load_config(BASELINE_CONFIG, [
                 ("data_dir", folder), ("num_splits", num_splits), ("model", args.model),
