@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from build_dataloader import eval_loader, get_train_val_loaders, list_split  # noqa: E402
+from build_dataloader import (device_augment, eval_loader, get_train_val_loaders,  # noqa: E402
+                              list_split, set_loader_epoch)
 from config import atomic_write_text, load_config  # noqa: E402
 from make_model import HandIdModel, build_model, preprocess_spec  # noqa: E402
 from synthetic_data import prepare_synthetic_11k  # noqa: E402
@@ -37,13 +38,21 @@ def make_data(folder, subjects, per_aspect, config):
 
 
 def epoch_rates(config, epochs):
-    """images/s of each epoch; the first includes building the loader (and the cache)."""
+    """images/s of each epoch of the train loader, with the batched augmentation on this
+    CPU as the device under augment_on: device; the first epoch includes building the
+    loader (and the cache)."""
     start = time.perf_counter()
     loader, _, _ = get_train_val_loaders(config)
+    augment = device_augment(config)
+    generator = torch.Generator()
     rates = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        set_loader_epoch(loader, epoch)
+        generator.manual_seed(epoch)
         seen = 0
         for images, _ in loader:
+            if augment is not None:
+                images = augment(images, generator)
             seen += len(images)
         rates.append(seen / (time.perf_counter() - start))
         start = time.perf_counter()
