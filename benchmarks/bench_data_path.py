@@ -1,8 +1,10 @@
 """Loader throughput on full-size (1600x1200) JPEGs: the reference path (full decode of every
 image on every pass, decoding workers) against the fast path (`cache_images: true`: one
-draft-mode decode per image, then tensors in memory), measured side by side in one run on
-the real training loader. Also reports how closely the two paths' evaluation inputs and
-ViT-B/16 features agree.
+draft-mode decode per image, then tensors in memory, augmented per image in the workers)
+and the device path (`augment_on: device`: the loader hands over cached uint8 batches, the
+augmentation runs batched on the device, here this CPU), measured side by side in one run on
+the real training loader. Also reports how closely the reference and the cached path's
+evaluation inputs and ViT-B/16 features agree.
 
     python benchmarks/bench_data_path.py [--epochs 3] [--out benchmarks/results/data_path.md]
 """
@@ -97,10 +99,12 @@ def main():
         n = len(list_split(config, "train"))
         reference = epoch_rates(dict(config, cache_images=False), args.epochs)
         fast = epoch_rates(dict(config, cache_images=True), args.epochs)
+        device = epoch_rates(dict(config, cache_images=True, augment_on="device"), args.epochs)
         paths = [p for p, _ in list_split(config, "val")][:16]
         pix_max, pix_mean, gap_max, gap_mean = feature_agreement(config, paths)
     steady_ref = sum(reference[1:]) / max(1, len(reference) - 1)
     steady_fast = sum(fast[1:]) / max(1, len(fast) - 1)
+    steady_device = sum(device[1:]) / max(1, len(device) - 1)
     lines = [
         f"Train loader on {n} synthetic 1600x1200 JPEGs -> 224x224 (ViT-B/16 input), batch 32, "
         f"{args.epochs} epochs, {torch.get_num_threads()} threads:",
@@ -109,10 +113,14 @@ def main():
         "|---|---|---|",
         f"| reference (decode every epoch, {args.workers} workers) | {reference[0]:.1f} | "
         f"{steady_ref:.1f} |",
-        f"| fast (cache_images) | {fast[0]:.1f} | {steady_fast:.1f} |",
+        f"| fast (cache_images, augment_on: loader, {args.workers} workers) | {fast[0]:.1f} | "
+        f"{steady_fast:.1f} |",
+        f"| device (cache_images, augment_on: device, on this CPU) | {device[0]:.1f} | "
+        f"{steady_device:.1f} |",
         "",
-        f"Ratio, later epochs: {steady_fast / steady_ref:.1f}x; first epoch: "
-        f"{fast[0] / reference[0]:.1f}x.",
+        f"Ratio, later epochs: fast {steady_fast / steady_ref:.1f}x the reference, device "
+        f"{steady_device / steady_fast:.1f}x fast; first epoch: fast "
+        f"{fast[0] / reference[0]:.1f}x the reference, device {device[0] / fast[0]:.1f}x fast.",
         f"Eval inputs fast vs reference on {len(paths)} images: max |pixel diff| "
         f"{pix_max:.1f}/255, mean {pix_mean:.2f}/255; ViT-B/16 (random init) feature distance "
         f"between the paths, relative to the mean distance between different images: max "
