@@ -1,0 +1,146 @@
+"""GPU check, no network: model step throughput and peak memory, real training runs (data
+wait, checkpoint time), evaluation speed and a timed mini results table, one summary block.
+
+    python benchmarks/gpu_check.py            # on the CUDA GPU (a few minutes on an H100)
+    python benchmarks/gpu_check.py --cpu      # the same steps, small, on the CPU (tiny model)
+
+1. benchmarks/bench_train.py: ViT-B/16 and RN50 (random init, the real architectures) at
+   batch 64 with bf16 autocast: images/s of the training step and peak GPU memory;
+2. synthetic 11k (four aspects) and HD, made and prepared by the project's scripts;
+3. the whole results table on them, timed: run_all_finetuned_stage1.py --train over the
+   baseline and fine-tuning eval configs of every model and dataset, with random-init weights
+   (`pretrained: none`) and a few epochs: times only, the metrics mean nothing. Each training
+   run's metrics JSONL gives its images/s, the share of step time spent waiting for data and
+   the checkpoint seconds per epoch;
+4. benchmarks/bench_eval.py: evaluation images/s (ViT-B/16), 1 split against 10.
+Everything runs in a temporary folder that is removed at the end; nothing else is written.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_CONFIGS = ("configs/baseline/eval_*.yml", "configs/finetuning_*/eval_*.yml")
+METRIC_FIELDS = ("images_per_s", "data_time_fraction", "checkpoint_seconds", "epoch_time")
+
+
+def settings(cpu):
+    """What each step runs: the full check on the GPU, a small one on the CPU."""
+    if cpu:
+        return {"device": "cpu", "models": ["tiny"], "batch": 16, "amp": "fp32", "steps": 2,
+                "eval_model": "tiny", "subjects": 24, "images_per_aspect": 5, "epochs": 2,
+                "table_overrides": ["model=tiny", "num_splits=2", "batch_size=16",
+                                    "num_workers=0"], "note": ", tiny model for every config"}
+    return {"device": "cuda", "models": ["vitb16", "rn50"], "batch": 64, "amp": "bf16",
+            "steps": 12, "eval_model": "vitb16", "subjects": 60, "images_per_aspect": 10,
+            "epochs": 3, "table_overrides": ["num_workers=8"], "note": ""}
+
+
+def run(command, log, cwd=ROOT):
+    """Run a script with this interpreter, output to `log`; on failure show its tail, exit 1.
+    -> wall seconds."""
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        code = subprocess.run([sys.executable, *map(str, command)], cwd=cwd, stdout=handle,
+                              stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = Path(log).read_text().splitlines()[-40:]
+        print("\n".join(tail), file=sys.stderr)
+        sys.exit(f"gpu_check: {command[0]} exited with code {code} (log above)")
+    return time.perf_counter() - started
+
+
+def make_datasets(work, subjects, images_per_aspect, log_dir):
+    """Synthetic raw 11k and HD where the configs' default data_dir expects them (relative
+    to `work`, the working directory of the results table), prepared in place."""
+    for raw_format, folder, prepare in (("11k", "11khands", "prepare_11k.py"),
+                                        ("hd", "HD", "prepare_hd.py")):
+        raw = work / "datasets" / folder
+        run([ROOT / "datasets/make_synthetic_hands.py", "--format", raw_format, "--out", raw,
+             "--subjects", subjects, "--images-per-aspect", images_per_aspect],
+            log_dir / f"make_{raw_format}.log")
+        run([ROOT / "datasets" / prepare, "--raw", raw], log_dir / f"prepare_{raw_format}.log")
+
+
+def training_rows(work):
+    """One table row per training run of the results table, from its metrics JSONL: the mean
+    over epochs after the first (warm-up, cache building) where there are several."""
+    rows = ["| training run | epochs | images/s | data wait share | checkpoint s/epoch | "
+            "epoch s |", "|---|---|---|---|---|---|"]
+    for path in sorted((work / "logs").rglob("*_metrics.jsonl")):
+        epochs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        later = epochs[1:] or epochs
+        cells = []
+        for field in METRIC_FIELDS:
+            values = [row[field] for row in later if row.get(field) is not None]
+            cells.append(f"{sum(values) / len(values):.2f}" if values else "n/a")
+        rows.append(f"| {path.name[:-len('_metrics.jsonl')]} | {len(epochs)} | "
+                    + " | ".join(cells) + " |")
+    return rows
+
+
+def device_line(device):
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("gpu_check: no CUDA device; run with --cpu for the small CPU check")
+        props = torch.cuda.get_device_properties(0)
+        return (f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    return f"device: CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true",
+                        help="small check on the CPU with the tiny model (no GPU needed)")
+    args = parser.parse_args()
+    plan = settings(args.cpu)
+    header = device_line(plan["device"])
+    print(header, flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as folder:
+        work = Path(folder)
+        log_dir = work / "check_logs"
+        log_dir.mkdir()
+        print("1/4 training step throughput", flush=True)
+        run([ROOT / "benchmarks/bench_train.py", "--device", plan["device"], "--models",
+             *plan["models"], "--batch-sizes", plan["batch"], "--amp", plan["amp"], "--steps",
+             plan["steps"], "--out", work / "train.md"], log_dir / "bench_train.log")
+        print("2/4 synthetic 11k and HD", flush=True)
+        make_datasets(work, plan["subjects"], plan["images_per_aspect"], log_dir)
+        print("3/4 results table (train + evaluate every config)", flush=True)
+        overrides = ["pretrained=none", f"epochs={plan['epochs']}", "warmup_epochs=1",
+                     f"device={plan['device']}", "plots=false", *plan["table_overrides"]]
+        table_seconds = run([ROOT / "run_all_finetuned_stage1.py", "--train", "--configs",
+                             *(ROOT / pattern for pattern in RESULTS_CONFIGS),
+                             "--out", work / "summary",
+                             *(word for item in overrides for word in ("--set", item))],
+                            log_dir / "results_table.log", cwd=work)
+        table_lines = (work / "summary.md").read_text().splitlines()
+        configs = sum(1 for line in table_lines if line.startswith("| ") and "/" in line)
+        print("4/4 evaluation speed", flush=True)
+        run([ROOT / "benchmarks/bench_eval.py", "--device", plan["device"], "--model",
+             plan["eval_model"], "--out", work / "eval.md"], log_dir / "bench_eval.log")
+        summary = [
+            "", "==================== GPU CHECK SUMMARY ====================", header, "",
+            (work / "train.md").read_text().strip(), "",
+            f"Results table on synthetic data ({configs} eval configs, each fine-tuned one "
+            f"trained first, {plan['epochs']} epochs, random init{plan['note']}: times "
+            f"only): "
+            f"{table_seconds:.0f} s wall", "",
+            *training_rows(work), "",
+            (work / "eval.md").read_text().strip(), "",
+            f"total: {time.perf_counter() - started:.0f} s",
+            "============================================================"]
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
