@@ -10,6 +10,12 @@ augmentation then runs on tensors. Reference path (`cache_images: false`): a ful
 of every image on every pass. benchmarks/bench_data_path.py measures both and how closely
 their features agree.
 
+Where training augmentation runs (`augment_on`): `loader` applies `train_transform` per image
+in the loader workers; `device` makes the train loader hand over the uint8 images and
+`device_augment(config)` gives the `DeviceAugment` that the training step applies to each
+batch on its device, with a torch.Generator there that it reseeds at every epoch start.
+With cached images that loader needs no workers: it only indexes memory.
+
 Training labels are class indices (sorted identity folder names of train/, ImageFolder
 semantics); everywhere else an image's label is its identity name.
 """
