@@ -5,7 +5,8 @@ wait, checkpoint time), evaluation speed and a timed mini results table, one sum
     python benchmarks/gpu_check.py --cpu      # the same steps, small, on the CPU (tiny model)
 
 1. benchmarks/bench_train.py: ViT-B/16 and RN50 (random init, the real architectures) at
-   batch 64 with bf16 autocast: images/s of the training step and peak GPU memory;
+   batch 64 with bf16 autocast: images/s of the training step and peak GPU memory, as
+   configured by default and with each speed option (tf32, channels_last for RN50, compile);
 2. synthetic 11k (four aspects) and HD, made and prepared by the project's scripts;
 3. the whole results table on them, timed: run_all_finetuned_stage1.py --train over the
    baseline and fine-tuning eval configs of every model and dataset, with random-init weights
@@ -34,12 +35,16 @@ METRIC_FIELDS = ("images_per_s", "data_time_fraction", "checkpoint_seconds", "ep
 def settings(cpu):
     """What each step runs: the full check on the GPU, a small one on the CPU."""
     if cpu:
-        return {"device": "cpu", "models": ["tiny"], "batch": 16, "amp": "fp32", "steps": 2,
+        return {"device": "cpu", "benches": [(["tiny"], ["default", "channels_last=true"])],
+                "batch": 16, "amp": "fp32", "steps": 2,
                 "eval_model": "tiny", "subjects": 24, "images_per_aspect": 5, "epochs": 2,
                 "table_overrides": ["model=tiny", "num_splits=2", "batch_size=16",
                                     "num_workers=0"], "note": ", tiny model for every config"}
-    return {"device": "cuda", "models": ["vitb16", "rn50"], "batch": 64, "amp": "bf16",
-            "steps": 12, "eval_model": "vitb16", "subjects": 60, "images_per_aspect": 10,
+    return {"device": "cuda",
+            "benches": [(["vitb16"], ["default", "tf32=true", "compile=true"]),
+                        (["rn50"], ["default", "channels_last=true", "tf32=true",
+                                    "compile=true"])],
+            "batch": 64, "amp": "bf16", "steps": 12, "eval_model": "vitb16", "subjects": 60, "images_per_aspect": 10,
             "epochs": 3, "table_overrides": ["num_workers=8"], "note": ""}
 
 
@@ -110,9 +115,14 @@ def main():
         log_dir = work / "check_logs"
         log_dir.mkdir()
         print("1/4 training step throughput", flush=True)
-        run([ROOT / "benchmarks/bench_train.py", "--device", plan["device"], "--models",
-             *plan["models"], "--batch-sizes", plan["batch"], "--amp", plan["amp"], "--steps",
-             plan["steps"], "--out", work / "train.md"], log_dir / "bench_train.log")
+        train_tables = []
+        for number, (models, options) in enumerate(plan["benches"]):
+            out = work / f"train{number}.md"
+            run([ROOT / "benchmarks/bench_train.py", "--device", plan["device"], "--models",
+                 *models, "--batch-sizes", plan["batch"], "--amp", plan["amp"], "--steps",
+                 plan["steps"], "--options", *options, "--out", out],
+                log_dir / f"bench_train{number}.log")
+            train_tables.append(out.read_text().strip())
         print("2/4 synthetic 11k and HD", flush=True)
         make_datasets(work, plan["subjects"], plan["images_per_aspect"], log_dir)
         print("3/4 results table (train + evaluate every config)", flush=True)
@@ -130,7 +140,7 @@ def main():
              plan["eval_model"], "--out", work / "eval.md"], log_dir / "bench_eval.log")
         summary = [
             "", "==================== GPU CHECK SUMMARY ====================", header, "",
-            (work / "train.md").read_text().strip(), "",
+            "\n\n".join(train_tables), "",
             f"Results table on synthetic data ({configs} eval configs, each fine-tuned one "
             f"trained first, {plan['epochs']} epochs, random init{plan['note']}: times "
             f"only): "
