@@ -134,26 +134,37 @@ class DeviceAugment:
     ERASE_SCALE, ERASE_RATIO, ERASE_TRIES = (0.02, 0.33), (0.3, 3.3), 10
 
     def __init__(self, config, spec):
-        self.side = spec["image_size"]
         self.hflip, self.pad = config["aug_hflip"], config["aug_pad"]
         self.jitter, self.erasing = config["aug_color_jitter"], config["aug_random_erasing"]
-        # x / 255 then (x - mean) / std folded into one multiply-add per pixel.
+        # x / 255 then (x - mean) / std folded into one multiply-add per pixel; ITU-R 601-2
+        # luma weights of the grayscale that contrast and saturation blend towards (as
+        # torchvision).
         std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -torch.tensor(spec["mean"]).view(1, 3, 1, 1) / std
+        self.constants = {"scale": 1.0 / (255.0 * std),
+                          "shift": -torch.tensor(spec["mean"]).view(1, 3, 1, 1) / std,
+                          "luma": torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)}
+        self.on_device = {}
+
+    def _constants(self, device):
+        """The constants on `device`, copied there once: a copy from host memory at every
+        step would make the host wait for the GPU."""
+        if device not in self.on_device:
+            self.on_device[device] = {name: value.to(device)
+                                      for name, value in self.constants.items()}
+        return self.on_device[device]
 
     def __call__(self, images, generator):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"DeviceAugment takes uint8 images [B, 3, S, S], got "
                              f"{images.dtype} {tuple(images.shape)}")
+        constants = self._constants(images.device)
         images = self._flip_and_crop(images, generator)
-        device = images.device
         if self.jitter > 0:
-            images = self._color_jitter(images.float().div_(255.0), generator)
+            images = self._color_jitter(images.float().div_(255.0), generator, constants["luma"])
             images = images.mul_(255.0)
         else:
             images = images.float()
-        images = images.mul_(self.scale.to(device)).add_(self.shift.to(device))
+        images = images.mul_(constants["scale"]).add_(constants["shift"])
         if self.erasing > 0:
             images = images.masked_fill_(self._erase_mask(images, generator), 0.0)
         return images
@@ -180,15 +191,15 @@ class DeviceAugment:
         index = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, -1)
         return padded.gather(2, index.expand(-1, 3, -1)).view(batch, 3, height, width)
 
-    def _color_jitter(self, images, generator):
+    def _color_jitter(self, images, generator, luma):
         batch, device = images.shape[0], images.device
         low, high = max(0.0, 1.0 - self.jitter), 1.0 + self.jitter
         brightness, contrast, saturation = (
             self._uniform((batch, 1, 1, 1), generator, device, low, high) for _ in range(3))
         images = images.mul_(brightness).clamp_(0.0, 1.0)
-        mean = _grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+        mean = (images * luma).sum(dim=1, keepdim=True).mean(dim=(1, 2, 3), keepdim=True)
         images = images.mul_(contrast).add_((1.0 - contrast) * mean).clamp_(0.0, 1.0)
-        gray = _grayscale(images)
+        gray = (images * luma).sum(dim=1, keepdim=True)
         return images.mul_(saturation).add_((1.0 - saturation) * gray).clamp_(0.0, 1.0)
 
     def _erase_mask(self, images, generator):
@@ -215,12 +226,6 @@ class DeviceAugment:
         in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None]) & chosen[:, None]
         in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
         return (in_rows[:, None, :, None] & in_cols[:, None, None, :])
-
-
-def _grayscale(images):
-    """ITU-R 601-2 luma of float RGB images [B, 3, H, W] -> [B, 1, H, W] (as torchvision)."""
-    weights = torch.tensor([0.2989, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True)
 
 
 def device_augment(config):
