@@ -87,6 +87,7 @@ def main():
                    else f"CPU, {torch.get_num_threads()} threads")
     for option in args.options:
         load_config(None, option_overrides(option))  # a bad option fails before any run
+    exit_code = 0
     rows = ["| model | batch | precision | options | images/s | peak memory |",
             "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as workdir:
@@ -95,16 +96,27 @@ def main():
                 for amp in args.amp:
                     for option in args.options:
                         started = time.perf_counter()
-                        rate, peak = measure(model, batch_size, amp, args.steps, args.device,
-                                             option, workdir)
-                        rows.append(f"| {model} | {batch_size} | {amp} | {option} | "
-                                    f"{rate:.1f} | {peak} |")
+                        try:
+                            rate, peak = measure(model, batch_size, amp, args.steps,
+                                                 args.device, option,
+                                                 f"{workdir}/run{len(rows)}")
+                            result = f"{rate:.1f} | {peak}"
+                        # One option failing (e.g. compile without a C compiler, out of
+                        # memory) must not cost the other rows; the row says why.
+                        except Exception as err:
+                            reason = f"{type(err).__name__}: {err}".splitlines()[0][:120]
+                            result = f"failed: {reason.replace('|', '/')} | -"
+                            exit_code = 1
+                            if torch.cuda.is_available():
+                                torch.cuda.empty_cache()
+                        rows.append(f"| {model} | {batch_size} | {amp} | {option} | {result} |")
                         print(rows[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
     text = "\n".join([f"Training throughput on {device_name} (random init, random images, "
                       f"{args.steps} steps per epoch, epoch 2):", ""] + rows)
     print(text)
     if args.out:
         atomic_write_text(args.out, text + "\n\n")
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 # bf16), real training runs (data wait share, checkpoint seconds per epoch), evaluation
 # speed and the whole results table timed on synthetic data; ends with one summary block.
 # See benchmarks/gpu_check.py for the steps.
-#   bash benchmarks/gpu_check.sh          # on the CUDA GPU
-#   bash benchmarks/gpu_check.sh --cpu    # small, on the CPU (tiny model)
+#   bash benchmarks/gpu_check.sh            # on the CUDA GPU
+#   bash benchmarks/gpu_check.sh --compile  # also the torch.compile rows (minutes more)
+#   bash benchmarks/gpu_check.sh --cpu      # small, on the CPU (tiny model)
 # The interpreter: $PYTHON, else the checkout's .venv, else python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
