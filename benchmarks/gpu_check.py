@@ -1,8 +1,8 @@
 """GPU check, no network: model step throughput and peak memory, real training runs (data
 wait, checkpoint time), evaluation speed and a timed mini results table, one summary block.
 
-    python benchmarks/gpu_check.py            # on the CUDA GPU (a few minutes on an H100)
-    python benchmarks/gpu_check.py --compile  # also the torch.compile rows (minutes more)
+    python benchmarks/gpu_check.py            # on the CUDA GPU
+    python benchmarks/gpu_check.py --compile  # also the compile: true rows
     python benchmarks/gpu_check.py --cpu      # the same steps, small, on the CPU (tiny model)
 
 1. benchmarks/bench_train.py: ViT-B/16 and RN50 (random init, the real architectures) at
@@ -121,7 +121,7 @@ def main():
     parser.add_argument("--cpu", action="store_true",
                         help="small check on the CPU with the tiny model (no GPU needed)")
     parser.add_argument("--compile", action="store_true",
-                        help="also measure compile: true (each compilation takes minutes)")
+                        help="also measure compile: true (its compilation time comes on top)")
     args = parser.parse_args()
     plan = settings(args.cpu, args.compile)
     header = device_line(plan["device"])

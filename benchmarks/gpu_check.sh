@@ -4,7 +4,7 @@
 # speed and the whole results table timed on synthetic data; ends with one summary block.
 # See benchmarks/gpu_check.py for the steps.
 #   bash benchmarks/gpu_check.sh            # on the CUDA GPU
-#   bash benchmarks/gpu_check.sh --compile  # also the torch.compile rows (minutes more)
+#   bash benchmarks/gpu_check.sh --compile  # also the compile: true rows
 #   bash benchmarks/gpu_check.sh --cpu      # small, on the CPU (tiny model)
 # The interpreter: $PYTHON, else the checkout's .venv, else python3.
 set -euo pipefail
