@@ -6,6 +6,7 @@ README.md documents them. A bad key, type or value raises ConfigError (exit code
 """
 import argparse
 import difflib
+import errno
 import json
 import os
 import shutil
@@ -250,10 +251,21 @@ def make_parser(description, default_config=None):
     return parser
 
 
+# errno values of a write that failed for lack of room or permission to write.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}
+
+
 def run_cli(main):
-    """Run main(); a UserError becomes one line on stderr and its exit code, no traceback."""
+    """Run main(); a UserError, or a write that failed for lack of space or permission
+    anywhere in the script (e.g. linking a prepared dataset), becomes one line on stderr and a
+    non-zero exit code, no traceback."""
     try:
         result = main()
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_error(err.filename or 'a file', err)}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

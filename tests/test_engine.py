@@ -314,6 +314,17 @@ def test_training_into_a_full_disk_stops_with_one_line_and_resumes_later(make_co
     assert torch.load(config["save_path"], weights_only=True)["epoch"] in (1, 2)
 
 
+def test_preparing_a_dataset_onto_a_full_disk_is_one_line(synthetic_11k_raw, tmp_path):
+    out = tmp_path / "prepared"
+    proc = subprocess.run([sys.executable, str(ROOT / "datasets/prepare_11k.py"), "--raw",
+                           str(synthetic_11k_raw), "--out", str(out), "--copy",
+                           "--num-splits", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, preexec_fn=limited_file_size(1000))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {out}/")
+    assert not any(path.is_file() for path in out.rglob("*"))  # nothing written half
+
+
 def test_a_missing_or_unwritable_folder_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
