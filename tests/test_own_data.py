@@ -14,8 +14,9 @@ from PIL import Image, ImageOps
 
 import evaluation
 from build_dataloader import decode_image
-from config import load_config
+from config import ConfigError, UserError, load_config
 from conftest import DEMO_TRAIN_CONFIG, ROOT, run_script
+from experiments import export_onnx, extract_features, search
 from experiments.run_eval_clip import load_model
 
 EVAL_CONFIG = ROOT / "configs/demo/eval_tiny_11k_dorsal_r.yml"
@@ -203,54 +204,75 @@ def test_search_finds_a_gallery_image_first_with_score_one(own_overrides, own_ro
     assert query.parent.name in proc.stdout
 
 
-def test_search_caches_the_gallery_and_applies_the_threshold(own_overrides, own_prepared):
+def run_main(module, capsys, *args):
+    """A script's main() in this process (faster than a subprocess) -> its stdout."""
+    module.main([str(a) for a in args])
+    return capsys.readouterr().out
+
+
+def test_search_caches_the_gallery_and_applies_the_threshold(own_overrides, own_prepared,
+                                                              capsys):
     sets, work = own_overrides
     gallery = own_prepared[0] / "train_val_test_split/gallery0"
     args = ["--config", EVAL_CONFIG, *sets, "--gallery", gallery, "--out", work / "search"]
     identity = sorted(p for p in gallery.iterdir())[0]
-    first = run_script("experiments/search.py", *args, "--query", gallery, "--threshold", "0.9999")
+    first = run_main(search, capsys, *args, "--query", gallery, "--threshold", "0.9999")
     count = sum(1 for p in gallery.rglob("*") if p.is_file())
-    assert "0 features from the cache" in first.stdout and f"{count} encoded" in first.stdout
-    assert "no match in gallery" not in first.stdout  # every query is in the gallery
-    assert f"{count} queries, {count} with a match" in first.stdout
-    second = run_script("experiments/search.py", *args, "--query", identity, "--threshold", "1.5")
-    assert f"{count} features from the cache" in second.stdout and " 0 encoded" in second.stdout
-    assert "no match in gallery" in second.stdout
+    assert "0 features from the cache" in first and f"{count} encoded" in first
+    assert "no match in gallery" not in first  # every query is in the gallery
+    assert f"{count} queries, {count} with a match" in first
+    second = run_main(search, capsys, *args, "--query", identity, "--threshold", "1.5")
+    assert f"{count} features from the cache" in second and " 0 encoded" in second
+    assert "no match in gallery" in second
     with (work / "search/search.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert rows and all(r["match"] == "no" and r["query_identity"] == "" for r in rows)
     assert len(list((work / "search").glob("search.*.csv"))) == 1  # the first run's, kept
 
 
-def test_search_and_export_refuse_bad_input_in_one_line(own_overrides, own_root, exported,
-                                                        tmp_path):
+def test_search_refuses_a_missing_query_in_one_line(own_overrides, exported, tmp_path):
     sets, work = own_overrides
-    gallery = ["--gallery", work / "features.npz"]
-    out = ["--out", tmp_path / "search"]
-    proc = run_script("experiments/search.py", "--config", EVAL_CONFIG, *sets, *gallery, *out,
+    proc = run_script("experiments/search.py", "--config", EVAL_CONFIG, *sets,
+                      "--gallery", work / "features.npz", "--out", tmp_path / "search",
                       "--query", tmp_path / "missing.jpg", check=False)
     one_line_error(proc, 1, "missing.jpg", "does not exist")
-    proc = run_script("experiments/search.py", "--config", EVAL_CONFIG, *sets, *gallery, *out,
-                      "--query", work / "features.npz", "--top-k", "0", check=False)
-    one_line_error(proc, 2, "--top-k")
+    assert not (tmp_path / "search").exists()
+
+
+@pytest.mark.parametrize("case,error,words", [
+    ("top_k_0", ConfigError, ["--top-k must be >= 1"]),
+    ("other_model", UserError, ["another model", "extract_features.py"]),
+    ("no_gallery", UserError, ["--gallery", "does not exist"]),
+    ("not_features", UserError, ["not a features file"]),
+    ("no_images", UserError, ["--images", "does not exist"]),
+])
+def test_search_and_export_refuse_bad_input(own_overrides, own_root, exported, tmp_path, case,
+                                            error, words):
+    sets, work = own_overrides
     query = next(own_root.rglob(ODD_NAME))
-    proc = run_script("experiments/search.py", "--config", BASELINE_CONFIG, *sets, *gallery,
-                      *out, "--query", query, check=False)
-    one_line_error(proc, 1, "another model", "extract_features.py")
-    proc = run_script("experiments/extract_features.py", "--config", EVAL_CONFIG, *sets,
-                      "--images", tmp_path / "nothing", "--out", tmp_path / "f.npz",
-                      check=False)
-    one_line_error(proc, 1, "does not exist")
-    assert not (tmp_path / "search").exists() and not (tmp_path / "f.npz").exists()
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    out = ["--out", tmp_path / "out"]
+    config = BASELINE_CONFIG if case == "other_model" else EVAL_CONFIG
+    gallery = {"no_gallery": tmp_path / "nothing", "not_features": tmp_path / "junk.npz"}.get(
+        case, work / "features.npz")
+    script, args = (extract_features, ["--images", tmp_path / "nothing", "--out",
+                                       tmp_path / "f.npz"]) if case == "no_images" else (
+        search, ["--gallery", gallery, "--query", query, *out,
+                 *(["--top-k", "0"] if case == "top_k_0" else [])])
+    with pytest.raises(error) as caught:
+        script.main([str(a) for a in ["--config", config, *sets, *args]])
+    message = str(caught.value)
+    assert "\n" not in message and all(word in message for word in words), message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "f.npz").exists()
 
 
-def test_onnx_export_matches_torch_and_the_exported_features(own_overrides, exported):
+def test_onnx_export_matches_torch_and_the_exported_features(own_overrides, exported, capsys):
     import onnxruntime
 
     sets, work = own_overrides
-    proc = run_script("experiments/export_onnx.py", "--config", EVAL_CONFIG, *sets,
-                      "--out", work / "model.onnx")
-    difference = float(proc.stdout.split("max |difference| = ")[1].split()[0])
+    printed = run_main(export_onnx, capsys, "--config", EVAL_CONFIG, *sets,
+                       "--out", work / "model.onnx")
+    difference = float(printed.split("max |difference| = ")[1].split()[0])
     assert difference <= 1e-4
     data, _ = exported
     session = onnxruntime.InferenceSession(str(work / "model.onnx"),
