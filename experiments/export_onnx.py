@@ -1,6 +1,6 @@
 """Export the image encoder with its retrieval feature to ONNX, checked with onnxruntime.
 
-    python experiments/export_onnx.py --config <eval config> --out model.onnx
+    python experiments/export_onnx.py --config <eval config> --out model.onnx [--overwrite]
 
 The ONNX model takes `images`: float32 [batch, 3, S, S], RGB scaled to [0, 1], each image
 squash-resized to S x S (bicubic; S = the model's image_size), any batch size. Inside it: the
@@ -99,10 +99,12 @@ def with_metadata(model_bytes, description, spec):
 def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="ONNX file to write (.onnx)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if args.out.suffix != ".onnx":
         parser.error(f"--out {args.out} must end in .onnx")
     config = load_config(args.config, args.overrides)
+    fx.refuse_to_replace(args.out, args.overwrite)
     spec = preprocess_spec(config)
     model, checkpoint = load_model(config)
     model.eval()

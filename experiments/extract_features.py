@@ -1,6 +1,6 @@
 """Export the retrieval features of your own images with a trained (or the baseline) model.
 
-    python experiments/extract_features.py --config <eval config> --images <dir | list file> --out features.npz
+    python experiments/extract_features.py --config <eval config> --images <dir | list file> --out features.npz [--overwrite]
 
 --images is a folder (every image under it, at any depth; images in <dir>/<identity>/... get
 that identity, images directly in <dir> none), one image, or a text file listing one image path
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from finetune_trainer_stage1 import resolve_device  # noqa: E402
 from make_model import preprocess_spec  # noqa: E402
 
 EXPORT_COMMAND = "python experiments/extract_features.py --config <eval config>"
+# What np.load raises for a file that is no .npz of ours (not a zip, truncated, keys missing).
+UNREADABLE_NPZ = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 def _images_in_folder(folder, skipped):
@@ -130,8 +133,8 @@ class Encoder:
         self.config = config
         self.device = resolve_device(config)
         model, checkpoint = load_model(config)
+        self.description = describe_model(config, model, checkpoint)  # on CPU, before moving
         self.model = model.to(self.device)
-        self.description = describe_model(config, model, checkpoint)
 
     def encode(self, paths):
         """float32 numpy [N, D], L2-normalised, row i = paths[i]: the evaluation's own decode,
@@ -156,10 +159,16 @@ def load_features(path):
         with np.load(path, allow_pickle=False) as data:
             features, paths = data["features"], data["paths"].tolist()
             identities, description = data["identities"].tolist(), json.loads(str(data["model"]))
-    except (OSError, ValueError, KeyError) as err:
+    except UNREADABLE_NPZ as err:
         raise UserError(f"{path} is not a features file of this project ({type(err).__name__}); "
                         f"make one with {EXPORT_COMMAND} --images <dir> --out {path}") from None
     return features, paths, identities, description
+
+
+def refuse_to_replace(path, overwrite):
+    """A file the user made earlier is replaced only with --overwrite (checked before any work)."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
 
 
 def main(argv=None):
@@ -168,10 +177,12 @@ def main(argv=None):
                         help="a folder of images (identity = first sub-folder), an image, or a "
                              "text file listing image paths")
     parser.add_argument("--out", required=True, type=Path, help="features file to write (.npz)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if args.out.suffix != ".npz":
         parser.error(f"--out {args.out} must end in .npz")
     config = load_config(args.config, args.overrides)
+    refuse_to_replace(args.out, args.overwrite)
     items = list_images(args.images)
     encoder = Encoder(config)
     paths = [p for p, _ in items]

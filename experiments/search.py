@@ -58,7 +58,7 @@ def cached_gallery_features(encoder, paths, cache_dir):
             with np.load(cache_path, allow_pickle=False) as data:
                 if str(data["fingerprint"]) == fingerprint:
                     cached = dict(zip(data["digests"].tolist(), data["features"]))
-        except (OSError, ValueError, KeyError):
+        except fx.UNREADABLE_NPZ:
             print(f"warning: ignoring the unreadable gallery cache {cache_path}", file=sys.stderr)
     todo = sorted({d: p for p, d in zip(paths, digests) if d not in cached}.items())
     if todo:

@@ -245,6 +245,7 @@ def test_search_refuses_a_missing_query_in_one_line(own_overrides, exported, tmp
     ("no_gallery", UserError, ["--gallery", "does not exist"]),
     ("not_features", UserError, ["not a features file"]),
     ("no_images", UserError, ["--images", "does not exist"]),
+    ("features_exist", UserError, ["exists", "--overwrite"]),
 ])
 def test_search_and_export_refuse_bad_input(own_overrides, own_root, exported, tmp_path, case,
                                             error, words):
@@ -255,15 +256,23 @@ def test_search_and_export_refuse_bad_input(own_overrides, own_root, exported, t
     config = BASELINE_CONFIG if case == "other_model" else EVAL_CONFIG
     gallery = {"no_gallery": tmp_path / "nothing", "not_features": tmp_path / "junk.npz"}.get(
         case, work / "features.npz")
+    if case == "features_exist":
+        shutil.copy(work / "features.npz", tmp_path / "f.npz")
     script, args = (extract_features, ["--images", tmp_path / "nothing", "--out",
                                        tmp_path / "f.npz"]) if case == "no_images" else (
+        extract_features, ["--images", own_root, "--out", tmp_path / "f.npz"]
+    ) if case == "features_exist" else (
         search, ["--gallery", gallery, "--query", query, *out,
                  *(["--top-k", "0"] if case == "top_k_0" else [])])
     with pytest.raises(error) as caught:
         script.main([str(a) for a in ["--config", config, *sets, *args]])
     message = str(caught.value)
     assert "\n" not in message and all(word in message for word in words), message
-    assert not (tmp_path / "out").exists() and not (tmp_path / "f.npz").exists()
+    assert not (tmp_path / "out").exists()
+    if case == "features_exist":  # left as it was
+        assert (tmp_path / "f.npz").read_bytes() == (work / "features.npz").read_bytes()
+    else:
+        assert not (tmp_path / "f.npz").exists()
 
 
 def test_onnx_export_matches_torch_and_the_exported_features(own_overrides, exported, capsys):
