@@ -17,7 +17,6 @@ files and identities with fewer than 2 usable images are reported by name and sk
 import os
 import random
 import sys
-from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -91,7 +90,8 @@ def list_tree(base, root, what, others):
         files = sorted(p for p in entry.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(root).parts))
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-        others += [str(p.relative_to(root)) for p in files if p not in images]
+        others += [str(p.relative_to(root)) for p in files
+                   if p.suffix.lower() not in IMAGE_SUFFIXES]
         identities[entry.name] = [str(PurePosixPath(p.relative_to(base))) for p in images]
     loose_images = [p for p in loose if p.suffix.lower() in IMAGE_SUFFIXES]
     if not any(identities.values()):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 import evaluation
+import run_all_finetuned_stage1
 from build_dataloader import decode_image
 from config import ConfigError, UserError, load_config
 from conftest import DEMO_TRAIN_CONFIG, ROOT, run_script
@@ -57,6 +58,12 @@ def arrange(raw, root):
     ImageOps.mirror(Image.open(sample)).save(second / ODD_NAME)  # unlike any other image
     (root / LONELY).mkdir()
     shutil.copy(sample, root / LONELY / "a.jpg")
+
+
+def run_main(module, capsys, *args):
+    """A script's main() in this process (faster than a subprocess) -> its stdout."""
+    module.main([str(a) for a in args])
+    return capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +157,12 @@ def test_prepare_refuses_a_root_without_identity_folders(own_root, tmp_path, lay
     assert not (tmp_path / "out").exists()
 
 
-def test_training_evaluation_and_run_all_work_with_a_folder_dataset(own_overrides):
+def test_training_evaluation_and_run_all_work_with_a_folder_dataset(own_overrides, capsys):
     sets, work = own_overrides
-    proc = run_script("run_all_finetuned_stage1.py", "--configs", EVAL_CONFIG, *sets,
-                      "--out", work / "summary")
+    printed = run_main(run_all_finetuned_stage1, capsys, "--configs", EVAL_CONFIG, *sets,
+                       "--out", work / "summary")
     table = (work / "summary.md").read_text()
-    assert "| folder | finetuned | 2 |" in table, proc.stdout
+    assert "| folder | finetuned | 2 |" in table, printed
     result = json.loads((work / "results/demo_tiny_11k_dorsal_r_finetuned.json").read_text())
     assert result["dataset"] == "folder" and result["gallery"] == "gallery{i}"
 
@@ -204,12 +211,6 @@ def test_search_finds_a_gallery_image_first_with_score_one(own_overrides, own_ro
     assert query.parent.name in proc.stdout
 
 
-def run_main(module, capsys, *args):
-    """A script's main() in this process (faster than a subprocess) -> its stdout."""
-    module.main([str(a) for a in args])
-    return capsys.readouterr().out
-
-
 def test_search_caches_the_gallery_and_applies_the_threshold(own_overrides, own_prepared,
                                                               capsys):
     sets, work = own_overrides
@@ -230,17 +231,9 @@ def test_search_caches_the_gallery_and_applies_the_threshold(own_overrides, own_
     assert len(list((work / "search").glob("search.*.csv"))) == 1  # the first run's, kept
 
 
-def test_search_refuses_a_missing_query_in_one_line(own_overrides, exported, tmp_path):
-    sets, work = own_overrides
-    proc = run_script("experiments/search.py", "--config", EVAL_CONFIG, *sets,
-                      "--gallery", work / "features.npz", "--out", tmp_path / "search",
-                      "--query", tmp_path / "missing.jpg", check=False)
-    one_line_error(proc, 1, "missing.jpg", "does not exist")
-    assert not (tmp_path / "search").exists()
-
-
 @pytest.mark.parametrize("case,error,words", [
     ("top_k_0", ConfigError, ["--top-k must be >= 1"]),
+    ("no_query", UserError, ["--query", "missing.jpg", "does not exist"]),
     ("other_model", UserError, ["another model", "extract_features.py"]),
     ("no_gallery", UserError, ["--gallery", "does not exist"]),
     ("not_features", UserError, ["not a features file"]),
@@ -250,7 +243,7 @@ def test_search_refuses_a_missing_query_in_one_line(own_overrides, exported, tmp
 def test_search_and_export_refuse_bad_input(own_overrides, own_root, exported, tmp_path, case,
                                             error, words):
     sets, work = own_overrides
-    query = next(own_root.rglob(ODD_NAME))
+    query = tmp_path / "missing.jpg" if case == "no_query" else next(own_root.rglob(ODD_NAME))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     out = ["--out", tmp_path / "out"]
     config = BASELINE_CONFIG if case == "other_model" else EVAL_CONFIG
