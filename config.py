@@ -17,7 +17,10 @@ from pathlib import Path
 import yaml
 
 ASPECTS = ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l")
-DATASETS = ("11k", "hd")
+DATASETS = ("11k", "hd", "folder")
+# data_dir of each dataset when the config leaves it out (the prepare scripts' --out default)
+DEFAULT_DATA_DIRS = {"11k": "datasets/11khands", "hd": "datasets/HD", "folder": "datasets/folder"}
+PREPARE_SCRIPTS = {"11k": "prepare_11k.py", "hd": "prepare_hd.py", "folder": "prepare_folder.py"}
 
 
 class UserError(Exception):
@@ -42,10 +45,12 @@ def _opt(kind, default, help, choices=None, low=None, nullable=False):
 SCHEMA = {
     # what to train / evaluate
     "name": _opt(str, None, "experiment name in logs and tables (default: config file stem)"),
-    "dataset": _opt(str, "11k", "dataset", choices=DATASETS),
-    "aspect": _opt(str, "dorsal_r", "11k aspect (ignored for hd)", choices=ASPECTS),
+    "dataset": _opt(str, "11k", "dataset: 11k, hd, or folder (your own <root>/<identity>/"
+                                "<images> tree, prepared by datasets/prepare_folder.py)",
+                    choices=DATASETS),
+    "aspect": _opt(str, "dorsal_r", "11k aspect (ignored for hd and folder)", choices=ASPECTS),
     "data_dir": _opt(str, None, "prepared dataset root, the --out of the prepare script "
-                                "(default: datasets/11khands or datasets/HD)"),
+                                "(default: datasets/11khands, datasets/HD or datasets/folder)"),
     "model": _opt(str, "vitb16", "backbone: vitb16, vitb32, rn50, rn101, vitl14, tiny, "
                                  "or any open_clip 'architecture:pretrained_tag'"),
     "pretrained": _opt(str, None, "weights: open_clip tag, local weights file, or 'none' for "
@@ -211,7 +216,7 @@ def load_config(path=None, overrides=()):
     if config["name"] is None:
         config["name"] = Path(path).stem if path is not None else "experiment"
     if config["data_dir"] is None:
-        config["data_dir"] = "datasets/11khands" if config["dataset"] == "11k" else "datasets/HD"
+        config["data_dir"] = DEFAULT_DATA_DIRS[config["dataset"]]
     if config["save_path"] is None:
         config["save_path"] = f"saved_models/{config['name']}.pth"
     if config["log_path"] is None:
@@ -229,8 +234,10 @@ def dataset_dir(config):
 
 def prepare_command(config):
     """The command that creates dataset_dir(config), quoted in missing-data errors."""
-    script = "prepare_11k.py" if config["dataset"] == "11k" else "prepare_hd.py"
-    return f"python datasets/{script} --raw <raw dataset folder> --out {config['data_dir']}"
+    raw = "<root of your <root>/<identity>/<images> tree>" if config["dataset"] == "folder" \
+        else "<raw dataset folder>"
+    return (f"python datasets/{PREPARE_SCRIPTS[config['dataset']]} --raw {raw} "
+            f"--out {config['data_dir']}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -295,8 +302,8 @@ class _WriteRecorder:
             self.error = err
             raise
 
-    def flush(self):
-        self.handle.flush()
+    def __getattr__(self, name):  # seek, tell, read, ...: the file's own
+        return getattr(self.handle, name)
 
 
 def write_error(path, err):

@@ -58,7 +58,7 @@ def load_model(config):
 
 
 def dataset_label(config):
-    return config["dataset"] if config["dataset"] == "hd" else f"11k/{config['aspect']}"
+    return f"11k/{config['aspect']}" if config["dataset"] == "11k" else config["dataset"]
 
 
 def format_mean_std(mean, std):
@@ -186,36 +186,51 @@ def _font():
         return ImageFont.load_default()
 
 
-def plot_ranking(path, evaluated, num_queries, max_rank):
-    """Split 0: rows of query thumbnail (blue frame) then its top-k gallery images, green frame
-    for the query's identity, red for another; rank and identity name underneath."""
+QUERY_COLOUR, SAME_COLOUR, OTHER_COLOUR = "#1f5fbf", "#1a9e3a", "#d62020"
+
+
+def save_ranking_grid(path, rows):
+    """A PNG sheet, one row per query: its thumbnail, a gap, then its ranked images.
+    rows: [(query tile, [ranked tiles])]; a tile is (image path, frame colour, caption), the
+    caption (two short lines) written underneath."""
     from PIL import Image, ImageDraw
 
-    split = evaluated.splits[0]
-    k = min(10, max_rank, len(split.gallery_ids))
-    similarity = evaluation.split_similarity(evaluated.features, split).cpu()
-    # Same tie order as the metrics: stable descending sort.
-    top = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :k]
-    rows = np.unique(np.linspace(0, len(split.query_ids) - 1, num_queries).round().astype(int))
+    k = max(len(ranked) for _, ranked in rows)
     cell, label_height, gap, margin = THUMB + 2 * FRAME, 26, 12, 4
     sheet = Image.new("RGB", (2 * margin + gap + (k + 1) * cell,
                               2 * margin + len(rows) * (cell + label_height)), "white")
     draw, font = ImageDraw.Draw(sheet), _font()
 
-    def tile(x, y, image_path, colour, caption, name):
+    def tile(x, y, image_path, colour, caption):
         sheet.paste(_thumbnail(image_path, colour), (x, y))
-        draw.text((x + 1, y + cell), f"{caption}\n{name}", fill="black", font=font, spacing=1)
+        draw.text((x + 1, y + cell), caption, fill="black", font=font, spacing=1)
 
-    for r, q in enumerate(rows):
+    for r, (query, ranked) in enumerate(rows):
         y = margin + r * (cell + label_height)
-        query_id = split.query_ids[q]
-        tile(margin, y, split.query_paths[q], "#1f5fbf", "query", query_id)
-        for rank, g in enumerate(top[q].tolist()):
-            gallery_id = split.gallery_ids[g]
-            colour = "#1a9e3a" if gallery_id == query_id else "#d62020"
-            tile(margin + gap + (rank + 1) * cell, y, split.gallery_paths[g], colour,
-                 f"rank {rank + 1}", gallery_id)
+        tile(margin, y, *query)
+        for rank, ranked_tile in enumerate(ranked):
+            tile(margin + gap + (rank + 1) * cell, y, *ranked_tile)
     save_png(path, sheet)
+
+
+def plot_ranking(path, evaluated, num_queries, max_rank):
+    """Split 0: rows of query thumbnail (blue frame) then its top-k gallery images, green frame
+    for the query's identity, red for another; rank and identity name underneath."""
+    split = evaluated.splits[0]
+    k = min(10, max_rank, len(split.gallery_ids))
+    similarity = evaluation.split_similarity(evaluated.features, split).cpu()
+    # Same tie order as the metrics: stable descending sort.
+    top = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :k]
+    shown = np.unique(np.linspace(0, len(split.query_ids) - 1, num_queries).round().astype(int))
+    rows = []
+    for q in shown:
+        query_id = split.query_ids[q]
+        ranked = [(split.gallery_paths[g],
+                   SAME_COLOUR if split.gallery_ids[g] == query_id else OTHER_COLOUR,
+                   f"rank {rank + 1}\n{split.gallery_ids[g]}")
+                  for rank, g in enumerate(top[q].tolist())]
+        rows.append(((split.query_paths[q], QUERY_COLOUR, f"query\n{query_id}"), ranked))
+    save_ranking_grid(path, rows)
 
 
 def evaluate_config(config):
