@@ -111,7 +111,8 @@ SCHEMA = {
     "max_rank": _opt(int, 10, "length of the CMC curve", low=1),
     "eval_batch_size": _opt(int, 128, "images per forward pass in evaluation", low=1),
     "results_dir": _opt(str, "logs/results", "results JSON, CSV and plots"),
-    "plots": _opt(bool, True, "write the CMC curve and ranked-retrieval grid PNGs"),
+    "plots": _opt(bool, True, "write the CMC curve, ranked-retrieval grid and verification "
+                              "(ROC, score histogram) PNGs"),
     "plot_queries": _opt(int, 6, "queries shown in the ranked-retrieval grid", low=1),
 }
 

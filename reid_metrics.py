@@ -279,17 +279,16 @@ def _allowed_false_count(count, rate):
     return m
 
 
-def _scores_cpu(similarity):
-    return similarity.detach().to("cpu", torch.float64).numpy()
-
-
 def genuine_impostor_scores(similarity, query_ids, gallery_ids):
-    """-> (genuine scores, impostor scores): 1-D float64 numpy arrays of every query x gallery
-    pair with the same identity, and with different identities."""
+    """-> (genuine scores, impostor scores): 1-D numpy arrays (float32 or float64, as given;
+    other float types as float32) of every query x gallery pair with the same identity, and
+    with different identities."""
     similarity, query_codes, gallery_codes, _ = _prepare(similarity, query_ids, gallery_ids)
     _check_no_nan(similarity)
     genuine = (query_codes[:, None] == gallery_codes[None, :]).cpu().numpy()
-    scores = _scores_cpu(similarity)
+    if similarity.dtype not in (torch.float32, torch.float64):
+        similarity = similarity.float()  # numpy has no bfloat16; float32 holds fp16 exactly
+    scores = similarity.detach().cpu().numpy()
     return scores[genuine], scores[~genuine]
 
 
@@ -331,7 +330,8 @@ def compute_verification_metrics(similarity, query_ids, gallery_ids, far=(1e-2, 
             if len(impostor) == 0 else "genuine pair (no query identity is in the gallery)"
         raise MetricInputError(f"verification needs both kinds of pairs, but there is no "
                                f"{missing}; use a gallery with several identities")
-    genuine, impostor = np.sort(genuine), np.sort(impostor)
+    genuine.sort()
+    impostor.sort()  # in place: the copy made by the mask is the only one
     n_gen, n_imp = len(genuine), len(impostor)
 
     def difference(t):
