@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from build_dataloader import eval_loader, list_split
-from config import UserError, dataset_dir, prepare_command
+from config import ConfigError, UserError, dataset_dir, prepare_command
 from finetune_trainer_stage1 import resolve_precision
 from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
                           compute_verification_metrics, rerank_k_reciprocal)
@@ -152,7 +152,11 @@ def split_names(config):
 
 
 def check_data(config):
-    """Fail fast, before a model is loaded: the dataset is prepared and has num_splits splits."""
+    """Fail fast, before a model is loaded: the re-ranking weight is a weight, the dataset is
+    prepared and has num_splits splits."""
+    if config["rerank"] and config["rerank_lambda"] > 1:
+        raise ConfigError(f"rerank_lambda must be between 0 and 1, got {config['rerank_lambda']}"
+                          f"; e.g. --set rerank_lambda=0.3")
     root = dataset_dir(config)
     if not (root / "query0").is_dir():
         list_split(config, "query0")  # raises the missing-dataset error with the prepare command

@@ -16,9 +16,6 @@ import torch
 
 from config import UserError
 
-AP_MODES = ("standard", "trapezoid")
-# Result key of each AP rule: both are always computed, in one pass.
-AP_KEYS = {"standard": "mAP", "trapezoid": "mAP_trapezoid"}
 # Default chunk: as many query rows as fit in ~4M similarity entries, so each per-chunk
 # temporary (sorted values, tie-row sort indices) stays within ~32 MB whatever the gallery size.
 CHUNK_ELEMENTS = 1 << 22
@@ -449,7 +446,8 @@ def _reciprocal(nearest):
     rows = max(1, RERANK_CHUNK_ELEMENTS // (k * k))
     for start in range(0, num, rows):
         own = torch.arange(start, min(start + rows, num), device=nearest.device)
-        out[start:start + rows] = (nearest[nearest[start:start + rows]] == own[:, None, None]).any(2)
+        neighbours_of_neighbours = nearest[nearest[start:start + rows]]
+        out[start:start + rows] = (neighbours_of_neighbours == own[:, None, None]).any(2)
     return out
 
 

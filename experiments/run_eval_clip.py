@@ -121,10 +121,13 @@ def print_report(config, report, checkpoint):
     for key in (k for k in ALL_METRICS if k in report["mean"]):
         if key == "mAP":
             keys += ap_order(report)
-        elif key != "mAP_trapezoid":
+        elif key not in ("mAP_trapezoid", "eer_threshold"):
             keys.append(key)
     for key in keys:
         print(f"  {LABELS[key]:24} {format_mean_std(report['mean'][key], report['std'][key])}")
+    threshold, spread = report["mean"]["eer_threshold"], report["std"]["eer_threshold"]
+    print(f"  {LABELS['eer_threshold']:24} {threshold:.4f}"
+          + ("" if spread is None else f" ± {spread:.4f}") + " (a score, not percent)")
     counts, timings = report["counts"], report["timings"]
     print(f"images: {counts['images_listed']} listed over all splits, "
           f"{counts['unique_images']} unique, {counts['images_encoded']} encoded, "
@@ -236,7 +239,9 @@ def plot_verification(path, config, evaluated):
     roc.plot(100 * far[shown], 100 * tar[shown])
     roc.set(xscale="log", xlabel="FAR (%)", ylabel="TAR (%)", ylim=(0, 100.5),
             title=f"ROC, split 0: EER {row['eer']:.2f}%")
-    roc.axvline(100 / len(impostor), color="grey", lw=0.8, ls=":")  # one impostor pair
+    roc.axvline(100 / len(impostor), color="grey", lw=0.8, ls=":",
+                label="one impostor pair (lowest FAR measurable)")
+    roc.legend(fontsize=7, loc="upper left")
     bins = np.linspace(min(genuine.min(), impostor.min()), max(genuine.max(), impostor.max()), 50)
     histogram.hist(impostor, bins=bins, density=True, alpha=0.55, color="#d62020",
                    label=f"impostor ({len(impostor)})")

@@ -12,7 +12,7 @@ from PIL import Image
 import evaluation
 import make_model
 from build_dataloader import eval_loader, list_split
-from config import UserError, load_config
+from config import ConfigError, UserError, load_config
 from conftest import run_script
 from reid_metrics import compute_reid_metrics, compute_verification_metrics
 
@@ -270,6 +270,8 @@ def test_open_set_and_reranked_run(eval_config, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == \
         "error: --set: 'rerank_k1' must be >= 1, got 0"
+    with pytest.raises(ConfigError, match="rerank_lambda must be between 0 and 1, got 1.5"):
+        evaluation.check_data(load_config(path, [("rerank", True), ("rerank_lambda", 1.5)]))
 
 
 def test_finetuned_run_loads_the_checkpoint(eval_config, tmp_path):
