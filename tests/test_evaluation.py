@@ -244,19 +244,19 @@ def test_baseline_run_writes_results_and_keeps_earlier_ones(eval_config, tmp_pat
     assert rows[0]["tar_at_far_1e-4"] == "" and rows[0]["fnir_at_fpir_1e-1"] == ""
 
 
-def test_open_set_and_reranked_run(eval_config, tmp_path):
-    """open_set adds FNIR@FPIR; rerank changes the ranking metrics (and the grid's order) but
-    not the verification metrics, which use the cosine scores."""
+def test_open_set_and_reranked_run(eval_config, tmp_path, capsys):
+    """open_set adds FNIR@FPIR; rerank changes the ranking metrics but not the verification
+    metrics, which use the cosine scores."""
     from experiments import run_eval_clip
 
     path, _ = eval_config
     args = ("--set", "variant=baseline", "--set", "plots=false")
     plain = run_eval_clip.evaluate_config(load_config(path, [
         ("results_dir", str(tmp_path / "plain")), ("variant", "baseline"), ("plots", False)]))
-    proc = run_script(EVAL_SCRIPT, *eval_args(path, tmp_path, *args, "--set", "open_set=true",
-                                              "--set", "rerank=true", "--set", "rerank_k1=5",
-                                              "--set", "rerank_k2=2"))
-    assert "FNIR@FPIR=1e-1" in proc.stdout and "re-ranked (k1 5, k2 2" in proc.stdout
+    run_eval_clip.main(eval_args(path, tmp_path, *args, "--set", "open_set=true", "--set",
+                                 "rerank=true", "--set", "rerank_k1=5", "--set", "rerank_k2=2"))
+    output = capsys.readouterr().out
+    assert "FNIR@FPIR=1e-1" in output and "re-ranked (k1 5, k2 2" in output
     result = json.loads((tmp_path / "results/tiny_eval_baseline.json").read_text())
     assert result["rerank"] == {"k1": 5, "k2": 2, "lambda": 0.3} and result["open_set"]
     for row, before in zip(result["per_split"], plain["per_split"]):
