@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from build_dataloader import eval_loader, list_split
 from config import ConfigError, UserError, dataset_dir, prepare_command
-from finetune_trainer_stage1 import resolve_precision
 from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
                           compute_verification_metrics, rerank_k_reciprocal)
+from runtime import resolve_precision
 
 RANKING_METRICS = ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP")
 FAR_LEVELS = (1e-2, 1e-3, 1e-4)

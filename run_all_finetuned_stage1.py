@@ -27,6 +27,7 @@ from pathlib import Path
 
 import evaluation
 from config import ArgumentParser, ConfigError, UserError, atomic_write_text, load_config, run_cli
+from engine import needs_training
 from experiments import run_eval_clip
 
 ROOT = Path(__file__).resolve().parent
@@ -65,8 +66,9 @@ def find_configs(patterns):
 
 
 def train_missing(config_path, config, overrides):
-    """Run the train config matching `config_path` when the checkpoint does not exist yet."""
-    if config["variant"] != "finetuned" or Path(config["save_path"]).is_file():
+    """Run the train config matching `config_path` when its checkpoint does not exist yet or
+    its run is unfinished (it then resumes); refused while another process trains it."""
+    if config["variant"] != "finetuned" or not needs_training(config):
         return
     train_config = config_path.with_name(config_path.name.replace("eval_", "train_", 1))
     if not config_path.name.startswith("eval_") or not train_config.is_file():
@@ -75,8 +77,8 @@ def train_missing(config_path, config, overrides):
     command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(train_config)]
     for override in overrides:
         command += ["--set", override]
-    print(f"\n=== training {train_config} (checkpoint {config['save_path']} is missing)",
-          flush=True)
+    print(f"\n=== training {train_config} (checkpoint {config['save_path']} is missing or its "
+          f"run unfinished)", flush=True)
     code = subprocess.run(command).returncode
     if code != 0:
         raise UserError(f"training with {train_config} exited with code {code}")
