@@ -248,8 +248,8 @@ def compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=10, chunk_
 
     cmc = (cmc_hits.to(torch.float64) * (100.0 / num_valid)).tolist()
     return {"rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "cmc": cmc[:max_rank],
-            "mAP": 100.0 * ap_sums[0] / num_valid,
-            "mAP_trapezoid": 100.0 * ap_sums[1] / num_valid,
+            "mAP": 100.0 * float(ap_sums[0]) / num_valid,
+            "mAP_trapezoid": 100.0 * float(ap_sums[1]) / num_valid,
             "mINP": 100.0 * inp_sum / num_valid,
             "num_valid_queries": num_valid, "num_queries": num_queries}
 
