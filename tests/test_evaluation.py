@@ -14,7 +14,7 @@ import make_model
 from build_dataloader import eval_loader, list_split
 from config import ConfigError, UserError, load_config
 from conftest import run_script
-from reid_metrics import compute_reid_metrics, compute_verification_metrics
+from reid_metrics import compute_reid_metrics, compute_verification_metrics, rerank_k_reciprocal
 
 EVAL_SCRIPT = "experiments/run_eval_clip.py"
 
@@ -307,3 +307,16 @@ def test_mismatched_checkpoint_is_refused(eval_config, tmp_path, changes, messag
     save_tiny_checkpoint(config, config["save_path"], **changes)
     with pytest.raises(UserError, match=message):
         run_eval_clip.evaluate_config(load_config(path, [("results_dir", str(tmp_path))]))
+
+
+def test_reranked_split_is_ranked_and_plotted_in_the_reranked_order(make_config):
+    config = make_config(num_splits=1, rerank=True, rerank_k1=5, rerank_k2=2)
+    evaluated = evaluation.evaluate(tiny_model(config), config, torch.device("cpu"))
+    split = evaluated.splits[0]
+    features = evaluated.features
+    distance = rerank_k_reciprocal(features[split.query_rows], features[split.gallery_rows],
+                                   5, 2, 0.3)
+    # The ranking grid sorts first_split_scores: the re-ranked order, not the cosine one.
+    assert torch.equal(evaluated.first_split_scores, -distance)
+    expected = compute_reid_metrics(-distance, split.query_ids, split.gallery_ids)
+    assert evaluated.report["per_split"][0]["mAP"] == pytest.approx(expected["mAP"])
