@@ -36,9 +36,10 @@ class ConfigError(UserError):
     exit_code = 2
 
 
-def _opt(kind, default, help, choices=None, low=None, nullable=False):
+def _opt(kind, default, help, choices=None, low=None, nullable=False, aliases=None):
+    # aliases: older spellings still accepted, mapped to today's value (e.g. flip: true).
     return {"type": kind, "default": default, "help": help, "choices": choices, "min": low,
-            "nullable": nullable or default is None}
+            "nullable": nullable or default is None, "aliases": aliases or {}}
 
 
 # key -> spec. Types: str, int, float, bool, list (of numbers). `None` default = derived.
@@ -118,14 +119,29 @@ SCHEMA = {
     "num_splits": _opt(int, 10, "query/gallery splits to evaluate", low=1),
     "gallery": _opt(str, "all", "11k gallery: all (gallery{i}_all, the published protocol) or "
                                 "aspect (gallery{i})", choices=("all", "aspect")),
-    "flip": _opt(bool, False, "average features of the image and its mirror"),
-    "ap_mode": _opt(str, "standard", "standard (uninterpolated, torchreid/fast-reid) or "
+    "flip": _opt(str, "off", "test-time flip: off, sum (raw features of the image and its "
+                             "mirror summed, then L2: MBA-Net / CLIP-HandID) or unit_mean (mean "
+                             "of the two L2-normalised features); true/false read as "
+                             "unit_mean/off",
+                 choices=("off", "sum", "unit_mean"),
+                 aliases={True: "unit_mean", False: "off", "true": "unit_mean",
+                          "false": "off"}),
+    "ap_mode": _opt(str, "standard", "AP rule printed first; both are always reported: "
+                                     "standard (uninterpolated, torchreid/fast-reid) or "
                                      "trapezoid (MBA-Net / CLIP-HandID)",
                     choices=("standard", "trapezoid")),
+    "open_set": _opt(bool, False, "also report open-set identification: per split a seeded "
+                                  "random half of the test identities leaves the gallery"),
+    "rerank": _opt(bool, False, "k-reciprocal re-ranking (Zhong et al. 2017) of the ranking "
+                                "metrics"),
+    "rerank_k1": _opt(int, 20, "re-ranking k1 (k-reciprocal neighbours)", low=1),
+    "rerank_k2": _opt(int, 6, "re-ranking k2 (query expansion neighbours)", low=1),
+    "rerank_lambda": _opt(float, 0.3, "re-ranking weight of the original distance", low=0.0),
     "max_rank": _opt(int, 10, "length of the CMC curve", low=1),
     "eval_batch_size": _opt(int, 128, "images per forward pass in evaluation", low=1),
     "results_dir": _opt(str, "logs/results", "results JSON, CSV and plots"),
-    "plots": _opt(bool, True, "write the CMC curve and ranked-retrieval grid PNGs"),
+    "plots": _opt(bool, True, "write the CMC curve, ranked-retrieval grid and verification "
+                              "(ROC, score histogram) PNGs"),
     "plot_queries": _opt(int, 6, "queries shown in the ranked-retrieval grid", low=1),
 }
 
@@ -138,6 +154,8 @@ def _suggest(key):
 def _check_value(key, value, where):
     spec = SCHEMA[key]
     kind = spec["type"]
+    if isinstance(value, (bool, str)) and value in spec["aliases"]:
+        value = spec["aliases"][value]
     if value is None:
         if spec["nullable"]:
             return None

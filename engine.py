@@ -78,7 +78,8 @@ LEGACY_RESUME = ("clip-handid-stage1-resume", 1)
 NON_TRAINING_KEYS = {"name", "data_dir", "num_workers", "cache_images", "device", "save_path",
                      "log_path", "variant", "num_splits", "gallery", "flip", "ap_mode",
                      "max_rank", "eval_batch_size", "results_dir", "plots", "plot_queries",
-                     "save_every", "save_every_minutes"}
+                     "save_every", "save_every_minutes", "open_set", "rerank", "rerank_k1",
+                     "rerank_k2", "rerank_lambda"}
 # Parameter names (split at '.' and '_') that get no weight decay even when not 1-D.
 NO_DECAY_NAME = re.compile(r"(^|[._])(bias|norm|ln|bn|positional|\w*embedding)\w*", re.I)
 # Steps between reads of the device-side loss sums (progress bar, non-finite loss check).

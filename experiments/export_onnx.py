@@ -5,8 +5,8 @@
 The ONNX model takes `images`: float32 [batch, 3, S, S], RGB scaled to [0, 1], each image
 squash-resized to S x S (bicubic; S = the model's image_size), any batch size. Inside it: the
 backbone's mean/std normalisation, the model's retrieval feature (HandIdModel.features: the
-image embedding, or its BNNeck output for head: bnneck), the flip average when the config has
-flip: true, and L2 normalisation. Output `features`: float32 [batch, D], unit length, equal to
+image embedding, its BNNeck output, or the checkpoint's own definition), the test-time flip
+rule of the config (flip: sum or unit_mean), and L2 normalisation. Output `features`: float32 [batch, D], unit length, equal to
 extract_features.py's features of the same decoded pixels. The model's metadata_props hold the
 preprocessing and the JSON description of the model (checkpoint, weights digest, fingerprint).
 
@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evaluation  # noqa: E402
 from config import UserError, atomic_write, load_config, make_parser, run_cli  # noqa: E402
 from experiments import extract_features as fx  # noqa: E402
 from experiments.run_eval_clip import load_model  # noqa: E402
@@ -45,12 +45,8 @@ class RetrievalFeature(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
     def forward(self, images):
-        images = (images - self.mean) / self.std
-        features = F.normalize(self.model.features(images), dim=1)
-        if self.flip:
-            mirrored = F.normalize(self.model.features(images.flip(3)), dim=1)
-            features = F.normalize(features + mirrored, dim=1)
-        return features
+        return evaluation.retrieval_features(self.model, (images - self.mean) / self.std,
+                                             self.flip)
 
 
 def to_onnx(module, side):

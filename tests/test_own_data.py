@@ -162,7 +162,7 @@ def test_training_evaluation_and_run_all_work_with_a_folder_dataset(own_override
     printed = run_main(run_all_finetuned_stage1, capsys, "--configs", EVAL_CONFIG, *sets,
                        "--out", work / "summary")
     table = (work / "summary.md").read_text()
-    assert "| folder | finetuned | 2 |" in table, printed
+    assert "| folder | finetuned | sum | no | 2 |" in table, printed
     result = json.loads((work / "results/demo_tiny_11k_dorsal_r_finetuned.json").read_text())
     assert result["dataset"] == "folder" and result["gallery"] == "gallery{i}"
 
