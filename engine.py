@@ -64,7 +64,8 @@ from tqdm import tqdm
 
 import losses
 import make_model
-from build_dataloader import get_train_val_loaders, set_loader_epoch, train_gallery_loader
+from build_dataloader import (device_augment, get_train_val_loaders, set_loader_epoch,
+                              train_gallery_loader)
 from config import SCHEMA, ConfigError, UserError, atomic_write, atomic_write_text
 from reid_metrics import compute_reid_metrics
 from runtime import (PRECISION_NAMES, autocast, check_not_running, configure_backends,
@@ -355,6 +356,9 @@ class Engine:
         if config["channels_last"] and self._is_resnet():
             self.model.clip_model.visual.to(memory_format=torch.channels_last)
         self.amp_dtype = resolve_precision(config["amp"], self.device)
+        # augment_on: device -> uint8 batches, augmented here with a per-epoch seeded generator.
+        self.augment = device_augment(config)
+        self.augment_generator = torch.Generator(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         self.selection = config["selection"] if val_loader is not None else None
@@ -452,6 +456,7 @@ class Engine:
         started = time.perf_counter()
         # Epoch randomness depends on (seed, epoch, rank) only: resumed == uninterrupted.
         seed_everything(epoch_seed(self.config["seed"], epoch, self.rank))
+        self.augment_generator.manual_seed(epoch_seed(self.config["seed"], epoch, self.rank))
         set_loader_epoch(loader, epoch)
         self.in_epoch = False
         train = self._train_one_epoch(phase, loader, epoch)
@@ -541,6 +546,8 @@ class Engine:
 
     def _to_device(self, inputs, phase):
         inputs = inputs.to(self.device, non_blocking=True)
+        if phase.uses_images and self.augment is not None:
+            inputs = self.augment(inputs, self.augment_generator)
         if phase.uses_images and self.config["channels_last"] and self._is_resnet():
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs

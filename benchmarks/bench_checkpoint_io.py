@@ -105,6 +105,7 @@ def measure(model, epochs, folder):
     config = load_config(None, [
         ("model", model), ("pretrained", "none"), ("batch_size", batch_size),
         ("epochs", epochs), ("warmup_epochs", 1), ("lr", 1e-4), ("num_workers", 0),
+        ("augment_on", "loader"),  # the random images are already float tensors
         ("device", "cpu"), ("save_path", str(folder / f"{model}.pth")),
         ("log_path", str(folder / f"{model}.log"))])
     trainer, summary, new_bytes, new_seconds = new_scheme(config, steps)

@@ -105,8 +105,9 @@ def main():
                                     ("num_workers", args.workers)])
         make_data(tmp, args.subjects, args.images_per_aspect, config)
         n = len(list_split(config, "train"))
-        reference = epoch_rates(dict(config, cache_images=False), args.epochs)
-        fast = epoch_rates(dict(config, cache_images=True), args.epochs)
+        reference = epoch_rates(dict(config, cache_images=False, augment_on="loader"),
+                                args.epochs)
+        fast = epoch_rates(dict(config, cache_images=True, augment_on="loader"), args.epochs)
         device = epoch_rates(dict(config, cache_images=True, augment_on="device"), args.epochs)
         paths = [p for p, _ in list_split(config, "val")][:16]
         pix_max, pix_mean, gap_max, gap_mean = feature_agreement(config, paths)

@@ -55,7 +55,7 @@ def option_overrides(option):
 def measure(model, batch_size, amp, steps, device, option, workdir):
     config = load_config(None, [
         ("model", model), ("pretrained", "none"), ("batch_size", batch_size), ("amp", amp),
-        ("epochs", 2), ("warmup_epochs", 0), ("device", device),
+        ("epochs", 2), ("warmup_epochs", 0), ("device", device), ("augment_on", "loader"),
         ("save_path", f"{workdir}/{model}.pth"), ("log_path", f"{workdir}/{model}.log"),
         *option_overrides(option)])
     configure_backends(config, torch.device(device))

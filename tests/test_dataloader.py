@@ -10,7 +10,7 @@ from config import UserError, dataset_dir
 
 
 def test_train_val_loaders_use_sorted_identity_names(make_config):
-    config = make_config(batch_size=8)
+    config = make_config(batch_size=8, augment_on="loader")
     train_loader, val_loader, num_classes = get_train_val_loaders(config)
     classes = train_loader.dataset.classes
     train_names = {name for _, name in list_split(config, "train")}
@@ -57,7 +57,7 @@ def test_cached_and_uncached_eval_images_match(make_config):
 
 
 def test_augmentation_changes_train_images(make_config):
-    config = make_config(batch_size=4, aug_random_erasing=1.0)
+    config = make_config(batch_size=4, aug_random_erasing=1.0, augment_on="loader")
     loader, _, _ = get_train_val_loaders(config)
     image, _ = loader.dataset[0]
     again, _ = loader.dataset[0]
