@@ -50,7 +50,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,7 +144,6 @@ class Phase:
     min_lr_factor: float = 0.0
     selects: bool = True              # validate and select the best epoch in this phase
     uses_images: bool = True          # batches are images (augmented, channels-last)
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config, name="main", **overrides):

@@ -1,10 +1,13 @@
 """Shared fixtures: a small synthetic raw 11k / HD dataset made by the project's own script,
 prepared by the project's own prepare scripts, and configs pointing at them."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from config import load_config
 
@@ -73,3 +76,44 @@ def make_config(prepared_11k, tmp_path):
         values.update(overrides)
         return load_config(DEMO_TRAIN_CONFIG, list(values.items()))
     return make
+
+
+# One thread in training subprocesses: the tiny model gains nothing from more, 2-core CI
+# machines run a training subprocess beside pytest, and bit-identical comparisons need equal
+# thread counts.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    """This test's torch ops on one thread (bit-identical comparisons between runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_config(config, path):
+    """Write a resolved config as YAML; -> its path as a string."""
+    path.write_text(yaml.safe_dump(dict(config)))
+    return str(path)
+
+
+class InterruptedLoader:
+    """A train loader whose iteration in its `epoch`-th epoch raises KeyboardInterrupt
+    (Ctrl-C before the epoch's first step)."""
+
+    def __init__(self, loader, epoch):
+        self.loader, self.epoch, self.started = loader, epoch, 0
+
+    def __iter__(self):
+        self.started += 1
+        if self.started == self.epoch:
+            raise KeyboardInterrupt
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)

@@ -2,7 +2,6 @@
 loss), the identity-balanced sampler, the run lock, failed writes, the checkpoint I/O budget
 and the refusals of bad settings and foreign checkpoints."""
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -13,33 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 import evaluation
 import make_model
 from build_dataloader import IdentityBatchSampler, get_train_val_loaders, set_loader_epoch
 from config import ConfigError, UserError, atomic_write
-from conftest import ROOT, run_script
+from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_script, write_config
 from engine import Engine, Method, Phase, metrics_path, resume_path
 from losses import batch_hard_triplet
 from runtime import check_not_running, run_lock, seed_everything
 
 TRAIN = "experiments/train_stage1_frozen_text.py"
 EVAL = "experiments/run_eval_clip.py"
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_config(config, path):
-    path.write_text(yaml.safe_dump(dict(config)))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- a method in a few lines
@@ -87,31 +72,12 @@ class HeadThenAll(Method):
         return self.forward(model, images)[0]
 
 
-class StopAtEpoch:
-    """A train loader whose iteration in its `epoch`-th epoch raises KeyboardInterrupt."""
-
-    def __init__(self, loader, epoch):
-        self.loader, self.epoch, self.started = loader, epoch, 0
-
-    def __iter__(self):
-        self.started += 1
-        if self.started == self.epoch:
-            raise KeyboardInterrupt
-        return iter(self.loader)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-
 def toy_engine(config, stop_at=None):
     seed_everything(config["seed"])
     train_loader, val_loader, _ = get_train_val_loaders(config)
     method = HeadThenAll(config, train_loader.dataset.classes)
     if stop_at:
-        train_loader = StopAtEpoch(train_loader, stop_at)
+        train_loader = InterruptedLoader(train_loader, stop_at)
     return Engine(method, train_loader, config, "cpu", val_loader)
 
 

@@ -12,37 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import make_model
 from build_dataloader import get_train_val_loaders
 from config import ConfigError, UserError, load_config
-from conftest import ROOT
+from conftest import ONE_THREAD, ROOT, InterruptedLoader, write_config
 from experiments.train_stage1_frozen_text import main
 from engine import Phase, lr_factor, metrics_path, read_resume_state, resume_path
 from finetune_trainer_stage1 import FinetuneTrainerStage1
 from runtime import seed_everything
 
 TRAIN = "experiments/train_stage1_frozen_text.py"
-# One thread everywhere: the tiny model gains nothing from more, 2-core CI machines run a
-# training subprocess beside pytest, and bit-identical comparisons need equal thread counts.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 METRIC_KEYS = {"epoch", "phase", "train_loss", "loss_ce", "train_acc", "val_acc", "val_loss",
                "val_map", "lr", "images_per_s", "data_time_fraction", "checkpoint_seconds",
                "epoch_time", "best"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_config(config, path):
-    path.write_text(yaml.safe_dump(dict(config)))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(config):
@@ -60,25 +44,6 @@ def metrics(config):
 def learned(rows):
     """What must be identical between two runs (timings are not)."""
     return [(r["epoch"], r["train_loss"], r["train_acc"], r["val_acc"], r["lr"]) for r in rows]
-
-
-class InterruptedLoader:
-    """A train loader whose iteration in epoch `epoch` raises KeyboardInterrupt (Ctrl-C)."""
-
-    def __init__(self, loader, epoch):
-        self.loader, self.epoch, self.started = loader, epoch, 0
-
-    def __iter__(self):
-        self.started += 1
-        if self.started == self.epoch:
-            raise KeyboardInterrupt
-        return iter(self.loader)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
 
 
 def test_training_learns_and_changes_only_the_image_encoder(make_config):
