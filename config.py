@@ -82,11 +82,6 @@ SCHEMA = {
     "seed": _opt(int, 0, "random seed"),
     "device": _opt(str, "auto", "auto, cpu, cuda or cuda:N"),
     # stage 2 (CLIP-ReID)
-    "method": _opt(str, None, "training method: stage1 (image encoder, cross-entropy) or stage2 "
-                              "(CLIP-ReID: identity prompts, then the image encoder); picks the "
-                              "train script of run_all --train; evaluation checks the checkpoint "
-                              "against it (default: the train script's, or any for evaluation)",
-                   choices=("stage1", "stage2")),
     "prompt_template": _opt(str, "A photo of a X X X X hand.",
                             "Stage-2 text template; each standalone X is one learnable token "
                             "per training identity"),
