@@ -9,8 +9,10 @@ Each config runs through experiments/run_eval_clip.py (in this process; its JSON
 plots land in the config's results_dir). A failing config is reported with a one-line reason
 and the rest still run; the exit code is 1 if any failed. With --train, a fine-tuned eval
 config whose checkpoint is missing first runs its train config (eval_X.yml -> train_X.yml in
-the same folder) through experiments/train_stage1_frozen_text.py in a subprocess, with the
-same --set overrides. The table is written as <out>.md and <out>.csv.
+the same folder) in a subprocess, with the same --set overrides, through the train script of its
+`method`: experiments/train_stage1_frozen_text.py (stage1) or train_stage2_clipreid.py (clipreid).
+The table's method column says baseline, stage1 or clipreid (Stage 2); it is written as
+<out>.md and <out>.csv.
 """
 import csv
 import glob
@@ -24,9 +26,12 @@ from config import ArgumentParser, ConfigError, UserError, atomic_write_text, lo
 from experiments import run_eval_clip
 
 ROOT = Path(__file__).resolve().parent
-TRAIN_SCRIPT = ROOT / "experiments/train_stage1_frozen_text.py"
+# config `method` -> the script that trains it
+TRAIN_SCRIPTS = {"stage1": ROOT / "experiments/train_stage1_frozen_text.py",
+                 "clipreid": ROOT / "experiments/train_stage2_clipreid.py"}
 DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
-                   "configs/finetuning_stage1_frozen_text/eval_*.yml"]
+                   "configs/finetuning_stage1_frozen_text/eval_*.yml",
+                   "configs/finetuning_stage2_clipreid/eval_*.yml"]
 METRIC_COLUMNS = (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"), ("mAP", "mAP"))
 
 
@@ -64,7 +69,11 @@ def train_missing(config_path, config, overrides):
     if not config_path.name.startswith("eval_") or not train_config.is_file():
         raise UserError(f"checkpoint {config['save_path']} is missing and there is no train "
                         f"config {train_config} to make it")
-    command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(train_config)]
+    method = load_config(train_config, overrides)["method"]
+    if method not in TRAIN_SCRIPTS:
+        raise UserError(f"{train_config} says method: {method}, which no train script here "
+                        f"trains (known: {', '.join(TRAIN_SCRIPTS)}); fix its method:")
+    command = [sys.executable, str(TRAIN_SCRIPTS[method]), "--config", str(train_config)]
     for override in overrides:
         command += ["--set", override]
     print(f"\n=== training {train_config} (checkpoint {config['save_path']} is missing)",
@@ -85,23 +94,26 @@ def run_one(config_path, args):
     print(f"\n=== evaluating {config_path}", flush=True)
     result = run_eval_clip.evaluate_config(config)
     row = {"config": str(config_path), "model": config["model"], "dataset": result["dataset"],
-           "variant": config["variant"], "splits": result["num_splits"]}
+           "variant": config["variant"], "splits": result["num_splits"],
+           "method": "baseline" if config["variant"] == "baseline" else config["method"]}
     for key, _ in METRIC_COLUMNS:
         row[key], row[f"{key}_std"] = result["mean"][key], result["std"][key]
     return row
 
 
 def sort_key(row):
-    # Same dataset and model next to each other, baseline before fine-tuned.
-    return row["dataset"], row["model"], row["variant"] != "baseline", row["config"]
+    # Same dataset and model next to each other: baseline, then Stage 1, then Stage 2.
+    order = ("baseline", *TRAIN_SCRIPTS)
+    rank = order.index(row["method"]) if row["method"] in order else len(order)
+    return row["dataset"], row["model"], rank, row["config"]
 
 
 def markdown_table(rows, failures):
-    lines = ["| config | model | dataset | variant | splits | "
+    lines = ["| config | model | dataset | method | splits | "
              + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
              "|---" * (5 + len(METRIC_COLUMNS)) + "|"]
     for row in rows:
-        cells = [row["config"], row["model"], row["dataset"], row["variant"], str(row["splits"])]
+        cells = [row["config"], row["model"], row["dataset"], row["method"], str(row["splits"])]
         cells += [f"{row[key]:.2f}" + ("" if row[f"{key}_std"] is None
                                        else f" ± {row[f'{key}_std']:.2f}")
                   for key, _ in METRIC_COLUMNS]
@@ -115,7 +127,7 @@ def markdown_table(rows, failures):
 
 
 def csv_table(rows):
-    fields = ["config", "model", "dataset", "variant", "splits"]
+    fields = ["config", "model", "dataset", "variant", "method", "splits"]
     fields += [name for key, _ in METRIC_COLUMNS for name in (key, f"{key}_std")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
