@@ -16,14 +16,15 @@ semantics); everywhere else an image's label is its identity name.
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from config import UserError, dataset_dir, prepare_command
+from config import ConfigError, UserError, dataset_dir, prepare_command
 from make_model import preprocess_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -75,9 +76,11 @@ def decode_all(paths, side):
 class HandImages(Dataset):
     """(image tensor, target) pairs; images come from the in-memory cache when one is given."""
 
-    def __init__(self, paths, targets, side, transform, cached):
+    def __init__(self, paths, targets, side, transform, cached, cache=None):
         self.paths, self.targets, self.side, self.transform = list(paths), targets, side, transform
-        self.cache = decode_all(self.paths, side) if cached else None
+        if cache is None and cached:
+            cache = decode_all(self.paths, side)
+        self.cache = cache
 
     def __len__(self):
         return len(self.paths)
@@ -115,10 +118,79 @@ def _loader_kwargs(config):
     return {"num_workers": config["num_workers"], "pin_memory": torch.cuda.is_available()}
 
 
+class IdentityBatchSampler(Sampler):
+    """Identity-balanced (pk) batches: P = batch_size / K identities with K images each.
+
+    Each epoch, every identity's images are shuffled and cut into chunks of K (an identity
+    with fewer than K images gives one chunk drawn with replacement, as torchreid's
+    RandomIdentitySampler); each step draws P x world distinct identities, weighted by how
+    many chunks they have left, and takes one chunk of each, so an epoch covers every training
+    image about once. Rank r gets its own P identities of each step. The order is a function
+    of (seed, epoch) alone: the same on every rank, the same after a resume."""
+
+    def __init__(self, targets, batch_size, num_instances, seed, rank=0, world_size=1):
+        self.k, self.p = num_instances, batch_size // num_instances
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.by_identity = {}
+        for index, target in enumerate(targets):
+            self.by_identity.setdefault(int(target), []).append(index)
+        if len(self.by_identity) < self.p * world_size:
+            raise ConfigError(
+                f"sampler: pk needs {self.p * world_size} distinct identities per step "
+                f"(batch_size {batch_size} / num_instances {num_instances}"
+                + (f" x {world_size} processes" if world_size > 1 else "")
+                + f") but train/ has {len(self.by_identity)}; lower batch_size or raise "
+                  f"num_instances")
+        chunks = sum(max(1, len(items) // self.k) for items in self.by_identity.values())
+        self.steps = max(1, chunks // (self.p * world_size))
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed % 2 ** 32, self.epoch])
+        identities = sorted(self.by_identity)
+        chunks = {}
+        for identity in identities:
+            items = np.array(self.by_identity[identity])
+            if len(items) < self.k:
+                items = rng.choice(items, self.k, replace=True)
+            else:
+                items = rng.permutation(items)[: len(items) // self.k * self.k]
+            chunks[identity] = [items[i:i + self.k].tolist() for i in range(0, len(items), self.k)]
+        width = self.p * self.world_size
+        for _ in range(self.steps):
+            left = np.array([len(chunks[i]) for i in identities], dtype=np.float64)
+            if (left > 0).sum() >= width:
+                chosen = rng.choice(len(identities), width, replace=False, p=left / left.sum())
+            else:  # rare: too few identities have chunks left; refill with fresh draws
+                chosen = rng.choice(len(identities), width, replace=False)
+            # Every rank draws the whole step the same way, then takes its own identities.
+            step = [chunks[identities[i]].pop() if chunks[identities[i]] else
+                    rng.choice(self.by_identity[identities[i]], self.k).tolist()
+                    for i in chosen]
+            yield [index for chunk in step[self.rank * self.p:(self.rank + 1) * self.p]
+                   for index in chunk]
+
+
+def _check_pk(config):
+    k, batch_size = config["num_instances"], config["batch_size"]
+    if k < 1 or k > batch_size or batch_size % k:
+        raise ConfigError(f"num_instances: {k} must be at least 1 and divide batch_size "
+                          f"({batch_size}) into whole identities; e.g. num_instances: 4 with "
+                          f"batch_size: {max(4, batch_size // 4 * 4)}")
+
+
 def get_train_val_loaders(config):
-    """-> (train_loader, val_loader, num_classes). The train loader's sampler is a
-    DistributedSampler (one replica when not distributed) seeded by config seed: call
+    """-> (train_loader, val_loader, num_classes). The train loader draws random batches (a
+    DistributedSampler, one replica when not distributed) or, with sampler: pk, identity-
+    balanced ones (IdentityBatchSampler); both are seeded by config seed: call
     set_loader_epoch(loader, epoch) at each epoch start for a reproducible, resumable order."""
+    if config["sampler"] == "pk":
+        _check_pk(config)
     spec = preprocess_spec(config)
     train_items = list_split(config, "train")
     classes = sorted({name for _, name in train_items})
@@ -138,29 +210,46 @@ def get_train_val_loaders(config):
     val_set.classes = classes
 
     distributed = dist.is_available() and dist.is_initialized()
-    sampler = DistributedSampler(
-        train_set, num_replicas=dist.get_world_size() if distributed else 1,
-        rank=dist.get_rank() if distributed else 0, shuffle=True, seed=config["seed"],
-        drop_last=False)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     batch_size = config["batch_size"]
-    # Drop the ragged last batch (BatchNorm heads dislike tiny batches) unless the epoch
-    # would then be empty.
-    drop_last = len(sampler) > batch_size
     generator = torch.Generator()
     generator.manual_seed(config["seed"])
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler,
-                              drop_last=drop_last, generator=generator,
-                              **_loader_kwargs(config))
+    if config["sampler"] == "pk":
+        batches = IdentityBatchSampler(train_set.targets, batch_size, config["num_instances"],
+                                       config["seed"], rank, world)
+        train_loader = DataLoader(train_set, batch_sampler=batches, generator=generator,
+                                  **_loader_kwargs(config))
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=config["seed"], drop_last=False)
+        # Drop the ragged last batch (BatchNorm heads dislike tiny batches) unless the epoch
+        # would then be empty.
+        train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler,
+                                  drop_last=len(sampler) > batch_size, generator=generator,
+                                  **_loader_kwargs(config))
     val_loader = DataLoader(val_set, batch_size=config["eval_batch_size"], shuffle=False,
                             **_loader_kwargs(config))
     return train_loader, val_loader, len(classes)
 
 
 def set_loader_epoch(loader, epoch):
-    """Make epoch `epoch`'s shuffling and worker augmentation seeds a function of
-    (seed, epoch) alone, so a resumed run sees the same data as an uninterrupted one."""
-    loader.sampler.set_epoch(epoch)
-    loader.generator.manual_seed(loader.sampler.seed + epoch)
+    """Make epoch `epoch`'s order and worker augmentation seeds a function of (seed, epoch)
+    alone, so a resumed run sees the same data as an uninterrupted one."""
+    order = loader.batch_sampler if isinstance(loader.batch_sampler, IdentityBatchSampler) \
+        else loader.sampler
+    order.set_epoch(epoch)
+    loader.generator.manual_seed(order.seed + epoch)
+
+
+def train_gallery_loader(config, train_loader):
+    """The train images with the evaluation transform, labelled by class index (the gallery
+    of the val_map selection signal); reuses the train loader's decoded images."""
+    train_set = train_loader.dataset
+    dataset = HandImages(train_set.paths, train_set.targets, train_set.side,
+                         eval_transform(preprocess_spec(config)), config["cache_images"],
+                         cache=train_set.cache)
+    return DataLoader(dataset, batch_size=config["eval_batch_size"], shuffle=False,
+                      **_loader_kwargs(config))
 
 
 def eval_loader(config, paths, batch_size=None):

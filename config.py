@@ -8,6 +8,7 @@ import argparse
 import difflib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -80,6 +81,28 @@ SCHEMA = {
                              "on CPU), bf16, fp16, fp32",
                 choices=("auto", "bf16", "fp16", "fp32")),
     "seed": _opt(int, 0, "random seed"),
+    # training engine (every method)
+    "method": _opt(str, "stage1", "training method that wrote the checkpoint: stage1 "
+                                  "(cross-entropy, text tower frozen) or clipreid (Stage 2)"),
+    "sampler": _opt(str, "random", "train batches: random, or pk (batch_size / num_instances "
+                                   "identities with num_instances images each)",
+                    choices=("random", "pk")),
+    "num_instances": _opt(int, 4, "images per identity in a pk batch (K)"),
+    "triplet_weight": _opt(float, 0.0, "weight of the batch-hard triplet loss on the identity "
+                                       "features (0 = off)", low=0.0),
+    "triplet_margin": _opt(float, 0.3, "triplet margin", low=0.0),
+    "triplet_soft_margin": _opt(bool, False, "soft-margin triplet loss log(1 + exp(d_ap - "
+                                             "d_an)) instead of the margin"),
+    "selection": _opt(str, "val_loss", "best-epoch rule on val/: val_loss (head cross-entropy), "
+                                       "val_map (val images ranked against train images) or "
+                                       "val_accuracy", choices=("val_loss", "val_map",
+                                                                "val_accuracy")),
+    "save_every": _opt(int, 10, "write the resume state every N epochs", low=1),
+    "save_every_minutes": _opt(float, 10.0, "... and whenever this many minutes passed since "
+                                            "the last one (0 = epochs only)", low=0.0),
+    "compile": _opt(bool, False, "torch.compile the model for training"),
+    "channels_last": _opt(bool, False, "channels-last memory format (ResNet backbones)"),
+    "tf32": _opt(bool, False, "TF32 matmuls and convolutions on GPUs that have them"),
     "device": _opt(str, "auto", "auto, cpu, cuda or cuda:N"),
     # stage 2 (CLIP-ReID)
     "prompt_template": _opt(str, "A photo of a X X X X hand.",
@@ -100,6 +123,8 @@ SCHEMA = {
                                           "step", low=0.0),
     "prompt_min_lr": _opt(float, 1e-6, "Stage-2 phase 1: learning rate at the end of the "
                                        "cosine decay", low=0.0),
+    "warmup_factor": _opt(float, 0.1, "Stage-2 phase 2: lr factor where the linear warmup "
+                                      "starts", low=0.0),
     "id_loss_weight": _opt(float, 0.25, "Stage-2 phase 2: weight of the identity "
                                         "cross-entropy (summed over both heads)", low=0.0),
     "i2t_loss_weight": _opt(float, 1.0, "Stage-2 phase 2: weight of the image-to-text "
@@ -272,21 +297,66 @@ def _umask():
     return mask
 
 
+class _WriteRecorder:
+    """A binary file wrapper that remembers the OSError of a failed write: torch.save turns it
+    into a RuntimeError ('unexpected pos ...') that no longer says the disk is full."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self.handle.flush()
+
+
+def write_error(path, err):
+    """UserError for a failed write of `path`: the reason, the free space, the fix."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2 ** 30:.2f} GiB free on {folder}"
+    except OSError:
+        free = "free space unknown"
+    reason = err.strerror or str(err) if isinstance(err, OSError) else str(err)
+    return UserError(f"cannot write {path}: {reason} ({free}); free space or write to "
+                     f"another folder or disk; the previous complete file, if any, is intact")
+
+
 def atomic_write(path, write):
     """Call write(binary_file) on a temp file in the same folder, then rename it over `path`:
-    a kill mid-write never leaves a partial file. torch.save(obj, f) is a valid `write`."""
+    a kill mid-write never leaves a partial file. torch.save(obj, f) is a valid `write`.
+    A failed write (disk full, quota, read-only or missing folder) is a UserError naming the
+    file and the free space; the previous file stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            recorder = _WriteRecorder(handle)
+            try:
+                write(recorder)
+            except RuntimeError:
+                if recorder.error is None:
+                    raise
+                raise recorder.error from None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise write_error(path, err) from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
         raise
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from build_dataloader import eval_loader, list_split
 from config import UserError, dataset_dir, prepare_command
-from finetune_trainer_stage1 import resolve_precision
 from reid_metrics import compute_reid_metrics
+from runtime import resolve_precision
 
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 STD_DDOF = 1

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
@@ -28,11 +29,15 @@ from torch import nn
 
 from config import ConfigError, UserError, atomic_write
 
-CHECKPOINT_FORMAT = "clip-handid-stage1"
-CHECKPOINT_VERSION = 1
-CHECKPOINT_KEYS = ("config", "backbone", "quick_gelu", "image_size", "embed_dim",
-                   "clip_state_dict", "classifier_state_dict", "head", "identity_names", "epoch",
-                   "val_accuracy")
+CHECKPOINT_FORMAT = "clip-handid"
+CHECKPOINT_VERSION = 2
+# Stage-1 checkpoints of the first release: read and converted on load.
+LEGACY_FORMAT, LEGACY_VERSION = "clip-handid-stage1", 1
+CHECKPOINT_KEYS = ("method", "config", "backbone", "quick_gelu", "image_size", "embed_dim",
+                   "clip_state_dict", "modules", "module_specs", "feature", "identity_names",
+                   "epoch", "selection")
+LEGACY_KEYS = ("config", "backbone", "quick_gelu", "image_size", "embed_dim", "clip_state_dict",
+               "classifier_state_dict", "head", "identity_names", "epoch", "val_accuracy")
 
 # The project's small CLIP for tests and the demo, registered with open_clip by its file stem.
 TINY_CONFIG = Path(__file__).resolve().parent / "configs/model/handid_tiny.json"
@@ -50,7 +55,16 @@ SHORT_NAMES = {
 }
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-TRAIN_COMMAND = "python experiments/train_stage1_frozen_text.py --config <train config>"
+# Training methods whose checkpoints this code reads -> the command that trains one.
+KNOWN_METHODS = {
+    "stage1": "python experiments/train_stage1_frozen_text.py --config <train config>",
+}
+TRAIN_COMMAND = KNOWN_METHODS["stage1"]
+
+
+def register_method(name, train_command):
+    """Make checkpoints of a new training method readable (engine.Method subclasses do this)."""
+    KNOWN_METHODS.setdefault(name, train_command)
 
 
 # ---------------------------------------------------------------- names and preprocessing
@@ -269,51 +283,121 @@ def build_model(config, num_classes=None, freeze_text=True):
     return clip_model, classifier
 
 
-class HandIdModel(nn.Module):
-    """CLIP image encoder + identity head as one module (what DDP wraps)."""
+def _embedding(model, images):
+    return model.clip_model.encode_image(images)
 
-    def __init__(self, clip_model, classifier=None):
+
+def _bn_embedding(model, images):
+    return model.extras[model.feature["module"]].bn(model.clip_model.encode_image(images))
+
+
+# Retrieval feature definitions a checkpoint can name ({"kind": ..., **arguments}).
+FEATURE_KINDS = {"embedding": _embedding, "bn": _bn_embedding}
+
+# Modules a checkpoint can hold ({"kind": ..., **constructor arguments}); evaluation rebuilds
+# them from the checkpoint alone, without the code of the method that trained them.
+MODULE_KINDS = {"linear": lambda dim, num_classes: nn.Linear(dim, num_classes),
+                "bnneck": BNNeck}
+
+
+def build_module(spec):
+    return MODULE_KINDS[spec["kind"]](**{k: v for k, v in spec.items() if k != "kind"})
+
+
+def classifier_spec(head, dim, num_classes):
+    return {"kind": head, "dim": int(dim), "num_classes": int(num_classes)}
+
+
+def default_feature(classifier):
+    """Stage 1's retrieval feature: the BN output for a bnneck head, else the embedding."""
+    return ({"kind": "bn", "module": "classifier"} if isinstance(classifier, BNNeck)
+            else {"kind": "embedding"})
+
+
+class HandIdModel(nn.Module):
+    """CLIP + the method's extra modules by name (`extras`: identity heads, prompts, ...) and
+    the retrieval feature definition; what training, evaluation and export share.
+
+    `classifier` is the Stage-1 shorthand for extras["classifier"]."""
+
+    def __init__(self, clip_model, classifier=None, extras=None, feature=None):
         super().__init__()
         self.clip_model = clip_model
-        self.classifier = classifier
+        self.extras = nn.ModuleDict(extras or {})
+        if classifier is not None:
+            self.extras["classifier"] = classifier
+        self.feature = dict(feature or default_feature(classifier))
+
+    @property
+    def classifier(self):
+        return self.extras["classifier"] if "classifier" in self.extras else None
 
     def features(self, images):
-        """Identity features: encode_image, or its BN output for head=bnneck. Gradients flow."""
-        features = self.clip_model.encode_image(images)
-        if isinstance(self.classifier, BNNeck):
-            features = self.classifier.bn(features)
-        return features
+        """Identity features per the feature definition (embedding, BN output, ...).
+        Gradients flow."""
+        return FEATURE_KINDS[self.feature["kind"]](self, images)
 
     def forward(self, images):
-        """-> (logits or None, features)."""
+        """-> (logits of the identity head or None, features)."""
         features = self.features(images)
-        if self.classifier is None:
+        classifier = self.classifier
+        if classifier is None:
             return None, features
-        fc = self.classifier.fc if isinstance(self.classifier, BNNeck) else self.classifier
+        fc = classifier.fc if isinstance(classifier, BNNeck) else classifier
         return fc(features), features
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, clip_model, classifier, config, identity_names, epoch, val_accuracy):
-    """Write the Stage-1 checkpoint atomically (a kill mid-write leaves the old file)."""
+def save_checkpoint(path, model, config, identity_names, epoch, method="stage1",
+                    module_specs=None, selection=None, state=None):
+    """Write a checkpoint atomically (a kill mid-write leaves the old file): the full CLIP
+    state_dict, every extra module's state by name with how to rebuild it (module_specs;
+    default: Stage 1's classifier), the retrieval feature, the resolved config, the identity
+    names, the epoch and the selection record ({"metric", "value", per-signal values}).
+    `state` (a HandIdModel state_dict) replaces the model's current weights, e.g. those of an
+    earlier best epoch."""
     arch, pretrained = resolve_backbone(config)
+    state = model.state_dict() if state is None else state
+    if module_specs is None:
+        module_specs = {} if model.classifier is None else {"classifier": classifier_spec(
+            config["head"], embed_dim(config), len(identity_names))}
     obj = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
+        "method": method,
         "config": dict(config),
         "backbone": f"{arch}/{pretrained}",
         "quick_gelu": _quick_gelu(config),
         "image_size": _image_size(config, arch),
         "embed_dim": embed_dim(config),
-        "clip_state_dict": clip_model.state_dict(),
-        "classifier_state_dict": None if classifier is None else classifier.state_dict(),
-        "head": config["head"],
+        "clip_state_dict": _substate(state, "clip_model."),
+        "modules": {name: _substate(state, f"extras.{name}.") for name in model.extras},
+        "module_specs": module_specs,
+        "feature": dict(model.feature),
         "identity_names": list(identity_names),
         "epoch": int(epoch),
-        "val_accuracy": None if val_accuracy is None else float(val_accuracy),
+        "selection": selection or {},
     }
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _substate(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _from_legacy(ckpt):
+    """A first-release Stage-1 checkpoint in today's layout."""
+    head, state = ckpt["head"], ckpt["classifier_state_dict"]
+    has_head = state is not None
+    return {**ckpt, "method": "stage1",
+            "modules": {"classifier": state} if has_head else {},
+            "module_specs": {"classifier": classifier_spec(
+                head, ckpt["embed_dim"], len(ckpt["identity_names"]))} if has_head else {},
+            "feature": {"kind": "bn", "module": "classifier"} if head == "bnneck" and has_head
+            else {"kind": "embedding"},
+            "selection": {"metric": "val_accuracy", "value": ckpt["val_accuracy"],
+                          "val_accuracy": ckpt["val_accuracy"]}}
 
 
 def _read_checkpoint(path):
@@ -327,23 +411,33 @@ def _read_checkpoint(path):
         raise UserError(f"cannot read checkpoint {path}: corrupt, truncated or not a torch file "
                         f"({type(err).__name__}); delete it and train again: "
                         f"{TRAIN_COMMAND}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found not in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
         raise UserError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (found {found!r}); "
-                        f"point save_path: at a checkpoint written by {TRAIN_COMMAND}")
-    if ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path} has {CHECKPOINT_FORMAT} format version "
-                        f"{ckpt.get('format_version')!r}, this code reads version "
-                        f"{CHECKPOINT_VERSION}; retrain with this code: {TRAIN_COMMAND}")
-    absent = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+                        f"point save_path: at a checkpoint written by this project's training")
+    version = CHECKPOINT_VERSION if found == CHECKPOINT_FORMAT else LEGACY_VERSION
+    if ckpt.get("format_version") != version:
+        raise UserError(f"{path} has {found} format version {ckpt.get('format_version')!r}, "
+                        f"this code reads version {version}; retrain with this code: "
+                        f"{TRAIN_COMMAND}")
+    absent = [key for key in (CHECKPOINT_KEYS if found == CHECKPOINT_FORMAT else LEGACY_KEYS)
+              if key not in ckpt]
     if absent:
-        raise UserError(f"{path} is an incomplete {CHECKPOINT_FORMAT} checkpoint (no "
+        raise UserError(f"{path} is an incomplete {found} checkpoint (no "
                         f"{', '.join(absent)}); retrain: {TRAIN_COMMAND}")
-    return ckpt
+    return ckpt if found == CHECKPOINT_FORMAT else _from_legacy(ckpt)
 
 
 def _check_matches_config(path, ckpt, config):
-    trained = ckpt["config"]
+    trained, method = ckpt["config"], ckpt["method"]
+    if method not in KNOWN_METHODS:
+        raise UserError(f"{path} was written by the training method {method!r}, which this "
+                        f"code does not know (known: {', '.join(KNOWN_METHODS)}); evaluate it "
+                        f"with the code that trained it")
+    if method != config["method"]:
+        raise UserError(f"{path} was trained by method {method!r} but the config says method: "
+                        f"{config['method']}; set method: {method}, or point save_path: at a "
+                        f"{config['method']} checkpoint ({KNOWN_METHODS.get(config['method'], 'train one first')})")
     arch, pretrained = resolve_backbone(config)
     if ckpt["backbone"].split("/", 1)[0] != arch or ckpt["quick_gelu"] != _quick_gelu(config):
         raise UserError(f"{path} holds a {ckpt['backbone']} model (model: {trained['model']}) "
@@ -359,9 +453,26 @@ def _check_matches_config(path, ckpt, config):
         raise UserError(f"{path} was trained at image_size {ckpt['image_size']} but the config "
                         f"gives {_image_size(config, arch)}; set image_size: "
                         f"{ckpt['image_size']}")
-    if ckpt["head"] != config["head"]:
-        raise UserError(f"{path} has a {ckpt['head']} head but the config says head: "
-                        f"{config['head']}; set head: {ckpt['head']}")
+    if method == "stage1" and trained.get("head", "linear") != config["head"]:
+        raise UserError(f"{path} has a {trained.get('head')} head but the config says head: "
+                        f"{config['head']}; set head: {trained.get('head')}")
+
+
+def _check_modules(path, ckpt):
+    """Every module the feature or the specs name is there and of a kind this code builds."""
+    specs, states = ckpt["module_specs"], ckpt["modules"]
+    needed = [ckpt["feature"].get("module")] + list(ckpt["feature"].get("modules", []))
+    for name in [n for n in needed if n] + list(specs):
+        if name not in specs or name not in states:
+            raise UserError(f"{path} is a {ckpt['method']} checkpoint without its module "
+                            f"{name!r}; it is incomplete: retrain it "
+                            f"({KNOWN_METHODS[ckpt['method']]})")
+    unknown = sorted({spec["kind"] for spec in specs.values()} - set(MODULE_KINDS))
+    if unknown or ckpt["feature"].get("kind") not in FEATURE_KINDS:
+        what = f"module kind {unknown[0]!r}" if unknown else \
+            f"feature {ckpt['feature'].get('kind')!r}"
+        raise UserError(f"{path} uses a {what} that this code does not know; evaluate it with "
+                        f"the code that trained it")
 
 
 def _load_strict(module, state_dict, path, what):
@@ -380,22 +491,24 @@ def _load_strict(module, state_dict, path, what):
 
 
 def load_checkpoint(path, config, device="cpu", freeze_text=True):
-    """-> (clip_model, classifier, ckpt) from a Stage-1 checkpoint, checked against `config`
-    (backbone, dataset, aspect, image size, head) and loaded strictly. No weights are
-    downloaded: the architecture is built random-initialised, then overwritten."""
+    """-> (HandIdModel, ckpt) from a checkpoint of any known method, checked against `config`
+    (method, backbone, dataset, aspect, image size, head) and loaded strictly; the model
+    computes the checkpoint's retrieval feature. No weights are downloaded: the architecture
+    is built random-initialised, then overwritten."""
     ckpt = _read_checkpoint(path)
     _check_matches_config(path, ckpt, config)
+    _check_modules(path, ckpt)
     with _weights_follow():
         clip_model = _create(config)
     _load_strict(clip_model, ckpt["clip_state_dict"], path, "CLIP")
     if freeze_text:
         freeze_text_tower(clip_model)
-    classifier = None
-    if ckpt["classifier_state_dict"] is not None:
-        classifier = make_classifier(ckpt["head"], ckpt["embed_dim"], len(ckpt["identity_names"]))
-        _load_strict(classifier, ckpt["classifier_state_dict"], path, "classifier")
-        classifier.to(device)
-    return clip_model.to(device), classifier, ckpt
+    extras = {}
+    for name, spec in ckpt["module_specs"].items():
+        extras[name] = build_module(spec)
+        _load_strict(extras[name], ckpt["modules"][name], path, name)
+    model = HandIdModel(clip_model, extras=extras, feature=ckpt["feature"])
+    return model.to(device), ckpt
 
 
 # ---------------------------------------------------------------- stage 2 (CLIP-ReID)
@@ -494,3 +607,49 @@ def image_pair_dims(visual):
         width = visual.ln_post.normalized_shape[0]
         return width, width if visual.proj is None else visual.proj.shape[1]
     raise _unsupported_encoder(visual)
+
+
+def clipreid_module_specs(config, clip_model, num_classes):
+    """Stage 2's modules: the identities' prompts and a BNNeck head on each image feature."""
+    check_text_tower(clip_model, config)
+    pre_dim, proj_dim = image_pair_dims(clip_model.visual)
+    return {"prompt_learner": {"kind": "prompt_learner", "arch": resolve_backbone(config)[0],
+                               "template": config["prompt_template"],
+                               "num_classes": int(num_classes),
+                               "width": clip_model.token_embedding.embedding_dim},
+            "neck": classifier_spec("bnneck", pre_dim, num_classes),
+            "neck_proj": classifier_spec("bnneck", proj_dim, num_classes)}
+
+
+def clipreid_feature(config):
+    return {"kind": "clipreid", "neck_feat": config["neck_feat"], "modules": ["neck", "neck_proj"]}
+
+
+def _clipreid_embedding(model, images):
+    """CLIP-ReID's retrieval feature: both image features (neck_feat: before or after their
+    BNNeck's BN), concatenated and L2-normalised."""
+    pre, proj = encode_image_pair(model.clip_model.visual, images)
+    if model.feature["neck_feat"] == "after":
+        neck, neck_proj = (model.extras[name] for name in model.feature["modules"])
+        pre, proj = neck.bn(pre), neck_proj.bn(proj)
+    return F.normalize(torch.cat([pre, proj], dim=1), dim=1)
+
+
+def read_prompts(path, identity_names):
+    """-> (spec, state) of the learned prompts in the Stage-2 checkpoint `path`, which must
+    have been trained on `identity_names` (what prompt_epochs: 0 starts phase 2 from)."""
+    ckpt = _read_checkpoint(path)
+    if "prompt_learner" not in ckpt["modules"]:
+        raise UserError(f"prompt_checkpoint: {path} holds no learned prompts (it is a "
+                        f"{ckpt['method']} checkpoint); point it at a clipreid checkpoint, or "
+                        f"set prompt_epochs: to at least 1 to learn them")
+    if ckpt["identity_names"] != list(identity_names):
+        raise UserError(f"prompt_checkpoint: {path} learned prompts for other identities than "
+                        f"train/ holds now; point it at a checkpoint of this dataset, or set "
+                        f"prompt_epochs: to at least 1")
+    return ckpt["module_specs"]["prompt_learner"], ckpt["modules"]["prompt_learner"]
+
+
+KNOWN_METHODS["clipreid"] = "python experiments/train_stage2_clipreid.py --config <train config>"
+MODULE_KINDS["prompt_learner"] = PromptLearner
+FEATURE_KINDS["clipreid"] = _clipreid_embedding

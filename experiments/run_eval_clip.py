@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluation  # noqa: E402
 import make_model  # noqa: E402
 from config import atomic_write, atomic_write_json, load_config, make_parser, run_cli  # noqa: E402
-from finetune_trainer_stage1 import resolve_device  # noqa: E402
+from runtime import resolve_device  # noqa: E402
 
 CSV_FIELDS = ["timestamp", "name", "variant", "model", "dataset", "aspect", "gallery",
               "num_splits", "ap_mode", "flip", "rank1", "rank1_std", "rank5", "rank5_std",
@@ -49,11 +49,12 @@ def load_model(config):
         torch.manual_seed(config["seed"])
         clip_model, classifier = make_model.build_model(config, num_classes=None)
         return make_model.HandIdModel(clip_model, classifier), None
-    clip_model, classifier, ckpt = make_model.load_checkpoint(config["save_path"], config)
-    info = {"path": str(config["save_path"]), "epoch": ckpt["epoch"],
-            "val_accuracy": ckpt["val_accuracy"], "backbone": ckpt["backbone"],
+    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    info = {"path": str(config["save_path"]), "method": ckpt["method"], "epoch": ckpt["epoch"],
+            "selection": ckpt["selection"], "val_accuracy": ckpt["selection"].get("val_accuracy"),
+            "feature": ckpt["feature"], "backbone": ckpt["backbone"],
             "num_train_identities": len(ckpt["identity_names"]), "train_config": ckpt["config"]}
-    return make_model.HandIdModel(clip_model, classifier), info
+    return model, info
 
 
 def dataset_label(config):

@@ -146,8 +146,10 @@ def save_tiny_checkpoint(config, path, **changes):
     names = sorted({name for _, name in list_split(config, "train")})
     torch.manual_seed(1)
     clip_model, classifier = make_model.build_model(config, num_classes=len(names))
-    make_model.save_checkpoint(path, clip_model, classifier, config, names, epoch=4,
-                               val_accuracy=0.625)
+    make_model.save_checkpoint(path, make_model.HandIdModel(clip_model, classifier), config,
+                               names, epoch=4, selection={"metric": "val_accuracy",
+                                                          "value": 0.625,
+                                                          "val_accuracy": 0.625})
 
 
 def test_baseline_run_writes_results_and_keeps_earlier_ones(eval_config, tmp_path):

@@ -195,23 +195,28 @@ def saved(tmp_path):
     clip_model, classifier = build_model(config, num_classes=3)
     HandIdModel(clip_model, classifier)(images(8))  # non-trivial BN running statistics
     path = tmp_path / "model.pth"
-    save_checkpoint(path, clip_model, classifier, config, ["0000001", "0000002", "0000003"],
-                    epoch=4, val_accuracy=66.7)
+    save_checkpoint(path, HandIdModel(clip_model, classifier), config,
+                    ["0000001", "0000002", "0000003"], epoch=4,
+                    selection={"metric": "val_accuracy", "value": 66.7, "val_accuracy": 66.7})
     return path, config, clip_model, classifier
 
 
 def test_checkpoint_round_trip_is_exact(saved):
     path, config, clip_model, classifier = saved
-    loaded_clip, loaded_head, ckpt = load_checkpoint(path, config)
+    loaded, ckpt = load_checkpoint(path, config)
+    loaded_clip, loaded_head = loaded.clip_model, loaded.classifier
     for source, loaded in ((clip_model, loaded_clip), (classifier, loaded_head)):
         expected = source.state_dict()
         assert expected.keys() == loaded.state_dict().keys()
         assert all(torch.equal(expected[k], v) for k, v in loaded.state_dict().items())
-    assert {k: ckpt[k] for k in ("format", "format_version", "backbone", "head", "epoch",
-                                 "val_accuracy", "identity_names", "embed_dim")} == {
-        "format": "clip-handid-stage1", "format_version": 1, "backbone": "handid_tiny/none",
-        "head": "bnneck", "epoch": 4, "val_accuracy": 66.7,
-        "identity_names": ["0000001", "0000002", "0000003"], "embed_dim": 64}
+    assert {k: ckpt[k] for k in ("format", "format_version", "method", "backbone", "epoch",
+                                 "identity_names", "embed_dim", "feature", "module_specs")} == {
+        "format": "clip-handid", "format_version": 2, "method": "stage1",
+        "backbone": "handid_tiny/none", "epoch": 4,
+        "identity_names": ["0000001", "0000002", "0000003"], "embed_dim": 64,
+        "feature": {"kind": "bn", "module": "classifier"},
+        "module_specs": {"classifier": {"kind": "bnneck", "dim": 64, "num_classes": 3}}}
+    assert ckpt["selection"]["val_accuracy"] == 66.7
     assert ckpt["config"] == config
     assert all(p.requires_grad == n.startswith("visual.")
                for n, p in loaded_clip.named_parameters())
@@ -240,13 +245,14 @@ def test_corrupt_and_truncated_checkpoints_are_user_errors(saved):
 def test_other_format_or_version_is_refused(saved):
     path, config = saved[0], saved[1]
     torch.save({"state_dict": {}}, path)
-    with pytest.raises(UserError, match="is not a clip-handid-stage1 checkpoint"):
+    with pytest.raises(UserError, match="is not a clip-handid checkpoint"):
         load_checkpoint(path, config)
-    torch.save({"format": "clip-handid-stage1", "format_version": 2}, path)
-    with pytest.raises(UserError, match="format version 2, this code reads version 1"):
+    torch.save({"format": "clip-handid", "format_version": 3}, path)
+    with pytest.raises(UserError, match="format version 3, this code reads version 2"):
         load_checkpoint(path, config)
-    torch.save({"format": "clip-handid-stage1", "format_version": 1, "config": config}, path)
-    with pytest.raises(UserError, match="incomplete clip-handid-stage1 checkpoint .*backbone"):
+    torch.save({"format": "clip-handid", "format_version": 2, "method": "stage1",
+                "config": config}, path)
+    with pytest.raises(UserError, match="incomplete clip-handid checkpoint .*backbone"):
         load_checkpoint(path, config)
 
 
@@ -280,7 +286,7 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(saved, monkeypatch):
         f.write(b"partial")
         raise OSError("disk full")
     monkeypatch.setattr(make_model.torch, "save", broken_save)
-    with pytest.raises(OSError):
-        save_checkpoint(path, clip_model, classifier, config, ["a", "b", "c"], 5, 70.0)
+    with pytest.raises(UserError, match=r"cannot write .*model.pth: disk full \(.* GiB free "):
+        save_checkpoint(path, HandIdModel(clip_model, classifier), config, ["a", "b", "c"], 5)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]

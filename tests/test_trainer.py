@@ -19,14 +19,17 @@ from build_dataloader import get_train_val_loaders
 from config import ConfigError, UserError, load_config
 from conftest import ROOT
 from experiments.train_stage1_frozen_text import main
-from finetune_trainer_stage1 import (FinetuneTrainerStage1, lr_factor, metrics_path,
-                                     read_resume_state, resume_path, seed_everything)
+from engine import Phase, lr_factor, metrics_path, read_resume_state, resume_path
+from finetune_trainer_stage1 import FinetuneTrainerStage1
+from runtime import seed_everything
 
 TRAIN = "experiments/train_stage1_frozen_text.py"
 # One thread everywhere: the tiny model gains nothing from more, 2-core CI machines run a
 # training subprocess beside pytest, and bit-identical comparisons need equal thread counts.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_acc", "lr", "images_per_s", "epoch_time"}
+METRIC_KEYS = {"epoch", "phase", "train_loss", "loss_ce", "train_acc", "val_acc", "val_loss",
+               "val_map", "lr", "images_per_s", "data_time_fraction", "checkpoint_seconds",
+               "epoch_time", "best"}
 
 
 @pytest.fixture(autouse=True)
@@ -79,13 +82,13 @@ class InterruptedLoader:
 
 
 def test_training_learns_and_changes_only_the_image_encoder(make_config):
-    config = make_config(batch_size=8, epochs=3, head_lr_mult=2.0)
+    config = make_config(batch_size=8, epochs=3, head_lr_mult=2.0, selection="val_accuracy")
     clip_model, classifier, train_loader, val_loader = build(config)
     before = {k: v.clone() for k, v in clip_model.state_dict().items()}
     trainer = FinetuneTrainerStage1(clip_model, classifier, train_loader, config, "cpu",
                                     val_loader)
 
-    groups = trainer.optimizer.param_groups
+    groups = trainer.method.param_groups(Phase.from_config(config))
     optimized = {id(p) for group in groups for p in group["params"]}
     assert optimized == {id(p) for p in [*clip_model.visual.parameters(),
                                          *classifier.parameters()]}
@@ -93,8 +96,7 @@ def test_training_learns_and_changes_only_the_image_encoder(make_config):
     for name, param in clip_model.visual.named_parameters():
         assert (id(param) in undecayed) == (param.ndim <= 1 or "embedding" in name), name
     head_lrs = {g["lr"] for g in groups if g["name"].startswith("head")}
-    assert head_lrs == {config["lr"] * config["head_lr_mult"]
-                        * lr_factor(0, trainer.iters_per_epoch, config)}
+    assert head_lrs == {config["lr"] * config["head_lr_mult"]}
 
     summary = trainer.train()
     losses = [row["train_loss"] for row in summary["history"]]
@@ -114,21 +116,21 @@ def test_training_learns_and_changes_only_the_image_encoder(make_config):
     log_text = Path(config["log_path"]).read_text()
     assert "resolved config" in log_text and "epoch 3/3  loss" in log_text
     best = max(rows, key=lambda r: (r["val_acc"], r["epoch"]))  # ties: the later epoch
-    _, _, ckpt = make_model.load_checkpoint(config["save_path"], config)
-    assert (ckpt["epoch"], ckpt["val_accuracy"]) == (best["epoch"], best["val_acc"])
+    _, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    assert (ckpt["epoch"], ckpt["selection"]["val_accuracy"]) == (best["epoch"], best["val_acc"])
     assert ckpt["identity_names"] == train_loader.dataset.classes
     finished = torch.load(resume_path(config), weights_only=True)
     assert finished["finished"] and "optimizer" not in finished
 
 
 def test_lr_schedule_warms_up_then_decays(make_config):
-    cosine = make_config(epochs=10, warmup_epochs=2, scheduler="cosine")
+    cosine = Phase.from_config(make_config(epochs=10, warmup_epochs=2, scheduler="cosine"))
     factors = [lr_factor(step, 5, cosine) for step in range(50)]
     assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
     assert factors[10] == 1.0 and all(a > b for a, b in zip(factors[10:], factors[11:]))
     assert factors[-1] < 0.01
-    step = make_config(epochs=10, warmup_epochs=1, scheduler="step", lr_steps=[4, 7],
-                       lr_gamma=0.1)
+    step = Phase.from_config(make_config(epochs=10, warmup_epochs=1, scheduler="step",
+                                         lr_steps=[4, 7], lr_gamma=0.1))
     assert [lr_factor(e * 5, 5, step) for e in (1, 3, 4, 6, 7, 9)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01])
 
@@ -152,7 +154,7 @@ def start_training(config_file):
 
 
 def test_resume_after_sigterm_and_sigkill_equals_an_uninterrupted_run(make_config, tmp_path):
-    settings = {"batch_size": 4, "epochs": 3}
+    settings = {"batch_size": 4, "epochs": 4, "save_every": 1}
     reference = make_config(save_path=str(tmp_path / "ref/model.pth"),
                             log_path=str(tmp_path / "ref/train.log"), **settings)
     main(["--config", write_config(reference, tmp_path / "ref.yml")])
@@ -161,7 +163,8 @@ def test_resume_after_sigterm_and_sigkill_equals_an_uninterrupted_run(make_confi
     config_file = write_config(config, tmp_path / "run.yml")
     state = resume_path(config)
 
-    # SIGTERM (like Ctrl-C) once epoch 1 is saved: exit 130, epoch kept, how to resume said.
+    # SIGTERM (like Ctrl-C) once epoch 1 is saved: the running epoch ends and is saved, exit
+    # 130, how to resume said.
     proc = start_training(config_file)
     wait_for(proc, state.exists, "the first resume state")
     proc.send_signal(signal.SIGTERM)
@@ -185,9 +188,9 @@ def test_resume_after_sigterm_and_sigkill_equals_an_uninterrupted_run(make_confi
     ours = torch.load(config["save_path"], weights_only=True)
     theirs = torch.load(reference["save_path"], weights_only=True)
     assert ours["epoch"] == theirs["epoch"]
-    for key in ("clip_state_dict", "classifier_state_dict"):
-        assert ours[key].keys() == theirs[key].keys()
-        assert all(torch.equal(ours[key][k], theirs[key][k]) for k in ours[key])
+    for get in (lambda c: c["clip_state_dict"], lambda c: c["modules"]["classifier"]):
+        assert get(ours).keys() == get(theirs).keys()
+        assert all(torch.equal(get(ours)[k], get(theirs)[k]) for k in get(ours))
 
     with pytest.raises(UserError, match="already finished .*pass --overwrite to train again"):
         main(["--config", config_file])
@@ -217,7 +220,7 @@ def test_corrupt_foreign_or_mismatched_state_is_a_clear_error(make_config):
     with pytest.raises(UserError, match="cannot read resume state .*corrupt or truncated"):
         read_resume_state(config)
     torch.save({"format": "something else"}, path)
-    with pytest.raises(UserError, match="is not a clip-handid-stage1-resume v1 file"):
+    with pytest.raises(UserError, match="is not a clip-handid-resume v2 file"):
         read_resume_state(config)
     assert read_resume_state(config, overwrite=True) is None
 
@@ -228,9 +231,9 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(make_conf
     main(["--config", config_file])
     checkpoint, state = Path(config["save_path"]).read_bytes(), resume_path(config).read_bytes()
 
-    with pytest.raises(UserError, match=r"^epoch 1, step \d+/6: the training loss is "
-                                        r"(nan|inf); training stopped and no epoch of this "
-                                        r"run finished, so .* was not written"):
+    with pytest.raises(UserError, match=r"^epoch 1, step \d+/6: the training loss is not "
+                                        r"finite \(nan or inf\); training stopped and no "
+                                        r"checkpoint of this run was written to "):
         main(["--config", config_file, "--overwrite", "--set", "lr=1e30"])
     assert Path(config["save_path"]).read_bytes() == checkpoint
     assert resume_path(config).read_bytes() == state
@@ -244,7 +247,7 @@ def test_torchrun_with_two_gloo_processes_writes_one_checkpoint(make_config, tmp
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _, _, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    _, ckpt = make_model.load_checkpoint(config["save_path"], config)
     assert ckpt["epoch"] == 1
     log_text = Path(config["log_path"]).read_text()
     # 52 train images: 26 per process, 6 full batches of 4 each.
