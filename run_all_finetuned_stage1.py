@@ -109,11 +109,12 @@ def sort_key(row):
 
 
 def markdown_table(rows, failures):
-    lines = ["| config | model | dataset | method | splits | "
+    lines = ["| config | method | model | dataset | variant | splits | "
              + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
-             "|---" * (5 + len(METRIC_COLUMNS)) + "|"]
+             "|---" * (6 + len(METRIC_COLUMNS)) + "|"]
     for row in rows:
-        cells = [row["config"], row["model"], row["dataset"], row["method"], str(row["splits"])]
+        cells = [row["config"], row["method"], row["model"], row["dataset"], row["variant"],
+                 str(row["splits"])]
         cells += [f"{row[key]:.2f}" + ("" if row[f"{key}_std"] is None
                                        else f" ± {row[f'{key}_std']:.2f}")
                   for key, _ in METRIC_COLUMNS]
@@ -127,7 +128,7 @@ def markdown_table(rows, failures):
 
 
 def csv_table(rows):
-    fields = ["config", "model", "dataset", "variant", "method", "splits"]
+    fields = ["config", "method", "model", "dataset", "variant", "splits"]
     fields += [name for key, _ in METRIC_COLUMNS for name in (key, f"{key}_std")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
