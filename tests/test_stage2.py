@@ -321,3 +321,24 @@ def test_prompts_from_a_checkpoint_without_prompts_is_an_error(make_config, tmp_
             f"prompt_checkpoint: {tmp_path / 's1.pth'} holds no learned prompts (it is a "
             f"stage1 checkpoint); point it at a clipreid checkpoint")):
         main(["--config", write_config(config, tmp_path / "s2.yml")])
+
+
+@pytest.mark.parametrize("path", sorted(
+    ROOT.glob("configs/finetuning_stage2_clipreid/train_*.yml")))
+def test_train_configs_name_their_outputs_and_follow_clipreid(path):
+    config = load_config(path)
+    model, _, dataset = path.stem.removeprefix("train_").partition("_")
+    assert (config["method"], config["model"], config["name"]) == (
+        "clipreid", model, f"stage2_{model}_{dataset}")
+    assert config["save_path"] == f"saved_models/stage2_clipreid/{model}_{dataset}.pth"
+    assert config["log_path"] == f"logs/stage2_clipreid/{model}_{dataset}.log"
+    assert (config["sampler"], config["num_instances"], config["batch_size"]) == ("pk", 4, 64)
+    assert (config["prompt_lr"], config["prompt_batch_size"], config["prompt_warmup_epochs"],
+            config["prompt_warmup_lr"], config["prompt_min_lr"]) == (3.5e-4, 64, 5, 1e-5, 1e-6)
+    assert (config["triplet_weight"], config["i2t_loss_weight"], config["neck_feat"]) == (
+        1.0, 1.0, "before")
+    assert (config["prompt_epochs"], config["epochs"], config["lr"], config["id_loss_weight"],
+            config["lr_steps"], config["warmup_factor"]) == (
+        (120, 60, 5e-6, 0.25, [30, 50], 0.1) if model == "vitb16" else
+        (60, 120, 3.5e-4, 1.0, [40, 70], 0.01))
+    assert config["prompt_template"] == TEMPLATE and "CLIP-ReID" in path.read_text()
