@@ -6,6 +6,7 @@ README.md documents them. A bad key, type or value raises ConfigError (exit code
 """
 import argparse
 import difflib
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,10 @@ from pathlib import Path
 import yaml
 
 ASPECTS = ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l")
-DATASETS = ("11k", "hd")
+DATASETS = ("11k", "hd", "folder")
+# data_dir of each dataset when the config leaves it out (the prepare scripts' --out default)
+DEFAULT_DATA_DIRS = {"11k": "datasets/11khands", "hd": "datasets/HD", "folder": "datasets/folder"}
+PREPARE_SCRIPTS = {"11k": "prepare_11k.py", "hd": "prepare_hd.py", "folder": "prepare_folder.py"}
 
 
 class UserError(Exception):
@@ -32,19 +36,22 @@ class ConfigError(UserError):
     exit_code = 2
 
 
-def _opt(kind, default, help, choices=None, low=None, nullable=False):
+def _opt(kind, default, help, choices=None, low=None, nullable=False, aliases=None):
+    # aliases: older spellings still accepted, mapped to today's value (e.g. flip: true).
     return {"type": kind, "default": default, "help": help, "choices": choices, "min": low,
-            "nullable": nullable or default is None}
+            "nullable": nullable or default is None, "aliases": aliases or {}}
 
 
 # key -> spec. Types: str, int, float, bool, list (of numbers). `None` default = derived.
 SCHEMA = {
     # what to train / evaluate
     "name": _opt(str, None, "experiment name in logs and tables (default: config file stem)"),
-    "dataset": _opt(str, "11k", "dataset", choices=DATASETS),
-    "aspect": _opt(str, "dorsal_r", "11k aspect (ignored for hd)", choices=ASPECTS),
+    "dataset": _opt(str, "11k", "dataset: 11k, hd, or folder (your own <root>/<identity>/"
+                                "<images> tree, prepared by datasets/prepare_folder.py)",
+                    choices=DATASETS),
+    "aspect": _opt(str, "dorsal_r", "11k aspect (ignored for hd and folder)", choices=ASPECTS),
     "data_dir": _opt(str, None, "prepared dataset root, the --out of the prepare script "
-                                "(default: datasets/11khands or datasets/HD)"),
+                                "(default: datasets/11khands, datasets/HD or datasets/folder)"),
     "model": _opt(str, "vitb16", "backbone: vitb16, vitb32, rn50, rn101, vitl14, tiny, "
                                  "or any open_clip 'architecture:pretrained_tag'"),
     "pretrained": _opt(str, None, "weights: open_clip tag, local weights file, or 'none' for "
@@ -140,14 +147,29 @@ SCHEMA = {
     "num_splits": _opt(int, 10, "query/gallery splits to evaluate", low=1),
     "gallery": _opt(str, "all", "11k gallery: all (gallery{i}_all, the published protocol) or "
                                 "aspect (gallery{i})", choices=("all", "aspect")),
-    "flip": _opt(bool, False, "average features of the image and its mirror"),
-    "ap_mode": _opt(str, "standard", "standard (uninterpolated, torchreid/fast-reid) or "
+    "flip": _opt(str, "off", "test-time flip: off, sum (raw features of the image and its "
+                             "mirror summed, then L2: MBA-Net / CLIP-HandID) or unit_mean (mean "
+                             "of the two L2-normalised features); true/false read as "
+                             "unit_mean/off",
+                 choices=("off", "sum", "unit_mean"),
+                 aliases={True: "unit_mean", False: "off", "true": "unit_mean",
+                          "false": "off"}),
+    "ap_mode": _opt(str, "standard", "AP rule printed first; both are always reported: "
+                                     "standard (uninterpolated, torchreid/fast-reid) or "
                                      "trapezoid (MBA-Net / CLIP-HandID)",
                     choices=("standard", "trapezoid")),
+    "open_set": _opt(bool, False, "also report open-set identification: per split a seeded "
+                                  "random half of the test identities leaves the gallery"),
+    "rerank": _opt(bool, False, "k-reciprocal re-ranking (Zhong et al. 2017) of the ranking "
+                                "metrics"),
+    "rerank_k1": _opt(int, 20, "re-ranking k1 (k-reciprocal neighbours)", low=1),
+    "rerank_k2": _opt(int, 6, "re-ranking k2 (query expansion neighbours)", low=1),
+    "rerank_lambda": _opt(float, 0.3, "re-ranking weight of the original distance", low=0.0),
     "max_rank": _opt(int, 10, "length of the CMC curve", low=1),
     "eval_batch_size": _opt(int, 128, "images per forward pass in evaluation", low=1),
     "results_dir": _opt(str, "logs/results", "results JSON, CSV and plots"),
-    "plots": _opt(bool, True, "write the CMC curve and ranked-retrieval grid PNGs"),
+    "plots": _opt(bool, True, "write the CMC curve, ranked-retrieval grid and verification "
+                              "(ROC, score histogram) PNGs"),
     "plot_queries": _opt(int, 6, "queries shown in the ranked-retrieval grid", low=1),
 }
 
@@ -160,6 +182,8 @@ def _suggest(key):
 def _check_value(key, value, where):
     spec = SCHEMA[key]
     kind = spec["type"]
+    if isinstance(value, (bool, str)) and value in spec["aliases"]:
+        value = spec["aliases"][value]
     if value is None:
         if spec["nullable"]:
             return None
@@ -238,7 +262,7 @@ def load_config(path=None, overrides=()):
     if config["name"] is None:
         config["name"] = Path(path).stem if path is not None else "experiment"
     if config["data_dir"] is None:
-        config["data_dir"] = "datasets/11khands" if config["dataset"] == "11k" else "datasets/HD"
+        config["data_dir"] = DEFAULT_DATA_DIRS[config["dataset"]]
     if config["save_path"] is None:
         config["save_path"] = f"saved_models/{config['name']}.pth"
     if config["log_path"] is None:
@@ -256,8 +280,10 @@ def dataset_dir(config):
 
 def prepare_command(config):
     """The command that creates dataset_dir(config), quoted in missing-data errors."""
-    script = "prepare_11k.py" if config["dataset"] == "11k" else "prepare_hd.py"
-    return f"python datasets/{script} --raw <raw dataset folder> --out {config['data_dir']}"
+    raw = "<root of your <root>/<identity>/<images> tree>" if config["dataset"] == "folder" \
+        else "<raw dataset folder>"
+    return (f"python datasets/{PREPARE_SCRIPTS[config['dataset']]} --raw {raw} "
+            f"--out {config['data_dir']}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -278,10 +304,21 @@ def make_parser(description, default_config=None):
     return parser
 
 
+# errno values of a write that failed for lack of room or permission to write.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}
+
+
 def run_cli(main):
-    """Run main(); a UserError becomes one line on stderr and its exit code, no traceback."""
+    """Run main(); a UserError, or a write that failed for lack of space or permission
+    anywhere in the script (e.g. linking a prepared dataset), becomes one line on stderr and a
+    non-zero exit code, no traceback."""
     try:
         result = main()
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_error(err.filename or 'a file', err)}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
@@ -311,8 +348,8 @@ class _WriteRecorder:
             self.error = err
             raise
 
-    def flush(self):
-        self.handle.flush()
+    def __getattr__(self, name):  # seek, tell, read, ...: the file's own
+        return getattr(self.handle, name)
 
 
 def write_error(path, err):

@@ -67,9 +67,9 @@ import make_model
 from build_dataloader import get_train_val_loaders, set_loader_epoch, train_gallery_loader
 from config import SCHEMA, ConfigError, UserError, atomic_write, atomic_write_text
 from reid_metrics import compute_reid_metrics
-from runtime import (PRECISION_NAMES, autocast, configure_backends, epoch_seed,
-                     init_distributed, rank_and_world, resolve_precision, run_lock,
-                     seed_everything)
+from runtime import (PRECISION_NAMES, autocast, check_not_running, configure_backends,
+                     epoch_seed, init_distributed, is_main_process, rank_and_world,
+                     resolve_precision, run_lock, seed_everything)
 
 RESUME_FORMAT = "clip-handid-resume"
 RESUME_VERSION = 2
@@ -78,7 +78,8 @@ LEGACY_RESUME = ("clip-handid-stage1-resume", 1)
 NON_TRAINING_KEYS = {"name", "data_dir", "num_workers", "cache_images", "device", "save_path",
                      "log_path", "variant", "num_splits", "gallery", "flip", "ap_mode",
                      "max_rank", "eval_batch_size", "results_dir", "plots", "plot_queries",
-                     "save_every", "save_every_minutes"}
+                     "save_every", "save_every_minutes", "open_set", "rerank", "rerank_k1",
+                     "rerank_k2", "rerank_lambda"}
 # Parameter names (split at '.' and '_') that get no weight decay even when not 1-D.
 NO_DECAY_NAME = re.compile(r"(^|[._])(bias|norm|ln|bn|positional|\w*embedding)\w*", re.I)
 # Steps between reads of the device-side loss sums (progress bar, non-finite loss check).
@@ -284,6 +285,24 @@ def read_resume_state(config, overwrite=False):
                         f"({'; '.join(changed)}); pass --overwrite to start again, or set "
                         f"another save_path")
     return state
+
+
+def needs_training(config):
+    """Whether `config`'s run has yet to be trained or finished (no checkpoint, or a resume
+    state of an unfinished run); UserError when another process is training it now."""
+    check_not_running(config["save_path"])
+    path = resume_path(config)
+    if not Path(config["save_path"]).is_file():
+        return True
+    if not path.exists():
+        return False
+    try:
+        read_resume_state(config)
+    except UserError as err:
+        if "already finished" in str(err):
+            return False
+        raise
+    return True
 
 
 def _from_legacy_state(state):
@@ -856,7 +875,8 @@ class Engine:
                               label=label)
         val_axes.set(xlabel="epoch", title=f"selection signals (selection: "
                                            f"{self.selection or 'last epoch'})")
-        val_axes.legend()
+        if val_axes.lines:
+            val_axes.legend()
         figure.suptitle(self.config["name"])
         figure.tight_layout()
         figure.savefig(handle, format="png", dpi=100)
@@ -873,8 +893,11 @@ def run_training(method_factory, config, overwrite=False):
     device = init_distributed(config)
     configure_backends(config, device)
     try:
-        # Refuse a bad amp, a finished run or a mismatched resume state before loading data.
+        # Refuse a bad amp, a running or finished run or a mismatched resume state before
+        # loading data.
         resolve_precision(config["amp"], device)
+        if is_main_process():
+            check_not_running(config["save_path"])
         read_resume_state(config, overwrite)
         seed_everything(config["seed"])
         train_loader, val_loader, num_classes = get_train_val_loaders(config)

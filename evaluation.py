@@ -9,7 +9,15 @@ The splits only re-draw which image of each identity sits in the gallery, so eve
 (nearly) the same images. The union of all splits is encoded once - a unique image is its
 source file, identified by the (device, inode) of the resolved path, which the prepare scripts
 make one per source image - and each split's metrics index that feature cache. Ten splits cost
-one encoding pass plus ten small rankings.
+one encoding pass plus ten small rankings. A FeatureStore carries features across configs of
+one process (run_all), keyed by the model's identity and the image file.
+
+Each split reports the ranking metrics (CMC, mAP under both AP rules, mINP; re-ranked with
+`rerank: true`), verification metrics over all its query x gallery pairs (EER, TAR at FAR
+1e-2/1e-3/1e-4) and, with `open_set: true`, open-set identification metrics (FNIR at FPIR
+0.1/0.01) with a seeded half of the test identities taken out of the gallery. Verification and
+open-set metrics always use the cosine scores: re-ranked distances are not comparable across
+queries.
 
 Spread over splits is the sample standard deviation (ddof=1): the splits are random draws and
 the std estimates how much a new split would move the numbers. One split has no std (None).
@@ -24,24 +32,57 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from build_dataloader import eval_loader, list_split
-from config import UserError, dataset_dir, prepare_command
-from reid_metrics import compute_reid_metrics
+from config import ConfigError, UserError, dataset_dir, prepare_command
+from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
+                          compute_verification_metrics, rerank_k_reciprocal)
 from runtime import resolve_precision
 
-METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+RANKING_METRICS = ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP")
+FAR_LEVELS = (1e-2, 1e-3, 1e-4)
+FPIR_LEVELS = (1e-1, 1e-2)
 STD_DDOF = 1
+# Views encoded per image under each test-time flip rule.
+FLIP_VIEWS = {"off": 1, "sum": 2, "unit_mean": 2}
 
 
-def extract_features(model, loader, device, flip=False, amp="auto"):
+def rate_label(rate):
+    """1e-3 -> '1e-3', the suffix of a per-rate metric key."""
+    mantissa, exponent = f"{rate:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+VERIFICATION_METRICS = ("eer", "eer_threshold") + tuple(f"tar_at_far_{rate_label(r)}"
+                                                       for r in FAR_LEVELS)
+OPEN_SET_METRICS = ("open_set_rank1",) + tuple(f"fnir_at_fpir_{rate_label(r)}"
+                                               for r in FPIR_LEVELS)
+
+
+def retrieval_features(model, images, flip="off"):
+    """L2-normalised float32 features of one batch under a test-time flip rule: "off";
+    "sum", the raw features of the image and its mirror summed, then L2 (MBA-Net /
+    CLIP-HandID); "unit_mean", each view L2-normalised first."""
+    features = model.features(images).float()
+    if flip != "off":
+        mirrored = model.features(images.flip(3)).float()
+        if flip == "unit_mean":
+            features, mirrored = F.normalize(features, dim=1), F.normalize(mirrored, dim=1)
+        features = features + mirrored
+    return F.normalize(features, dim=1)
+
+
+def extract_features(model, loader, device, flip="off", amp="auto"):
     """L2-normalised identity features [N, D] (float32, on `device`) of a loader that yields
     (images, index) batches; row i is the image with index i, whatever the batch order.
 
     `model` is a make_model.HandIdModel: `model.features` is the one feature function shared
     with training. `amp` is the config's precision (auto: bf16 autocast on CUDA where
-    supported, else fp16; fp32 on CPU). With `flip`, the image and its horizontal mirror are
-    each encoded and L2-normalised, and the mean of the two unit vectors is normalised again,
-    so both views weigh the same whatever their raw feature norms.
+    supported, else fp16; fp32 on CPU). `flip` is the test-time flip rule: "off"; "sum", the
+    MBA-Net / CLIP-HandID rule: the raw features of the image and its horizontal mirror are
+    summed, then L2-normalised; "unit_mean": each view is L2-normalised first, so both weigh
+    the same whatever their raw norms, and their mean is normalised again.
     """
+    if flip not in FLIP_VIEWS:
+        raise UserError(f"flip must be one of {', '.join(FLIP_VIEWS)}, got {flip!r}")
     dtype = resolve_precision(amp, device)
     was_training = model.training
     model.eval()
@@ -51,11 +92,7 @@ def extract_features(model, loader, device, flip=False, amp="auto"):
                                                     enabled=dtype is not None):
             for images, index in tqdm(loader, desc="encoding images", unit="batch",
                                       disable=None, leave=False):
-                images = images.to(device, non_blocking=True)
-                batch = F.normalize(model.features(images).float(), dim=1)
-                if flip:
-                    mirrored = F.normalize(model.features(images.flip(3)).float(), dim=1)
-                    batch = F.normalize(batch + mirrored, dim=1)
+                batch = retrieval_features(model, images.to(device, non_blocking=True), flip)
                 if features is None:
                     features = torch.zeros(len(loader.dataset), batch.shape[1], device=device)
                 features[index.to(device)] = batch
@@ -65,6 +102,47 @@ def extract_features(model, loader, device, flip=False, amp="auto"):
         raise UserError("no images to encode: the evaluation splits are empty; re-run the "
                         "prepare script")
     return features
+
+
+def image_key(path):
+    """The identity of an image file: (st_dev, st_ino) of its resolved path."""
+    stat = os.stat(os.path.realpath(path))
+    return stat.st_dev, stat.st_ino
+
+
+def _file_identity(path):
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_mtime_ns, stat.st_size
+
+
+def model_identity(config, device):
+    """What makes two configs' features of one image equal: the baseline's backbone, weights,
+    image size and seed (random-init models), or the fine-tuned checkpoint file (path,
+    mtime, size); with the flip rule, precision and device."""
+    if config["variant"] == "baseline":
+        pretrained = config["pretrained"]
+        weights = _file_identity(pretrained) if pretrained and os.path.isfile(pretrained) \
+            else pretrained
+        model = ("baseline", config["model"], weights, config["image_size"], config["seed"])
+    else:
+        model = ("finetuned",) + _file_identity(config["save_path"])
+    return model + (config["flip"], config["amp"], str(device))
+
+
+class FeatureStore:
+    """Features already encoded in this process, per model identity and image file, so that
+    several configs with one model (run_all: a backbone on the four 11k aspects, whose
+    galleries share the other aspects' test images) encode each image once."""
+
+    def __init__(self):
+        self._rows = {}  # model identity -> {image key: feature row}
+
+    def lookup(self, model, keys):
+        known = self._rows.get(model, {})
+        return {key: known[key] for key in keys if key in known}
+
+    def add(self, model, keys, features):
+        self._rows.setdefault(model, {}).update(zip(keys, features))
 
 
 def gallery_template(config):
@@ -80,7 +158,11 @@ def split_names(config):
 
 
 def check_data(config):
-    """Fail fast, before a model is loaded: the dataset is prepared and has num_splits splits."""
+    """Fail fast, before a model is loaded: the re-ranking weight is a weight, the dataset is
+    prepared and has num_splits splits."""
+    if config["rerank"] and config["rerank_lambda"] > 1:
+        raise ConfigError(f"rerank_lambda must be between 0 and 1, got {config['rerank_lambda']}"
+                          f"; e.g. --set rerank_lambda=0.3")
     root = dataset_dir(config)
     if not (root / "query0").is_dir():
         list_split(config, "query0")  # raises the missing-dataset error with the prepare command
@@ -109,16 +191,15 @@ class Split:
 def collect_splits(config):
     """-> (unique image paths, [Split], number of images listed over all splits).
 
-    A unique image is keyed by os.stat(realpath) (st_dev, st_ino); its first listed path
-    stands for it."""
+    A unique image is keyed by image_key (st_dev, st_ino); its first listed path stands for
+    it."""
     check_data(config)
     row_of, paths, splits, listed = {}, [], [], 0
 
     def rows(items):
         out = []
         for path, _ in items:
-            stat = os.stat(os.path.realpath(path))
-            key = (stat.st_dev, stat.st_ino)
+            key = image_key(path)
             if key not in row_of:
                 row_of[key] = len(paths)
                 paths.append(path)
@@ -140,11 +221,70 @@ def split_similarity(features, split):
     return features[split.query_rows.to(device)] @ features[split.gallery_rows.to(device)].T
 
 
-def summarise(per_split):
-    """Mean and sample std (ddof=1; None for one split) of each metric and the CMC curve."""
+def ranking_scores(features, split, config, similarity=None):
+    """The scores the ranking metrics rank by: the cosine similarity, or with rerank: true
+    the negated k-reciprocal re-ranked distance."""
+    if not config["rerank"]:
+        return split_similarity(features, split) if similarity is None else similarity
+    device = features.device
+    return -rerank_k_reciprocal(features[split.query_rows.to(device)],
+                                features[split.gallery_rows.to(device)], config["rerank_k1"],
+                                config["rerank_k2"], config["rerank_lambda"])
+
+
+def open_set_gallery(split, config, index):
+    """Gallery columns kept for the open-set metrics of split `index`: a seeded random half
+    of the test (query) identities leaves the gallery; distractor identities stay."""
+    identities = sorted(set(split.query_ids))
+    if len(identities) < 2:
+        raise UserError(f"open_set needs at least 2 test identities per split, but "
+                        f"{split.query} has {len(identities)}; set open_set: false")
+    generator = np.random.default_rng([config["seed"], index])
+    removed = set(generator.choice(identities, len(identities) // 2, replace=False).tolist())
+    return [j for j, name in enumerate(split.gallery_ids) if name not in removed]
+
+
+def split_metrics(features, split, config, index):
+    """-> (metrics row of one split, the scores its ranking used)."""
+    similarity = split_similarity(features, split)
+    scores = ranking_scores(features, split, config, similarity)
+    row = compute_reid_metrics(scores, split.query_ids, split.gallery_ids,
+                               max_rank=config["max_rank"])
+    verification = compute_verification_metrics(similarity, split.query_ids, split.gallery_ids,
+                                                far=FAR_LEVELS)
+    row.update(eer=verification["eer"], eer_threshold=verification["eer_threshold"],
+               num_genuine_pairs=verification["num_genuine"],
+               num_impostor_pairs=verification["num_impostor"])
+    for rate, tar in verification["tar_at_far"].items():
+        row[f"tar_at_far_{rate_label(rate)}"] = tar
+    if config["open_set"]:
+        keep = open_set_gallery(split, config, index)
+        open_set = compute_open_set_metrics(
+            similarity[:, torch.tensor(keep, device=similarity.device)], split.query_ids,
+            [split.gallery_ids[j] for j in keep], fpir=FPIR_LEVELS)
+        row.update(open_set_rank1=open_set["rank1_mated"], num_mated=open_set["num_mated"],
+                   num_non_mated=open_set["num_non_mated"])
+        for rate, fnir in open_set["fnir_at_fpir"].items():
+            row[f"fnir_at_fpir_{rate_label(rate)}"] = fnir
+    return row, scores
+
+
+def metric_keys(config):
+    """The per-split metrics summarised over splits for this config."""
+    return RANKING_METRICS + VERIFICATION_METRICS + (OPEN_SET_METRICS if config["open_set"]
+                                                     else ())
+
+
+def summarise(per_split, keys):
+    """Mean and sample std (ddof=1; None for one split) of each metric and the CMC curve. A
+    metric that is n/a (None) on any split is n/a in the mean."""
     mean, std = {}, {}
-    for key in METRICS + ("cmc",):
-        values = np.array([split[key] for split in per_split], dtype=np.float64)
+    for key in keys + ("cmc",):
+        column = [split[key] for split in per_split]
+        if any(value is None for value in column):
+            mean[key] = std[key] = None
+            continue
+        values = np.array(column, dtype=np.float64)
         mean[key] = values.mean(0).tolist()
         std[key] = values.std(0, ddof=STD_DDOF).tolist() if len(values) > 1 else None
     return mean, std
@@ -152,10 +292,12 @@ def summarise(per_split):
 
 @dataclass
 class Evaluation:
-    """The JSON-ready report plus what plots need: the features and the splits."""
+    """The JSON-ready report plus what plots need: the features, the splits and the scores
+    split 0 was ranked by."""
     report: dict
     features: torch.Tensor
     splits: list
+    first_split_scores: torch.Tensor
 
 
 def _sync(device):
@@ -163,42 +305,69 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def evaluate(model, config, device):
-    """Run the multi-split protocol with `model` (a HandIdModel already on `device`).
+def encode(model, config, device, paths, store=None):
+    """Features of `paths` (rows in order); with a FeatureStore only the images it lacks for
+    this model are encoded. -> (features, number encoded fresh, number from the store)."""
+    keys = [image_key(path) for path in paths]
+    model_key = model_identity(config, device) if store is not None else None
+    known = store.lookup(model_key, keys) if store is not None else {}
+    missing = [i for i, key in enumerate(keys) if key not in known]
+    fresh = None
+    if missing:
+        fresh = extract_features(model, eval_loader(config, [paths[i] for i in missing]),
+                                 device, flip=config["flip"], amp=config["amp"])
+        if store is not None:
+            store.add(model_key, [keys[i] for i in missing], fresh)
+    if not known:
+        return fresh, len(missing), 0
+    dim = next(iter(known.values())).shape[0]
+    features = torch.empty(len(paths), dim, device=device)
+    stored = [i for i, key in enumerate(keys) if key in known]
+    features[stored] = torch.stack([known[keys[i]] for i in stored]).to(device)
+    if missing:
+        features[missing] = fresh
+    return features, len(missing), len(stored)
+
+
+def evaluate(model, config, device, store=None):
+    """Run the multi-split protocol with `model` (a HandIdModel already on `device`); with a
+    FeatureStore, images it holds for this model are not encoded again.
 
     report: per_split (metrics of each split with its folder names and sizes), mean, std
-    (ddof=1), counts (images_listed, unique_images, images_encoded = unique images x views),
-    timings (seconds: list, load, encode, metrics, total) and the protocol settings."""
+    (ddof=1), counts (images_listed, unique_images, images_encoded = images encoded fresh x
+    views, images_from_store), timings (seconds: list, encode (with loading), metrics,
+    total) and the protocol settings."""
     start = time.perf_counter()
     paths, splits, listed = collect_splits(config)
     listed_at = time.perf_counter()
-    loader = eval_loader(config, paths)
-    loaded_at = time.perf_counter()
-    features = extract_features(model, loader, device, flip=config["flip"], amp=config["amp"])
+    features, fresh, from_store = encode(model, config, device, paths, store)
     _sync(device)
     encoded_at = time.perf_counter()
 
-    per_split = []
+    per_split, first_scores = [], None
     for index, split in enumerate(tqdm(splits, desc="ranking splits", unit="split",
                                        disable=None, leave=False)):
-        metrics = compute_reid_metrics(split_similarity(features, split), split.query_ids,
-                                       split.gallery_ids, max_rank=config["max_rank"],
-                                       ap_mode=config["ap_mode"])
+        metrics, scores = split_metrics(features, split, config, index)
+        if index == 0:
+            first_scores = scores
         per_split.append({"split": index, "query": split.query, "gallery": split.gallery,
                           "num_gallery": len(split.gallery_ids),
                           "num_gallery_identities": len(set(split.gallery_ids)), **metrics})
     _sync(device)
     done = time.perf_counter()
-    mean, std = summarise(per_split)
-    views = 2 if config["flip"] else 1
+    mean, std = summarise(per_split, metric_keys(config))
+    rerank = {"k1": config["rerank_k1"], "k2": config["rerank_k2"],
+              "lambda": config["rerank_lambda"]} if config["rerank"] else None
     report = {
         "per_split": per_split, "mean": mean, "std": std, "std_ddof": STD_DDOF,
         "num_splits": len(splits), "gallery": gallery_template(config),
         "ap_mode": config["ap_mode"], "max_rank": config["max_rank"], "flip": config["flip"],
+        "rerank": rerank, "open_set": config["open_set"], "far_levels": list(FAR_LEVELS),
+        "fpir_levels": list(FPIR_LEVELS) if config["open_set"] else None,
         "counts": {"images_listed": listed, "unique_images": len(paths),
-                   "images_encoded": len(paths) * views},
-        "timings": {"list_seconds": listed_at - start, "load_seconds": loaded_at - listed_at,
-                    "encode_seconds": encoded_at - loaded_at, "metrics_seconds": done - encoded_at,
-                    "total_seconds": done - start},
+                   "images_encoded": fresh * FLIP_VIEWS[config["flip"]],
+                   "images_from_store": from_store},
+        "timings": {"list_seconds": listed_at - start, "encode_seconds": encoded_at - listed_at,
+                    "metrics_seconds": done - encoded_at, "total_seconds": done - start},
     }
-    return Evaluation(report, features, splits)
+    return Evaluation(report, features, splits, first_scores)

@@ -13,6 +13,11 @@ the same folder) in a subprocess, with the same --set overrides, through the tra
 `method`: experiments/train_stage1_frozen_text.py (stage1) or train_stage2_clipreid.py (clipreid).
 The table's method column says baseline, stage1 or clipreid (Stage 2); it is written as
 <out>.md and <out>.csv.
+
+Features are shared across the configs of one invocation: an image is encoded once per model
+(backbone and weights, or checkpoint file; flip rule, precision), so a backbone's baseline on
+the four 11k aspects, whose galleries all hold the other aspects' test images, encodes each
+image once. Each results JSON counts the images encoded fresh and taken from earlier configs.
 """
 import csv
 import glob
@@ -22,7 +27,9 @@ import sys
 import traceback
 from pathlib import Path
 
+import evaluation
 from config import ArgumentParser, ConfigError, UserError, atomic_write_text, load_config, run_cli
+from engine import needs_training
 from experiments import run_eval_clip
 
 ROOT = Path(__file__).resolve().parent
@@ -32,7 +39,9 @@ TRAIN_SCRIPTS = {"stage1": ROOT / "experiments/train_stage1_frozen_text.py",
 DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
                    "configs/finetuning_stage1_frozen_text/eval_*.yml",
                    "configs/finetuning_stage2_clipreid/eval_*.yml"]
-METRIC_COLUMNS = (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"), ("mAP", "mAP"))
+METRIC_COLUMNS = (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"),
+                  ("mAP", "mAP"), ("mAP_trapezoid", "mAP (trapezoid)"), ("eer", "EER"),
+                  ("tar_at_far_1e-3", "TAR@FAR=1e-3"))
 
 
 def parse_args(argv):
@@ -62,8 +71,9 @@ def find_configs(patterns):
 
 
 def train_missing(config_path, config, overrides):
-    """Run the train config matching `config_path` when the checkpoint does not exist yet."""
-    if config["variant"] != "finetuned" or Path(config["save_path"]).is_file():
+    """Run the train config matching `config_path` when its checkpoint does not exist yet or
+    its run is unfinished (it then resumes); refused while another process trains it."""
+    if config["variant"] != "finetuned" or not needs_training(config):
         return
     train_config = config_path.with_name(config_path.name.replace("eval_", "train_", 1))
     if not config_path.name.startswith("eval_") or not train_config.is_file():
@@ -76,8 +86,8 @@ def train_missing(config_path, config, overrides):
     command = [sys.executable, str(TRAIN_SCRIPTS[method]), "--config", str(train_config)]
     for override in overrides:
         command += ["--set", override]
-    print(f"\n=== training {train_config} (checkpoint {config['save_path']} is missing)",
-          flush=True)
+    print(f"\n=== training {train_config} (checkpoint {config['save_path']} is missing or its "
+          f"run unfinished)", flush=True)
     code = subprocess.run(command).returncode
     if code != 0:
         raise UserError(f"training with {train_config} exited with code {code}")
@@ -86,15 +96,17 @@ def train_missing(config_path, config, overrides):
                         f"{config['save_path']}: the two configs' save_path differ")
 
 
-def run_one(config_path, args):
-    """Evaluate one config (training it first with --train) -> summary row."""
+def run_one(config_path, args, store):
+    """Evaluate one config (training it first with --train) -> summary row. `store` carries
+    features across configs: an image is encoded once per model in this run."""
     config = load_config(config_path, args.overrides)
     if args.train:
         train_missing(config_path, config, args.overrides)
     print(f"\n=== evaluating {config_path}", flush=True)
-    result = run_eval_clip.evaluate_config(config)
+    result = run_eval_clip.evaluate_config(config, store)
     row = {"config": str(config_path), "model": config["model"], "dataset": result["dataset"],
-           "variant": config["variant"], "splits": result["num_splits"],
+           "variant": config["variant"], "flip": result["flip"],
+           "rerank": "yes" if result["rerank"] else "no", "splits": result["num_splits"],
            "method": "baseline" if config["variant"] == "baseline" else config["method"]}
     for key, _ in METRIC_COLUMNS:
         row[key], row[f"{key}_std"] = result["mean"][key], result["std"][key]
@@ -109,26 +121,29 @@ def sort_key(row):
 
 
 def markdown_table(rows, failures):
-    lines = ["| config | method | model | dataset | variant | splits | "
+    lines = ["| config | method | model | dataset | variant | flip | rerank | splits | "
              + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
-             "|---" * (6 + len(METRIC_COLUMNS)) + "|"]
+             "|---" * (8 + len(METRIC_COLUMNS)) + "|"]
     for row in rows:
         cells = [row["config"], row["method"], row["model"], row["dataset"], row["variant"],
-                 str(row["splits"])]
-        cells += [f"{row[key]:.2f}" + ("" if row[f"{key}_std"] is None
-                                       else f" ± {row[f'{key}_std']:.2f}")
-                  for key, _ in METRIC_COLUMNS]
+                 row["flip"], row["rerank"], str(row["splits"])]
+        cells += ["n/a" if row[key] is None else f"{row[key]:.2f}" + (
+            "" if row[f"{key}_std"] is None else f" ± {row[f'{key}_std']:.2f}")
+            for key, _ in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     if rows:
-        text += "\nmean ± std over the splits (sample std, ddof=1), percent\n"
+        text += ("\nmean ± std over the splits (sample std, ddof=1), percent. mAP: "
+                 "uninterpolated (torchreid / fast-reid); mAP (trapezoid): the MBA-Net / "
+                 "CLIP-HandID rule. flip: sum is the published hand tables' test-time flip. "
+                 "EER and TAR@FAR: verification over all query x gallery pairs.\n")
     if failures:
         text += "\nFailed:\n" + "".join(f"- {path}: {reason}\n" for path, reason in failures)
     return text
 
 
 def csv_table(rows):
-    fields = ["config", "method", "model", "dataset", "variant", "splits"]
+    fields = ["config", "method", "model", "dataset", "variant", "flip", "rerank", "splits"]
     fields += [name for key, _ in METRIC_COLUMNS for name in (key, f"{key}_std")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
@@ -141,10 +156,10 @@ def csv_table(rows):
 def main(argv=None):
     args = parse_args(argv)
     load_config(None, args.overrides)  # a bad --set is one error, not one per config
-    rows, failures = [], []
+    rows, failures, store = [], [], evaluation.FeatureStore()
     for config_path in find_configs(args.configs):
         try:
-            rows.append(run_one(config_path, args))
+            rows.append(run_one(config_path, args, store))
         except UserError as err:
             failures.append((config_path, str(err)))
             print(f"error: {config_path}: {err}", file=sys.stderr)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import (ArgumentParser, ConfigError, UserError, atomic_write_json,  # noqa: E402
                     atomic_write_text, run_cli)
 
-# HandInfo.csv aspectOfHand -> id threshold of DESIGN.md's protocol (id <= T: train identity)
+# HandInfo.csv aspectOfHand -> id threshold of the published protocol (id <= T: train identity)
 ASPECTS_11K = {"dorsal right": 1050, "dorsal left": 1037, "palmar right": 1051,
                "palmar left": 1042}
 HD_THRESHOLD = 447

@@ -1,4 +1,4 @@
-"""Raw 11k Hands (HandInfo.csv + Hands/) -> the published 11k protocol of DESIGN.md: one split
+"""Raw 11k Hands (HandInfo.csv + Hands/) -> the published 11k protocol (MBA-Net / CLIP-HandID): one split
 folder per aspect, <out>/train_val_test_split_<aspect>/, with train_all, train, val, test,
 query{i}, gallery{i}, gallery{i}_all and splits.json.
 

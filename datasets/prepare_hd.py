@@ -1,5 +1,5 @@
-"""Raw HD (PolyU hand dorsal, `Original Images/1-501` and `502-712`) -> the HD protocol of
-DESIGN.md in <out>/train_val_test_split/: train_all, train, val, test, query{i}, gallery{i}
+"""Raw HD (PolyU hand dorsal, `Original Images/1-501` and `502-712`) -> the published HD protocol
+(MBA-Net) in <out>/train_val_test_split/: train_all, train, val, test, query{i}, gallery{i}
 (one image per test identity plus every 502-712 image as a distractor) and splits.json.
 
     python datasets/prepare_hd.py --raw datasets/HD [--out DIR] [--seed 0] [--num-splits 10]

@@ -35,13 +35,20 @@ REQUEST_KEYS = ("format_version", "dataset", "seed", "num_splits", "protocol", "
 WORKERS = min(8, os.cpu_count() or 1)
 
 
-def parse_args(description, default_raw):
-    """The prepare scripts' shared command line; argument errors raise ConfigError."""
+def parse_args(description, default_raw, add_arguments=None, default_out=None):
+    """The prepare scripts' shared command line; argument errors raise ConfigError.
+
+    default_raw None makes --raw required; add_arguments(parser) adds a script's own options
+    and may return a function check(args, parser) run on the parsed arguments."""
     parser = ArgumentParser(description=description)
-    parser.add_argument("--raw", type=Path, default=Path(default_raw),
-                        help=f"raw dataset folder (default: {default_raw})")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where the split folders go (default: the --raw folder)")
+    if default_raw is None:
+        parser.add_argument("--raw", type=Path, required=True, help="raw dataset folder")
+    else:
+        parser.add_argument("--raw", type=Path, default=Path(default_raw),
+                            help=f"raw dataset folder (default: {default_raw})")
+    parser.add_argument("--out", type=Path, default=default_out and Path(default_out),
+                        help="where the split folders go (default: "
+                             f"{default_out or 'the --raw folder'})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--num-splits", type=int, default=10, help="query/gallery splits")
     images = parser.add_mutually_exclusive_group()
@@ -51,11 +58,14 @@ def parse_args(description, default_raw):
                         help="write copies resized so the longer side is at most N pixels")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild split folders prepared with another seed or protocol")
+    check = add_arguments(parser) if add_arguments else None
     args = parser.parse_args()
     if args.num_splits < 1:
         parser.error(f"--num-splits must be >= 1, got {args.num_splits}")
     if args.max_side is not None and args.max_side < 1:
         parser.error(f"--max-side must be >= 1, got {args.max_side}")
+    if check:
+        check(args, parser)
     if args.out is None:
         args.out = args.raw
     args.images = ("link" if not args.copy and args.max_side is None
@@ -75,7 +85,7 @@ def warn_skipped(what, names, shown=5):
               file=sys.stderr)
 
 
-def _image_problem(path):
+def image_problem(path):
     """None if the image decodes, else why not. Decoding at 1/8 scale (JPEG draft mode) is cheap
     and, unlike Image.verify(), catches the truncated files an interrupted download leaves."""
     try:
@@ -95,7 +105,7 @@ def find_unusable_images(raw, sources):
     """{source: reason} for the sources (paths relative to raw) that are missing or do not
     decode; reported on stderr. Threads overlap the decoding (PIL releases the GIL)."""
     with ThreadPoolExecutor(WORKERS) as pool:
-        problems = list(tqdm(pool.map(lambda source: _image_problem(raw / source), sources),
+        problems = list(tqdm(pool.map(lambda source: image_problem(raw / source), sources),
                              total=len(sources), desc="checking images", unit="img",
                              disable=None))
     unusable = {s: problem for s, problem in zip(sources, problems) if problem}
@@ -231,9 +241,14 @@ def _swap_in(built, folder):
     shutil.rmtree(old)
 
 
-def write_split_folder(folder, splits, manifest, store):
+def entry_basename(source):
+    """The default name of a source's entry in its identity folder: the file name."""
+    return PurePosixPath(source).name
+
+
+def write_split_folder(folder, splits, manifest, store, entry_name=entry_basename):
     """Build the folder next to its final place, splits.json last, then swap it in: a failure
-    never leaves a half-written split folder behind."""
+    never leaves a half-written split folder behind. entry_name(source) names each entry."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     built = _new_folder(folder.parent, f".{folder.name}.tmp-")
     try:
@@ -248,7 +263,7 @@ def write_split_folder(folder, splits, manifest, store):
             if parent not in made:
                 parent.mkdir()
                 made.add(parent)
-            store.link(source, parent / PurePosixPath(source).name)
+            store.link(source, parent / entry_name(source))
         atomic_write_json(built / MANIFEST, manifest)
         _swap_in(built, folder)
     except BaseException:
@@ -287,24 +302,28 @@ def print_summary(counts_by_folder):
 
 def raw_files(raw, inputs):
     """A digest of the names, sizes and modification times of the raw inputs (files, and the
-    files directly inside folders): a completed or repaired download changes it."""
+    files inside folders, at any depth): a completed or repaired download changes it."""
     digest = hashlib.sha256()
     for name in inputs:
         path = raw / name
-        entries = sorted(os.scandir(path), key=lambda e: e.name) if path.is_dir() else (
-            [path] if path.exists() else [])
-        for entry in entries:
-            stat = entry.stat()
-            digest.update(f"{name}/{entry.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        if path.is_dir():
+            files = sorted(str(PurePosixPath(Path(parent, f).relative_to(path)))
+                           for parent, _, names in os.walk(path) for f in names)
+        else:
+            files = [path.name] if path.exists() else []
+        for file in files:
+            stat = (path / file if path.is_dir() else path).stat()
+            digest.update(f"{name}/{file}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def prepare(args, dataset, protocol, folders, build, inputs):
+def prepare(args, dataset, protocol, folders, build, inputs, entry_name=entry_basename):
     """Write the split folders `folders` under args.out, or say they are up to date.
 
     build(raw) reads the raw data and returns {folder: manifest fields}, each with "splits"
     ({split: {identity: [source]}}) and "skipped"; it runs only when something must be built.
     `inputs` are the raw files and folders it reads, relative to the raw folder.
+    entry_name(source) names a source's entry in its identity folder (default: file name).
     """
     out = args.out
     request = {"format_version": FORMAT_VERSION, "dataset": dataset, "seed": args.seed,
@@ -332,7 +351,8 @@ def prepare(args, dataset, protocol, folders, build, inputs):
         for name in todo:
             manifest = {**request, **prepared[name], "raw": str(args.raw.resolve()),
                         "counts": count(prepared[name]["splits"])}
-            write_split_folder(out / name, prepared[name]["splits"], manifest, store)
+            write_split_folder(out / name, prepared[name]["splits"], manifest, store,
+                               entry_name)
         _prune_images(out)
     except OSError as err:  # full disk, no permission, --out is a file, ...
         raise UserError(f"cannot write the split folders under {out}: {err}") from None

@@ -13,8 +13,11 @@ Outputs in `results_dir`:
                                 <name>_<variant>.<its mtime>.json: no result is ever lost.
   results.csv                   one row appended per run (every run ever made).
   <name>_<variant>_cmc.png      with plots: true, for the latest run: the CMC curve (mean ±
-  <name>_<variant>_ranking.png  std over splits) and split 0's ranked retrieval (query, then
-                                its top-k gallery images; green = same identity, red = other).
+  <name>_<variant>_ranking.png  std over splits), split 0's ranked retrieval (query, then
+  <name>_<variant>_verification.png  its top-k gallery images in the order scored, re-ranked
+                                or not; green = same identity, red = other) and split 0's
+                                ROC curve (log FAR axis) beside the genuine and impostor
+                                score histograms.
 """
 import csv
 import os
@@ -31,12 +34,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluation  # noqa: E402
 import make_model  # noqa: E402
 from config import atomic_write, atomic_write_json, load_config, make_parser, run_cli  # noqa: E402
+from reid_metrics import genuine_impostor_scores  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 
-CSV_FIELDS = ["timestamp", "name", "variant", "model", "dataset", "aspect", "gallery",
-              "num_splits", "ap_mode", "flip", "rank1", "rank1_std", "rank5", "rank5_std",
-              "rank10", "rank10_std", "mAP", "mAP_std", "mINP", "mINP_std", "images_encoded",
-              "seconds", "checkpoint", "results_json"]
+ALL_METRICS = (evaluation.RANKING_METRICS + evaluation.VERIFICATION_METRICS
+               + evaluation.OPEN_SET_METRICS)
+CSV_FIELDS = (["timestamp", "name", "variant", "model", "dataset", "aspect", "gallery",
+               "num_splits", "ap_mode", "flip", "rerank", "open_set"]
+              + [name for key in ALL_METRICS for name in (key, f"{key}_std")]
+              + ["images_encoded", "images_from_store", "seconds", "checkpoint",
+                 "results_json"])
+LABELS = {"rank1": "rank-1", "rank5": "rank-5", "rank10": "rank-10", "mAP": "mAP",
+          "mAP_trapezoid": "mAP (trapezoid)", "mINP": "mINP", "eer": "EER",
+          "eer_threshold": "EER threshold (cosine)", "open_set_rank1": "open-set rank-1 (mated)"}
+LABELS.update({f"tar_at_far_{evaluation.rate_label(r)}": f"TAR@FAR={evaluation.rate_label(r)}"
+               for r in evaluation.FAR_LEVELS})
+LABELS.update({f"fnir_at_fpir_{evaluation.rate_label(r)}":
+               f"FNIR@FPIR={evaluation.rate_label(r)}" for r in evaluation.FPIR_LEVELS})
 THUMB = 96
 FRAME = 4
 
@@ -58,37 +72,69 @@ def load_model(config):
 
 
 def dataset_label(config):
-    return config["dataset"] if config["dataset"] == "hd" else f"11k/{config['aspect']}"
+    return f"11k/{config['aspect']}" if config["dataset"] == "11k" else config["dataset"]
 
 
 def format_mean_std(mean, std):
+    if mean is None:
+        return "   n/a"
     return f"{mean:6.2f} ± {std:5.2f}" if std is not None else f"{mean:6.2f}"
+
+
+def ap_order(report):
+    """mAP keys, the config's ap_mode first."""
+    return ("mAP_trapezoid", "mAP") if report["ap_mode"] == "trapezoid" \
+        else ("mAP", "mAP_trapezoid")
+
+
+def protocol_note(report):
+    """Flip rule, re-ranking and open set of a report, in words."""
+    notes = [f"flip {report['flip']}"]
+    if report["rerank"]:
+        rerank = report["rerank"]
+        notes.append(f"re-ranked (k1 {rerank['k1']}, k2 {rerank['k2']}, lambda "
+                     f"{rerank['lambda']})")
+    if report["open_set"]:
+        notes.append("open set")
+    return ", ".join(notes)
 
 
 def print_report(config, report, checkpoint):
     print(f"\n{config['name']} ({config['variant']}): {config['model']} on "
-          f"{dataset_label(config)}, gallery {report['gallery']}, AP {report['ap_mode']}"
-          + (", flip" if report["flip"] else ""))
+          f"{dataset_label(config)}, gallery {report['gallery']}, {protocol_note(report)}")
     if checkpoint:
         accuracy = checkpoint["val_accuracy"]
         print(f"checkpoint {checkpoint['path']} (epoch {checkpoint['epoch']}, val accuracy "
               + ("n/a" if accuracy is None else f"{accuracy:.2f}%") + ")")
-    header = (f"{'split':>5} {'queries':>7} {'valid':>6} {'gallery':>7} {'rank-1':>7} "
-              f"{'rank-5':>7} {'rank-10':>7} {'mAP':>7} {'mINP':>7}")
-    print(header)
+    far = f"tar_at_far_{evaluation.rate_label(1e-3)}"
+    columns = ("rank1", "rank5", "rank10") + ap_order(report) + ("mINP", "eer", far)
+    short = {"mAP_trapezoid": "mAP-trap", "eer": "EER", far: "TAR@1e-3"}
+    print(f"{'split':>5} {'queries':>7} {'valid':>6} {'gallery':>7} "
+          + " ".join(f"{short.get(k, LABELS[k]):>8}" for k in columns))
     for row in report["per_split"]:
         print(f"{row['split']:>5} {row['num_queries']:>7} {row['num_valid_queries']:>6} "
-              f"{row['num_gallery']:>7} " + " ".join(f"{row[k]:7.2f}" for k in evaluation.METRICS))
+              f"{row['num_gallery']:>7} " + " ".join(
+                  "     n/a" if row[k] is None else f"{row[k]:8.2f}" for k in columns))
     std_note = f"std over splits, ddof={report['std_ddof']}" if report["num_splits"] > 1 \
         else "one split: no std"
-    print(f"mean ± std over {report['num_splits']} splits ({std_note}):")
-    for key, label in zip(evaluation.METRICS, ("rank-1", "rank-5", "rank-10", "mAP", "mINP")):
-        print(f"  {label:8} {format_mean_std(report['mean'][key], report['std'][key])}")
+    print(f"mean ± std over {report['num_splits']} splits ({std_note}), percent:")
+    keys = []
+    for key in (k for k in ALL_METRICS if k in report["mean"]):
+        if key == "mAP":
+            keys += ap_order(report)
+        elif key not in ("mAP_trapezoid", "eer_threshold"):
+            keys.append(key)
+    for key in keys:
+        print(f"  {LABELS[key]:24} {format_mean_std(report['mean'][key], report['std'][key])}")
+    threshold, spread = report["mean"]["eer_threshold"], report["std"]["eer_threshold"]
+    print(f"  {LABELS['eer_threshold']:24} {threshold:.4f}"
+          + ("" if spread is None else f" ± {spread:.4f}") + " (a score, not percent)")
     counts, timings = report["counts"], report["timings"]
     print(f"images: {counts['images_listed']} listed over all splits, "
-          f"{counts['unique_images']} unique, {counts['images_encoded']} encoded; time "
+          f"{counts['unique_images']} unique, {counts['images_encoded']} encoded, "
+          f"{counts['images_from_store']} from earlier configs; time "
           f"{timings['total_seconds']:.1f} s (encode {timings['encode_seconds']:.1f} s, "
-          f"load {timings['load_seconds']:.1f} s, metrics {timings['metrics_seconds']:.2f} s)")
+          f"metrics {timings['metrics_seconds']:.2f} s)")
 
 
 def keep_previous(path):
@@ -132,13 +178,16 @@ def csv_row(config, result, json_path):
            "aspect": config["aspect"] if config["dataset"] == "11k" else "",
            "gallery": result["gallery"], "num_splits": result["num_splits"],
            "ap_mode": result["ap_mode"], "flip": result["flip"],
+           "rerank": bool(result["rerank"]), "open_set": result["open_set"],
            "images_encoded": result["counts"]["images_encoded"],
+           "images_from_store": result["counts"]["images_from_store"],
            "seconds": round(result["timings"]["total_seconds"], 3),
            "checkpoint": (result["checkpoint"] or {}).get("path", ""),
            "results_json": str(json_path)}
-    for key in evaluation.METRICS:
-        row[key] = round(mean[key], 4)
-        row[f"{key}_std"] = "" if std[key] is None else round(std[key], 4)
+    for key in ALL_METRICS:
+        value, spread = mean.get(key), std.get(key)
+        row[key] = "" if value is None else round(value, 4)
+        row[f"{key}_std"] = "" if spread is None else round(spread, 4)
     return row
 
 
@@ -170,6 +219,48 @@ def plot_cmc(path, config, report):
     plt.close(figure)
 
 
+def plot_verification(path, config, evaluated):
+    """Split 0's verification: ROC (TAR against FAR, log FAR axis) and the genuine and
+    impostor cosine-score histograms with the EER threshold."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = evaluated.splits[0]
+    genuine, impostor = genuine_impostor_scores(
+        evaluation.split_similarity(evaluated.features, split), split.query_ids,
+        split.gallery_ids)
+    row = evaluated.report["per_split"][0]
+    # FAR and TAR at every observed score t (accept when score >= t), highest t first.
+    thresholds = np.unique(np.concatenate([genuine, impostor]))[::-1]
+    far = (len(impostor) - np.searchsorted(np.sort(impostor), thresholds)) / len(impostor)
+    tar = (len(genuine) - np.searchsorted(np.sort(genuine), thresholds)) / len(genuine)
+    figure, (roc, histogram) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    shown = far > 0  # a log axis cannot show FAR = 0
+    roc.plot(100 * far[shown], 100 * tar[shown])
+    roc.set(xscale="log", xlabel="FAR (%)", ylabel="TAR (%)", ylim=(0, 100.5),
+            title=f"ROC, split 0: EER {row['eer']:.2f}%")
+    roc.axvline(100 / len(impostor), color="grey", lw=0.8, ls=":",
+                label="one impostor pair (lowest FAR measurable)")
+    roc.legend(fontsize=7, loc="upper left")
+    bins = np.linspace(min(genuine.min(), impostor.min()), max(genuine.max(), impostor.max()), 50)
+    histogram.hist(impostor, bins=bins, density=True, alpha=0.55, color="#d62020",
+                   label=f"impostor ({len(impostor)})")
+    histogram.hist(genuine, bins=bins, density=True, alpha=0.55, color="#1a9e3a",
+                   label=f"genuine ({len(genuine)})")
+    histogram.axvline(row["eer_threshold"], color="black", lw=1, ls="--",
+                      label=f"EER threshold {row['eer_threshold']:.3f}")
+    histogram.set(xlabel="cosine score", ylabel="density", title="score distributions, split 0")
+    histogram.legend(fontsize=7)
+    for axis in (roc, histogram):
+        axis.title.set_fontsize(9)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{config['name']} ({config['variant']})", fontsize=9)
+    figure.tight_layout()
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
+    plt.close(figure)
+
+
 def _thumbnail(path, colour):
     from PIL import Image, ImageOps
 
@@ -186,46 +277,63 @@ def _font():
         return ImageFont.load_default()
 
 
-def plot_ranking(path, evaluated, num_queries, max_rank):
-    """Split 0: rows of query thumbnail (blue frame) then its top-k gallery images, green frame
-    for the query's identity, red for another; rank and identity name underneath."""
+QUERY_COLOUR, SAME_COLOUR, OTHER_COLOUR = "#1f5fbf", "#1a9e3a", "#d62020"
+
+
+def save_ranking_grid(path, rows):
+    """A PNG sheet, one row per query: its thumbnail, a gap, then its ranked images.
+    rows: [(query tile, [ranked tiles])]; a tile is (image path, frame colour, caption), the
+    caption (two short lines) written underneath."""
     from PIL import Image, ImageDraw
 
-    split = evaluated.splits[0]
-    k = min(10, max_rank, len(split.gallery_ids))
-    similarity = evaluation.split_similarity(evaluated.features, split).cpu()
-    # Same tie order as the metrics: stable descending sort.
-    top = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :k]
-    rows = np.unique(np.linspace(0, len(split.query_ids) - 1, num_queries).round().astype(int))
+    k = max(len(ranked) for _, ranked in rows)
     cell, label_height, gap, margin = THUMB + 2 * FRAME, 26, 12, 4
     sheet = Image.new("RGB", (2 * margin + gap + (k + 1) * cell,
                               2 * margin + len(rows) * (cell + label_height)), "white")
     draw, font = ImageDraw.Draw(sheet), _font()
 
-    def tile(x, y, image_path, colour, caption, name):
+    def tile(x, y, image_path, colour, caption):
         sheet.paste(_thumbnail(image_path, colour), (x, y))
-        draw.text((x + 1, y + cell), f"{caption}\n{name}", fill="black", font=font, spacing=1)
+        draw.text((x + 1, y + cell), caption, fill="black", font=font, spacing=1)
 
-    for r, q in enumerate(rows):
+    for r, (query, ranked) in enumerate(rows):
         y = margin + r * (cell + label_height)
-        query_id = split.query_ids[q]
-        tile(margin, y, split.query_paths[q], "#1f5fbf", "query", query_id)
-        for rank, g in enumerate(top[q].tolist()):
-            gallery_id = split.gallery_ids[g]
-            colour = "#1a9e3a" if gallery_id == query_id else "#d62020"
-            tile(margin + gap + (rank + 1) * cell, y, split.gallery_paths[g], colour,
-                 f"rank {rank + 1}", gallery_id)
+        tile(margin, y, *query)
+        for rank, ranked_tile in enumerate(ranked):
+            tile(margin + gap + (rank + 1) * cell, y, *ranked_tile)
     save_png(path, sheet)
 
 
-def evaluate_config(config):
+def plot_ranking(path, evaluated, num_queries, max_rank):
+    """Split 0: rows of query thumbnail (blue frame) then its top-k gallery images, green frame
+    for the query's identity, red for another; rank and identity name underneath."""
+    split = evaluated.splits[0]
+    k = min(10, max_rank, len(split.gallery_ids))
+    # The order the metrics scored (re-ranked with rerank: true); same tie order: stable
+    # descending sort.
+    top = torch.argsort(evaluated.first_split_scores.cpu(), dim=1, descending=True,
+                        stable=True)[:, :k]
+    shown = np.unique(np.linspace(0, len(split.query_ids) - 1, num_queries).round().astype(int))
+    rows = []
+    for q in shown:
+        query_id = split.query_ids[q]
+        ranked = [(split.gallery_paths[g],
+                   SAME_COLOUR if split.gallery_ids[g] == query_id else OTHER_COLOUR,
+                   f"rank {rank + 1}\n{split.gallery_ids[g]}")
+                  for rank, g in enumerate(top[q].tolist())]
+        rows.append(((split.query_paths[q], QUERY_COLOUR, f"query\n{query_id}"), ranked))
+    save_ranking_grid(path, rows)
+
+
+def evaluate_config(config, store=None):
     """Evaluate one resolved config; print the report, write JSON, CSV row and plots.
+    `store`: an evaluation.FeatureStore shared with earlier configs of this process.
     Returns the results dict (as written to the JSON)."""
     device = resolve_device(config)
     evaluation.check_data(config)
     model, checkpoint = load_model(config)
     model.to(device)
-    evaluated = evaluation.evaluate(model, config, device)
+    evaluated = evaluation.evaluate(model, config, device, store)
     result = {"name": config["name"], "variant": config["variant"], "model": config["model"],
               "dataset": dataset_label(config), "checkpoint": checkpoint,
               "device": str(device), "config": config,
@@ -240,7 +348,9 @@ def evaluate_config(config):
     if config["plots"]:
         files["cmc_plot"] = str(results_dir / f"{stem}_cmc.png")
         files["ranking_plot"] = str(results_dir / f"{stem}_ranking.png")
+        files["verification_plot"] = str(results_dir / f"{stem}_verification.png")
         plot_cmc(files["cmc_plot"], config, evaluated.report)
+        plot_verification(files["verification_plot"], config, evaluated)
         plot_ranking(files["ranking_plot"], evaluated, config["plot_queries"],
                      config["max_rank"])
     result["files"] = files
@@ -250,7 +360,8 @@ def evaluate_config(config):
     print(f"results: {json_path}" + (f" (previous run kept as {kept})" if kept else "")
           + f"; row appended to {files['csv']}")
     if config["plots"]:
-        print(f"plots: {files['cmc_plot']}, {files['ranking_plot']}")
+        print(f"plots: {files['cmc_plot']}, {files['ranking_plot']}, "
+              f"{files['verification_plot']}")
     return result
 
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import reid_metrics
 from config import UserError
-from reid_metrics import compute_reid_metrics
+from reid_metrics import (MetricInputError, compute_open_set_metrics, compute_reid_metrics,
+                          compute_verification_metrics, rerank_k_reciprocal)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The loop reference lives in the benchmark script (one copy, used by both).
@@ -19,7 +21,7 @@ bench_metrics = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_metrics)
 reference_metrics_loop = bench_metrics.reference_metrics_loop
 
-SCALARS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+SCALARS = ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP")
 
 
 def pct(fraction):
@@ -38,6 +40,8 @@ def test_one_positive():
     # The only true match is second in the ranking.
     result = compute_reid_metrics(np.array([[0.9, 0.8, 0.7, 0.6, 0.5]]), ["x"],
                                   ["y", "x", "z", "w", "v"], max_rank=5)
+    # Plain Python numbers: they go into checkpoints loaded with torch.load(weights_only=True).
+    assert all(type(value) in (int, float, list) for value in result.values())
     assert result["cmc"] == [0.0, 100.0, 100.0, 100.0, 100.0]
     assert (result["rank1"], result["rank5"], result["rank10"]) == (0.0, 100.0, 100.0)
     assert result["mAP"] == pytest.approx(50.0)
@@ -60,17 +64,13 @@ def test_trapezoid_ap_matches_mba_net_rule_and_reads_lower():
     # k-th of n matches at rank r adds ((k-1)/(r-1) + k/r) / 2n, with (k-1)/(r-1) = 1 at r = 1.
     similarity = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]])
     standard = compute_reid_metrics(similarity, [1], [1, 2, 1, 3, 1])
-    trapezoid = compute_reid_metrics(similarity, [1], [1, 2, 1, 3, 1], ap_mode="trapezoid")
     expected = (Fraction(2, 2) + (Fraction(1, 2) + Fraction(2, 3)) / 2
                 + (Fraction(2, 4) + Fraction(3, 5)) / 2) / 3
-    assert trapezoid["mAP"] == pytest.approx(pct(expected))  # 32/45
-    assert trapezoid["mAP"] < standard["mAP"]
+    assert standard["mAP_trapezoid"] == pytest.approx(pct(expected))  # 32/45
+    assert standard["mAP"] == pytest.approx(pct(Fraction(34, 45)))
     # A lone match at rank 2: standard 1/2, trapezoid (0/1 + 1/2) / 2 = 1/4.
-    single = compute_reid_metrics(similarity, ["x"], ["y", "x", "z", "w", "v"],
-                                  ap_mode="trapezoid")
-    assert single["mAP"] == pytest.approx(25.0)
-    # Only AP changes; CMC and mINP are the same in both modes.
-    assert trapezoid["cmc"] == standard["cmc"] and trapezoid["mINP"] == standard["mINP"]
+    single = compute_reid_metrics(similarity, ["x"], ["y", "x", "z", "w", "v"])
+    assert (single["mAP"], single["mAP_trapezoid"]) == (pytest.approx(50.0), pytest.approx(25.0))
 
 
 def test_ties_keep_gallery_order():
@@ -158,15 +158,12 @@ def random_case(seed, num_queries=70, num_gallery=300, num_ids=25, decimals=None
     return similarity, [f"id{i}" for i in query_ids], [f"id{i}" for i in gallery_ids]
 
 
-@pytest.mark.parametrize("ap_mode", ["standard", "trapezoid"])
 @pytest.mark.parametrize("seed,decimals", [(0, None), (1, None), (2, 1), (3, 2), (4, 1), (5, 3)])
-def test_agrees_with_per_query_loop_reference(seed, decimals, ap_mode):
+def test_agrees_with_per_query_loop_reference(seed, decimals):
     similarity, query_ids, gallery_ids = random_case(seed, decimals=decimals)
-    expected = reference_metrics_loop(similarity, query_ids, gallery_ids, max_rank=20,
-                                      ap_mode=ap_mode)
+    expected = reference_metrics_loop(similarity, query_ids, gallery_ids, max_rank=20)
     assert expected["num_valid_queries"] < expected["num_queries"]  # the case has invalid ones
-    result = compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20,
-                                  ap_mode=ap_mode)
+    result = compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20)
     assert_same(result, expected)
 
 
@@ -219,10 +216,120 @@ def test_runs_on_the_similarity_device():
     ((np.ones((0, 2)), [], ["a", "b"]), {}, "0 queries x 2 gallery"),
     ((np.array([[np.nan, 1.0]]), ["a"], ["a", "b"]), {}, "NaN"),
     ((np.ones((1, 2)), [1], ["1", "2"]), {}, "different label types"),
-    ((np.ones((1, 2)), ["a"], ["a", "b"]), {"ap_mode": "interpolated"}, "ap_mode"),
     ((np.ones((1, 2)), ["a"], ["a", "b"]), {"max_rank": 0}, "max_rank"),
     ((np.ones((1, 2)), ["a"], ["a", "b"]), {"chunk_size": 0}, "chunk_size"),
 ])
 def test_bad_input_is_a_clear_error(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         compute_reid_metrics(*args, **kwargs)
+
+
+# ------------------------------------------------------------ verification, open set, re-ranking
+
+reference_verification_loop = bench_metrics.reference_verification_loop
+reference_open_set_loop = bench_metrics.reference_open_set_loop
+reference_rerank = bench_metrics.reference_rerank
+
+
+def test_verification_hand_case():
+    # Genuine scores 0.9, 0.4; impostor 0.8, 0.4, 0.1, 0.1. At t = 0.4: FAR 2/4, FRR 0;
+    # at t = 0.8: FAR 1/4, FRR 1/2 (|diff| 1/4, the minimum; lowest t of it).
+    similarity = np.array([[0.9, 0.8, 0.1], [0.4, 0.4, 0.1]])
+    result = compute_verification_metrics(similarity, ["a", "b"], ["a", "b", "d"],
+                                          far=(0.3, 0.2))
+    assert result["eer"] == pytest.approx(pct((Fraction(1, 4) + Fraction(1, 2)) / 2))
+    assert result["eer_threshold"] == 0.8
+    # FAR <= 0.3 first holds at t = 0.8 (one impostor accepted): TAR 1/2. FAR <= 0.2 needs
+    # t > 0.8: t = 0.9, TAR 1/2. Fewer than 1/FAR impostor pairs: n/a.
+    assert result["tar_at_far"] == {0.3: pytest.approx(50.0), 0.2: None}
+    assert (result["num_genuine"], result["num_impostor"]) == (2, 4)
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, None), (1, 1), (2, 2), (3, 1)])
+def test_verification_agrees_with_per_pair_loop(seed, decimals):
+    similarity, query_ids, gallery_ids = random_case(seed, 12, 25, 5, decimals=decimals)
+    far = (0.1, 0.01, 0.004, 1e-3)
+    result = compute_verification_metrics(similarity, query_ids, gallery_ids, far=far)
+    expected = reference_verification_loop(similarity, query_ids, gallery_ids, far)
+    assert result["eer"] == pytest.approx(expected["eer"], abs=1e-9)
+    assert result["eer_threshold"] == expected["eer_threshold"]
+    assert result["tar_at_far"].keys() == expected["tar_at_far"].keys()
+    for rate, tar in expected["tar_at_far"].items():
+        assert result["tar_at_far"][rate] == (None if tar is None else pytest.approx(tar)), rate
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, None), (1, 1), (2, 2), (3, 1)])
+def test_open_set_agrees_with_per_search_loop(seed, decimals):
+    similarity, query_ids, gallery_ids = random_case(seed, 150, 40, 8, decimals=decimals)
+    fpir = (0.5, 0.1, 0.03, 0.01)
+    result = compute_open_set_metrics(similarity, query_ids, gallery_ids, fpir=fpir)
+    expected = reference_open_set_loop(similarity, query_ids, gallery_ids, fpir)
+    assert result["num_mated"] + result["num_non_mated"] == 150
+    assert result["rank1_mated"] == pytest.approx(expected["rank1_mated"])
+    for rate, fnir in expected["fnir_at_fpir"].items():
+        assert result["fnir_at_fpir"][rate] == (None if fnir is None
+                                                else pytest.approx(fnir)), rate
+
+
+def test_open_set_hand_case():
+    # Mated: a (best b1 0.9: wrong), b (best b1 0.7: right). Non-mated: z (0.8), y (0.2).
+    similarity = np.array([[0.9, 0.1], [0.7, 0.3], [0.8, 0.1], [0.2, 0.1]])
+    result = compute_open_set_metrics(similarity, ["a", "b", "z", "y"], ["b", "a"],
+                                      fpir=(0.5,))
+    # FPIR <= 1/2 for t > 0.2: best t = 0.7, b is found: FNIR 1/2.
+    assert result["fnir_at_fpir"] == {0.5: pytest.approx(50.0)}
+    assert result["rank1_mated"] == pytest.approx(50.0)
+
+
+def normalised(rng, count, dim):
+    features = rng.normal(size=(count, dim)).astype(np.float32)
+    return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("num_queries,num_gallery,dim,k1,k2,lambda_value", [
+    (8, 30, 6, 20, 6, 0.3),   # k1 + 1 > Q + G: every image is a neighbour
+    (15, 45, 4, 5, 3, 0.5),
+    (6, 20, 3, 3, 1, 0.0),    # k2 = 1: no query expansion
+    (10, 40, 8, 2, 9, 1.0),   # k2 > k1 + 1
+])
+def test_rerank_equals_torchreid_algorithm(num_queries, num_gallery, dim, k1, k2, lambda_value):
+    rng = np.random.default_rng(num_queries + k1)
+    query, gallery = normalised(rng, num_queries, dim), normalised(rng, num_gallery, dim)
+    expected = reference_rerank(1 - query @ gallery.T, 1 - query @ query.T,
+                                1 - gallery @ gallery.T, k1, k2, lambda_value)
+    result = rerank_k_reciprocal(torch.from_numpy(query), torch.from_numpy(gallery), k1, k2,
+                                 lambda_value)
+    assert result.shape == (num_queries, num_gallery)
+    assert np.abs(result.numpy() - expected).max() < 1e-5
+
+
+def test_rerank_chunks_do_not_change_the_result(monkeypatch):
+    rng = np.random.default_rng(0)
+    query, gallery = torch.from_numpy(normalised(rng, 20, 8)), torch.from_numpy(
+        normalised(rng, 70, 8))
+    whole = rerank_k_reciprocal(query, gallery, 6, 3, 0.3)
+    monkeypatch.setattr(reid_metrics, "RERANK_CHUNK_ELEMENTS", 37)
+    assert torch.allclose(rerank_k_reciprocal(query, gallery, 6, 3, 0.3), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: compute_verification_metrics(np.ones((1, 2)), ["a"], ["a", "b"], far=(0.0,)),
+     r"far must be rates strictly between 0 and 1"),
+    (lambda: compute_verification_metrics(np.ones((1, 2)), ["a"], ["a", "b"], far=(1.5,)),
+     r"far must be rates strictly between 0 and 1"),
+    (lambda: compute_verification_metrics(np.ones((2, 2)), ["a", "a"], ["a", "a"]),
+     r"no impostor pair"),
+    (lambda: compute_verification_metrics(np.ones((1, 2)), ["z"], ["a", "b"]),
+     r"no genuine pair"),
+    (lambda: compute_open_set_metrics(np.ones((1, 2)), ["a"], ["a", "b"]),
+     r"no non-mated search"),
+    (lambda: compute_open_set_metrics(np.ones((1, 2)), ["a"], ["a", "b"], fpir=(1,)),
+     r"fpir must be rates"),
+    (lambda: rerank_k_reciprocal(torch.ones(2, 3), torch.ones(4, 3), k1=0),
+     r"re-ranking needs an integer k1 >= 1, got 0"),
+    (lambda: rerank_k_reciprocal(torch.ones(2, 3), torch.ones(4, 2)),
+     r"re-ranking needs \[Q, D\] and \[G, D\] feature matrices"),
+])
+def test_forensic_bad_input_is_a_clear_error(call, message):
+    with pytest.raises(MetricInputError, match=message):
+        call()

@@ -2,8 +2,11 @@
 import csv
 import json
 
+import pytest
+
 import run_all_finetuned_stage1
 from config import load_config
+from experiments import run_eval_clip
 from conftest import ROOT, run_script
 from test_evaluation import save_tiny_checkpoint
 
@@ -61,7 +64,8 @@ def test_existing_checkpoint_is_not_retrained(make_config, tmp_path, capsys):
         "--set", f"results_dir={tmp_path / 'results'}", "--out", str(tmp_path / "summary")])
     assert code == 0 and (tmp_path / "tiny.pth").stat().st_mtime_ns == before
     output = capsys.readouterr().out
-    assert "=== training" not in output and "| tiny | 11k/dorsal_r | finetuned | 1 |" in output
+    assert "=== training" not in output
+    assert "| tiny | 11k/dorsal_r | finetuned | off | no | 1 |" in output
 
 
 def test_shipped_eval_configs_match_their_train_and_baseline_twins():
@@ -81,3 +85,34 @@ def test_shipped_eval_configs_match_their_train_and_baseline_twins():
         assert {k: config[k] for k in model} == {k: train[k] for k in model}, path.name
         assert {k: baseline[k] for k in data} == {k: config[k] for k in data}, path.name
         assert baseline["name"].startswith("baseline_")
+
+
+def test_an_image_is_encoded_once_per_model_across_configs(prepared_11k, tmp_path):
+    """Two baseline configs of one model on two 11k aspects: their gallery{i}_all share the
+    test images of all aspects, so the second config encodes only what the first did not,
+    and its metrics equal a standalone run's."""
+    common = (f"variant: baseline\nmodel: tiny\ndata_dir: {prepared_11k}\nnum_workers: 0\n"
+              f"plots: false\nnum_splits: 2\nflip: sum\nresults_dir: {tmp_path / 'results'}\n")
+    for aspect in ("dorsal_r", "dorsal_l"):
+        (tmp_path / f"eval_{aspect}.yml").write_text(f"name: {aspect}\naspect: {aspect}\n"
+                                                     f"{common}")
+    code = run_all_finetuned_stage1.main([
+        "--configs", str(tmp_path / "eval_dorsal_r.yml"), str(tmp_path / "eval_dorsal_l.yml"),
+        "--out", str(tmp_path / "summary")])
+    assert code == 0
+    first, second = (json.loads((tmp_path / f"results/{aspect}_baseline.json").read_text())
+                     for aspect in ("dorsal_r", "dorsal_l"))
+    assert first["counts"]["images_from_store"] == 0
+    assert first["counts"]["images_encoded"] == 2 * first["counts"]["unique_images"]  # flip
+    counts = second["counts"]
+    assert counts["images_from_store"] > 0
+    assert counts["images_from_store"] + counts["images_encoded"] // 2 == counts["unique_images"]
+    alone = run_eval_clip.evaluate_config(load_config(
+        tmp_path / "eval_dorsal_l.yml", [("results_dir", str(tmp_path / "alone"))]))
+    assert alone["counts"]["images_from_store"] == 0
+    for row, expected in zip(second["per_split"], alone["per_split"]):
+        for key in ("rank1", "mAP", "mAP_trapezoid", "mINP", "eer"):
+            assert row[key] == pytest.approx(expected[key], abs=1e-4), key
+    table = (tmp_path / "summary.md").read_text()
+    assert "| flip | rerank |" in table and "| sum | no |" in table
+    assert "mAP (trapezoid) | EER | TAR@FAR=1e-3 |" in table

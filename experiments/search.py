@@ -1,0 +1,194 @@
+"""Search a gallery for the identity of query images with a trained (or the baseline) model.
+
+    python experiments/search.py --config <eval config> --gallery <dir | features.npz> --query <image | dir> [--top-k 10] [--threshold T] [--out DIR]
+
+Prints, per query, the top-k gallery images with their identity (first sub-folder of the
+gallery folder, or the identities stored in features.npz) and score (cosine similarity of the
+L2-normalised features, 1 = same image). With --threshold T (e.g. the EER threshold of an
+evaluation), a query whose best score is below T is reported as "no match in gallery".
+
+Outputs in --out (default: <results_dir>/search): search.csv (query, rank, score, gallery
+image, identities, match) and search_ranking.png (one row per query, first 100: query in blue,
+then its top-k, green frame = the query's identity, red = another, grey = query identity
+unknown). A re-run keeps the previous files as <name>.<their mtime>.<suffix>.
+The features of a gallery folder are cached in <out>/gallery_cache/, keyed by the model
+fingerprint and each file's content, so a second search against the same (or a grown)
+gallery encodes only the images it has not seen.
+"""
+import csv
+import hashlib
+import io
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from config import (UserError, atomic_write, atomic_write_text, load_config,  # noqa: E402
+                    make_parser, run_cli)
+from experiments import extract_features as fx  # noqa: E402
+from experiments.run_eval_clip import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR,  # noqa: E402
+                                       keep_previous, save_ranking_grid)
+
+UNKNOWN_COLOUR = "#808080"
+MAX_GRID_ROWS = 100
+CSV_FIELDS = ["query", "query_identity", "rank", "score", "gallery", "gallery_identity", "match"]
+
+
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_gallery_features(encoder, paths, cache_dir):
+    """Features of the gallery images, from <cache_dir>/<fingerprint>.npz where the content
+    was seen before with this model; the rest is encoded and added to the cache."""
+    fingerprint = encoder.description["fingerprint"]
+    cache_path = cache_dir / f"{fingerprint[:16]}.npz"
+    with ThreadPoolExecutor(fx.split_protocol.WORKERS) as pool:
+        digests = list(pool.map(file_digest, paths))
+    cached = {}
+    if cache_path.is_file():
+        try:
+            with np.load(cache_path, allow_pickle=False) as data:
+                if str(data["fingerprint"]) == fingerprint:
+                    cached = dict(zip(data["digests"].tolist(), data["features"]))
+        except fx.UNREADABLE_NPZ:
+            print(f"warning: ignoring the unreadable gallery cache {cache_path}", file=sys.stderr)
+    todo = sorted({d: p for p, d in zip(paths, digests) if d not in cached}.items())
+    if todo:
+        cached.update(zip([d for d, _ in todo], encoder.encode([p for _, p in todo])))
+        arrays = {"digests": np.array(list(cached), dtype=str),
+                  "features": np.stack(list(cached.values())).astype(np.float32),
+                  "fingerprint": np.array(fingerprint)}
+        atomic_write(cache_path, lambda handle: np.savez(handle, **arrays))
+    print(f"gallery: {len(paths)} images, {len(paths) - len(todo)} features from the cache "
+          f"{cache_path}, {len(todo)} encoded")
+    return np.stack([cached[d] for d in digests])
+
+
+def load_gallery(encoder, gallery, out):
+    """-> (features, paths, identities) of a gallery folder (cached) or a features.npz made by
+    the same model."""
+    if gallery.is_file() and gallery.suffix == ".npz":
+        features, paths, identities, description = fx.load_features(gallery)
+        if description.get("fingerprint") != encoder.description["fingerprint"]:
+            made = f"{description.get('model')} ({description.get('variant')}" + (
+                f", checkpoint {description['checkpoint']['path']})"
+                if description.get("checkpoint") else ")")
+            raise UserError(f"{gallery} holds features of another model or feature definition "
+                            f"({made}); re-export it with {fx.EXPORT_COMMAND} (this config) or "
+                            "pass the gallery folder")
+        print(f"gallery: {len(paths)} images from {gallery}")
+        return features, paths, identities
+    items = fx.list_images(gallery, "--gallery")
+    paths = [p for p, _ in items]
+    features = cached_gallery_features(encoder, paths, out / "gallery_cache")
+    return features, paths, [i for _, i in items]
+
+
+def rank(query_features, gallery_features, top_k):
+    """-> (scores, indices) [queries, k], best first; ties keep gallery order (stable)."""
+    similarity = torch.from_numpy(query_features) @ torch.from_numpy(gallery_features).T
+    order = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :top_k]
+    return torch.gather(similarity, 1, order).numpy(), order.numpy()
+
+
+def frame_colour(query_identity, gallery_identity):
+    if not query_identity:
+        return UNKNOWN_COLOUR
+    return SAME_COLOUR if gallery_identity == query_identity else OTHER_COLOUR
+
+
+def report(queries, gallery, scores, order, threshold):
+    """Print the ranking of each query; -> (CSV rows, grid rows, number of matched queries)."""
+    (query_paths, query_ids), (gallery_paths, gallery_ids) = queries, gallery
+    csv_rows, grid_rows, matched = [], [], 0
+    for q, (path, identity) in enumerate(zip(query_paths, query_ids)):
+        best = float(scores[q, 0])
+        found = threshold is None or best >= threshold
+        matched += found
+        print(f"\nquery {q + 1}/{len(query_paths)}: {path}"
+              + (f" (identity {identity})" if identity else ""))
+        if not found:
+            print(f"  no match in gallery (best score {best:.4f} < threshold {threshold:.4f}); "
+                  "closest:")
+        print(f"  {'rank':>4}  {'score':>7}  {'identity':<20} image")
+        ranked = []
+        for r, (score, g) in enumerate(zip(scores[q].tolist(), order[q].tolist()), start=1):
+            match = "" if threshold is None else "yes" if score >= threshold else "no"
+            print(f"  {r:>4}  {score:7.4f}  {gallery_ids[g] or '-':<20} {gallery_paths[g]}")
+            csv_rows.append({"query": path, "query_identity": identity, "rank": r,
+                             "score": f"{score:.6f}", "gallery": gallery_paths[g],
+                             "gallery_identity": gallery_ids[g], "match": match})
+            ranked.append((gallery_paths[g], frame_colour(identity, gallery_ids[g]),
+                           f"{r}: {score:.3f}\n{gallery_ids[g]}"))
+        grid_rows.append(((path, QUERY_COLOUR, ("query" if found else "no match") +
+                           f"\n{identity}"), ranked))
+    return csv_rows, grid_rows, matched
+
+
+def write_outputs(out, csv_rows, grid_rows):
+    """search.csv and search_ranking.png in `out`, earlier ones kept aside."""
+    csv_path, png_path = out / "search.csv", out / "search_ranking.png"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    kept = [keep_previous(csv_path)]
+    atomic_write_text(csv_path, buffer.getvalue())
+    missing = [p for (q, _, _), ranked in grid_rows for p in [q] + [t[0] for t in ranked]
+               if not Path(p).is_file()]
+    if missing:
+        print(f"warning: no ranking grid: {missing[0]} (and {len(missing) - 1} more) no longer "
+              "exist; re-export the gallery features", file=sys.stderr)
+    else:
+        kept.append(keep_previous(png_path))
+        save_ranking_grid(png_path, grid_rows[:MAX_GRID_ROWS])
+    kept = [str(k) for k in kept if k]
+    print(f"\nranking: {csv_path}" + ("" if missing else f", {png_path}")
+          + (f" (previous kept as {', '.join(kept)})" if kept else ""))
+
+
+def main(argv=None):
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--gallery", required=True, type=Path,
+                        help="a folder of gallery images (identity = first sub-folder) or a "
+                             "features.npz from extract_features.py")
+    parser.add_argument("--query", required=True, type=Path,
+                        help="a query image, or a folder of them (identity = first sub-folder)")
+    parser.add_argument("--top-k", type=int, default=10, help="gallery images shown per query "
+                                                              "(default: 10)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="score under which a query has no match in the gallery (e.g. an "
+                             "evaluation's EER threshold)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: <results_dir>/search)")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    config = load_config(args.config, args.overrides)
+    out = args.out or Path(config["results_dir"]) / "search"
+    if not args.gallery.exists():
+        raise UserError(f"--gallery {args.gallery} does not exist; give a folder of images or a "
+                        "features.npz")
+    queries = fx.list_images(args.query, "--query")
+    encoder = fx.Encoder(config)
+    gallery_features, gallery_paths, gallery_ids = load_gallery(encoder, args.gallery, out)
+    query_features = encoder.encode([p for p, _ in queries])
+    scores, order = rank(query_features, gallery_features, min(args.top_k, len(gallery_paths)))
+    csv_rows, grid_rows, matched = report(
+        ([p for p, _ in queries], [i for _, i in queries]), (gallery_paths, gallery_ids),
+        scores, order, args.threshold)
+    write_outputs(out, csv_rows, grid_rows)
+    print(f"{len(queries)} queries" + ("" if args.threshold is None else
+                                      f", {matched} with a match at threshold {args.threshold}"))
+
+
+if __name__ == "__main__":
+    run_cli(main)
