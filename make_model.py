@@ -21,7 +21,6 @@ from pathlib import Path
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
@@ -627,12 +626,13 @@ def clipreid_feature(config):
 
 def _clipreid_embedding(model, images):
     """CLIP-ReID's retrieval feature: both image features (neck_feat: before or after their
-    BNNeck's BN), concatenated and L2-normalised."""
+    BNNeck's BN), concatenated; raw, as every feature kind, so that a flip rule sums raw
+    features; evaluation L2-normalises it."""
     pre, proj = encode_image_pair(model.clip_model.visual, images)
     if model.feature["neck_feat"] == "after":
         neck, neck_proj = (model.extras[name] for name in model.feature["modules"])
         pre, proj = neck.bn(pre), neck_proj.bn(proj)
-    return F.normalize(torch.cat([pre, proj], dim=1), dim=1)
+    return torch.cat([pre, proj], dim=1)
 
 
 def read_prompts(path, identity_names):
