@@ -21,8 +21,8 @@ over pk batches (sampler: pk). Model selection (val/) runs in this phase only; t
 accuracy and the val accuracy / loss are those of the image-to-text logits.
 
 Retrieval feature (in the checkpoint, so evaluation needs no Stage-2 code): the two image
-features concatenated, before or after their BN (neck_feat); evaluation L2-normalises it. The checkpoint
-holds the learned prompts as module `prompt_learner` (its `context` tensor).
+features concatenated, before or after their BN (neck_feat); evaluation L2-normalises it.
+The checkpoint holds the learned prompts as module `prompt_learner` (its `context` tensor).
 prompt_epochs: 0 skips phase 1 and starts phase 2 from the prompts of prompt_checkpoint.
 """
 import torch
