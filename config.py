@@ -71,6 +71,10 @@ SCHEMA = {
     "aug_color_jitter": _opt(float, 0.0, "brightness/contrast/saturation jitter strength",
                              low=0.0),
     "aug_random_erasing": _opt(float, 0.5, "probability of random erasing", low=0.0),
+    "augment_on": _opt(str, "loader", "where training augmentation runs: loader (per image in "
+                                      "the loader workers) or device (batched on the training "
+                                      "device; the loader hands over uint8 images)",
+                       choices=("loader", "device")),
     # optimisation
     "epochs": _opt(int, 60, "training epochs", low=1),
     "batch_size": _opt(int, 64, "images per optimizer step (per process under torchrun)", low=1),

@@ -1,12 +1,18 @@
 """Loader throughput on full-size (1600x1200) JPEGs: the reference path (full decode of every
 image on every pass, decoding workers) against the fast path (`cache_images: true`: one
-draft-mode decode per image, then tensors in memory), measured side by side in one run on
-the real training loader. Also reports how closely the two paths' evaluation inputs and
-ViT-B/16 features agree.
+draft-mode decode per image, then tensors in memory, augmented per image in the workers)
+and the device path (`augment_on: device`: the loader hands over cached uint8 batches, the
+augmentation runs batched on the device, here this CPU), measured side by side in one run on
+the real training loader. Also reports how closely the reference and the cached path's
+evaluation inputs and ViT-B/16 features agree.
 
     python benchmarks/bench_data_path.py [--epochs 3] [--out benchmarks/results/data_path.md]
+
+The device path runs on this CPU's OpenMP threads; the script waits passively between
+parallel regions (OMP_WAIT_POLICY=PASSIVE unless set).
 """
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -14,11 +20,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The device path runs on this CPU's OpenMP threads. On a shared machine, threads that spin
+# while waiting for each other lose most of their time slices (several-fold slower); passive
+# waiting keeps the figure about the data path. Set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from build_dataloader import eval_loader, get_train_val_loaders, list_split  # noqa: E402
+from build_dataloader import (device_augment, eval_loader, get_train_val_loaders,  # noqa: E402
+                              list_split, set_loader_epoch)
 from config import atomic_write_text, load_config  # noqa: E402
 from make_model import HandIdModel, build_model, preprocess_spec  # noqa: E402
 from synthetic_data import prepare_synthetic_11k  # noqa: E402
@@ -37,13 +48,21 @@ def make_data(folder, subjects, per_aspect, config):
 
 
 def epoch_rates(config, epochs):
-    """images/s of each epoch; the first includes building the loader (and the cache)."""
+    """images/s of each epoch of the train loader, with the batched augmentation on this
+    CPU as the device under augment_on: device; the first epoch includes building the
+    loader (and the cache)."""
     start = time.perf_counter()
     loader, _, _ = get_train_val_loaders(config)
+    augment = device_augment(config)
+    generator = torch.Generator()
     rates = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        set_loader_epoch(loader, epoch)
+        generator.manual_seed(epoch)
         seen = 0
         for images, _ in loader:
+            if augment is not None:
+                images = augment(images, generator)
             seen += len(images)
         rates.append(seen / (time.perf_counter() - start))
         start = time.perf_counter()
@@ -88,22 +107,29 @@ def main():
         n = len(list_split(config, "train"))
         reference = epoch_rates(dict(config, cache_images=False), args.epochs)
         fast = epoch_rates(dict(config, cache_images=True), args.epochs)
+        device = epoch_rates(dict(config, cache_images=True, augment_on="device"), args.epochs)
         paths = [p for p, _ in list_split(config, "val")][:16]
         pix_max, pix_mean, gap_max, gap_mean = feature_agreement(config, paths)
     steady_ref = sum(reference[1:]) / max(1, len(reference) - 1)
     steady_fast = sum(fast[1:]) / max(1, len(fast) - 1)
+    steady_device = sum(device[1:]) / max(1, len(device) - 1)
     lines = [
         f"Train loader on {n} synthetic 1600x1200 JPEGs -> 224x224 (ViT-B/16 input), batch 32, "
-        f"{args.epochs} epochs, {torch.get_num_threads()} threads:",
+        f"{args.epochs} epochs, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}:",
         "",
         "| path | epoch 1 img/s (incl. setup) | later epochs img/s |",
         "|---|---|---|",
         f"| reference (decode every epoch, {args.workers} workers) | {reference[0]:.1f} | "
         f"{steady_ref:.1f} |",
-        f"| fast (cache_images) | {fast[0]:.1f} | {steady_fast:.1f} |",
+        f"| fast (cache_images, augment_on: loader, {args.workers} workers) | {fast[0]:.1f} | "
+        f"{steady_fast:.1f} |",
+        f"| device (cache_images, augment_on: device, on this CPU) | {device[0]:.1f} | "
+        f"{steady_device:.1f} |",
         "",
-        f"Ratio, later epochs: {steady_fast / steady_ref:.1f}x; first epoch: "
-        f"{fast[0] / reference[0]:.1f}x.",
+        f"Ratio, later epochs: fast {steady_fast / steady_ref:.1f}x the reference, device "
+        f"{steady_device / steady_fast:.1f}x fast; first epoch: fast "
+        f"{fast[0] / reference[0]:.1f}x the reference, device {device[0] / fast[0]:.1f}x fast.",
         f"Eval inputs fast vs reference on {len(paths)} images: max |pixel diff| "
         f"{pix_max:.1f}/255, mean {pix_mean:.2f}/255; ViT-B/16 (random init) feature distance "
         f"between the paths, relative to the mean distance between different images: max "

@@ -3,11 +3,13 @@
 The real FinetuneTrainerStage1 step (autocast, grad scaler, AdamW over the image encoder and
 head) on random in-memory images of the model's input size, so the number is the model's
 speed, not the disk's (benchmarks/bench_data_path.py measures the loader). Models are random
-initialised with the real architectures (no download). Epoch 1 is warm-up; the figure is
-epoch 2's images/s. On CUDA it also reports peak GPU memory.
+initialised with the real architectures (no download). Epoch 1 is warm-up (and compiles
+with compile=true); the figure is epoch 2's images/s. On CUDA it also reports peak GPU memory.
+--options measures config overrides side by side: each item is `default` or comma-separated
+key=value pairs, e.g. `default tf32=true channels_last=true compile=true`.
 
     python benchmarks/bench_train.py [--models tiny vitb16] [--batch-sizes 16] [--amp fp32 bf16]
-        [--steps 3] [--device cpu|cuda] [--out benchmarks/results/train.md]
+        [--steps 3] [--device cpu|cuda] [--options default ...] [--out benchmarks/results/train.md]
 """
 import argparse
 import contextlib
@@ -24,9 +26,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
-from config import atomic_write_text, load_config  # noqa: E402
+from config import atomic_write_text, load_config, parse_override, run_cli  # noqa: E402
 from finetune_trainer_stage1 import FinetuneTrainerStage1  # noqa: E402
 from make_model import build_model, preprocess_spec  # noqa: E402
+from runtime import configure_backends  # noqa: E402
 
 NUM_CLASSES = 100
 
@@ -44,11 +47,18 @@ def random_loader(config, steps):
                       generator=generator, drop_last=True)
 
 
-def measure(model, batch_size, amp, steps, device, workdir):
+def option_overrides(option):
+    """'default' -> []; 'compile=true,tf32=true' -> [("compile", True), ("tf32", True)]."""
+    return [] if option == "default" else [parse_override(item) for item in option.split(",")]
+
+
+def measure(model, batch_size, amp, steps, device, option, workdir):
     config = load_config(None, [
         ("model", model), ("pretrained", "none"), ("batch_size", batch_size), ("amp", amp),
         ("epochs", 2), ("warmup_epochs", 0), ("device", device),
-        ("save_path", f"{workdir}/{model}.pth"), ("log_path", f"{workdir}/{model}.log")])
+        ("save_path", f"{workdir}/{model}.pth"), ("log_path", f"{workdir}/{model}.log"),
+        *option_overrides(option)])
+    configure_backends(config, torch.device(device))
     clip_model, classifier = build_model(config, NUM_CLASSES)
     trainer = FinetuneTrainerStage1(clip_model, classifier, random_loader(config, steps),
                                     config, device, overwrite=True)
@@ -69,25 +79,45 @@ def main():
     parser.add_argument("--amp", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3, help="training steps per epoch")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--options", nargs="+", default=["default"],
+                        help="config overrides to compare: 'default' or key=value[,key=value]")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                    else f"CPU, {torch.get_num_threads()} threads")
-    rows = ["| model | batch | precision | images/s | peak memory |", "|---|---|---|---|---|"]
+    for option in args.options:
+        load_config(None, option_overrides(option))  # a bad option fails before any run
+    exit_code = 0
+    rows = ["| model | batch | precision | options | images/s | peak memory |",
+            "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as workdir:
         for model in args.models:
             for batch_size in args.batch_sizes:
                 for amp in args.amp:
-                    started = time.perf_counter()
-                    rate, peak = measure(model, batch_size, amp, args.steps, args.device, workdir)
-                    rows.append(f"| {model} | {batch_size} | {amp} | {rate:.1f} | {peak} |")
-                    print(rows[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
+                    for option in args.options:
+                        started = time.perf_counter()
+                        try:
+                            rate, peak = measure(model, batch_size, amp, args.steps,
+                                                 args.device, option,
+                                                 f"{workdir}/run{len(rows)}")
+                            result = f"{rate:.1f} | {peak}"
+                        # One option failing (e.g. compile without a C compiler, out of
+                        # memory) must not cost the other rows; the row says why.
+                        except Exception as err:
+                            reason = f"{type(err).__name__}: {err}".splitlines()[0][:120]
+                            result = f"failed: {reason.replace('|', '/')} | -"
+                            exit_code = 1
+                            if torch.cuda.is_available():
+                                torch.cuda.empty_cache()
+                        rows.append(f"| {model} | {batch_size} | {amp} | {option} | {result} |")
+                        print(rows[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
     text = "\n".join([f"Training throughput on {device_name} (random init, random images, "
                       f"{args.steps} steps per epoch, epoch 2):", ""] + rows)
     print(text)
     if args.out:
         atomic_write_text(args.out, text + "\n\n")
+    return exit_code
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
