@@ -115,6 +115,34 @@ SCHEMA = {
     "channels_last": _opt(bool, False, "channels-last memory format (ResNet backbones)"),
     "tf32": _opt(bool, False, "TF32 matmuls and convolutions on GPUs that have them"),
     "device": _opt(str, "auto", "auto, cpu, cuda or cuda:N"),
+    # stage 2 (CLIP-ReID)
+    "prompt_template": _opt(str, "A photo of a X X X X hand.",
+                            "Stage-2 text template; each standalone X is one learnable token "
+                            "per training identity"),
+    "prompt_epochs": _opt(int, 120, "Stage-2 phase 1: epochs that learn the prompts (0 = take "
+                                    "them from prompt_checkpoint)", low=0),
+    "prompt_checkpoint": _opt(str, None, "a Stage-2 checkpoint whose learned prompts phase 2 "
+                                         "starts from when prompt_epochs is 0"),
+    "prompt_batch_size": _opt(int, 64, "Stage-2 phase 1: image features per step (per process)",
+                              low=1),
+    "prompt_lr": _opt(float, 3.5e-4, "Stage-2 phase 1: Adam learning rate of the prompts",
+                      low=0.0),
+    "prompt_weight_decay": _opt(float, 1e-4, "Stage-2 phase 1: weight decay of the prompts",
+                                low=0.0),
+    "prompt_warmup_epochs": _opt(int, 5, "Stage-2 phase 1: linear warmup epochs", low=0),
+    "prompt_warmup_lr": _opt(float, 1e-5, "Stage-2 phase 1: learning rate at the first warmup "
+                                          "step", low=0.0),
+    "prompt_min_lr": _opt(float, 1e-6, "Stage-2 phase 1: learning rate at the end of the "
+                                       "cosine decay", low=0.0),
+    "warmup_factor": _opt(float, 0.1, "Stage-2 phase 2: lr factor where the linear warmup "
+                                      "starts", low=0.0),
+    "id_loss_weight": _opt(float, 0.25, "Stage-2 phase 2: weight of the identity "
+                                        "cross-entropy (summed over both heads)", low=0.0),
+    "i2t_loss_weight": _opt(float, 1.0, "Stage-2 phase 2: weight of the image-to-text "
+                                        "cross-entropy", low=0.0),
+    "neck_feat": _opt(str, "before", "Stage-2 retrieval feature: the two image features "
+                                     "before or after their BNNeck BN, concatenated",
+                      choices=("before", "after")),
     # outputs
     "save_path": _opt(str, None, "checkpoint file (default: saved_models/<name>.pth)"),
     "log_path": _opt(str, None, "human log file; metrics and plots go beside it "

@@ -25,3 +25,14 @@ def batch_hard_triplet(features, labels, margin=0.3, soft_margin=False):
     if soft_margin:
         return F.softplus(gap).mean()
     return F.relu(gap + margin).mean()
+
+
+def image_text_contrastive(anchors, candidates, anchor_labels, candidate_labels):
+    """Supervised contrastive loss (Khosla et al. 2020) from each anchor to a set of candidates
+    of the other modality (CLIP-ReID's image-to-text and text-to-image losses): minus the
+    mean log-softmax over all candidates of the candidates sharing the anchor's label,
+    averaged over the anchors. Similarities are raw dot products (temperature 1), as
+    CLIP-ReID uses them; every anchor needs at least one candidate with its label."""
+    log_prob = torch.log_softmax(anchors.float() @ candidates.float().T, dim=1)
+    positive = (anchor_labels[:, None] == candidate_labels[None, :]).float()
+    return -((log_prob * positive).sum(1) / positive.sum(1)).mean()

@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import logging
 import os
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.model import resize_pos_embed
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
 from config import ConfigError, UserError, atomic_write
@@ -505,3 +508,148 @@ def load_checkpoint(path, config, device="cpu", freeze_text=True):
         _load_strict(extras[name], ckpt["modules"][name], path, name)
     model = HandIdModel(clip_model, extras=extras, feature=ckpt["feature"])
     return model.to(device), ckpt
+
+
+# ---------------------------------------------------------------- stage 2 (CLIP-ReID)
+# Stage 2 learns one set of text tokens per training identity ("A photo of a X X X X hand.",
+# each X a learnable token) against the frozen encoders, then trains the image encoder with
+# two BNNeck heads and an image-to-text loss against those identities' text features
+# (Li et al., CLIP-ReID, AAAI 2023). Its modules and its retrieval feature live here so that
+# evaluation rebuilds a Stage-2 checkpoint without importing the trainer.
+
+PROMPT_PLACEHOLDER = re.compile(r"(?<![\w-])X(?![\w-])")
+
+
+def template_tokens(arch, template):
+    """-> (token ids of `template` [context_length], positions of its X placeholders).
+    Each standalone upper-case X is one learnable token; ConfigError without any."""
+    count = len(PROMPT_PLACEHOLDER.findall(template))
+    if count == 0:
+        raise ConfigError(f"prompt_template: {template!r} has no X placeholder; write each "
+                          f"learnable token as a standalone X, e.g. 'A photo of a X X X X hand.'")
+    tokenizer = open_clip.get_tokenizer(arch)
+    tokens = tokenizer([template])[0]
+    placeholder = tokenizer(["X"])[0][1]
+    positions = (tokens == placeholder).nonzero().flatten()
+    if len(positions) != count or tokens[-1] != 0:
+        raise ConfigError(f"prompt_template: {template!r} does not tokenize into {count} "
+                          f"placeholder tokens within the {len(tokens)}-token context (is it too "
+                          f"long, or is a lower-case 'x' a word of it?); shorten or reword it")
+    return tokens, positions
+
+
+def check_text_tower(clip_model, config):
+    """Stage 2 runs open_clip's built-in CLIP text tower on token embeddings directly."""
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final",
+              "text_projection", "attn_mask")
+    if not all(hasattr(clip_model, name) for name in needed):
+        raise ConfigError(f"model: {config['model']} ({type(clip_model).__name__}) has no "
+                          f"CLIP-style text tower that Stage 2 can feed learned tokens to; use "
+                          f"an OpenAI-style CLIP backbone such as vitb16 or rn50")
+
+
+class PromptLearner(nn.Module):
+    """Per-identity learnable tokens in a text template, encoded by the CLIP text tower.
+
+    Holds only the learned tokens (`context`: identities x placeholders x token width) and the
+    tokenized template; the frozen text tower is passed in, so it is stored once (in the
+    CLIP weights) and the prompts always meet the tower they were learned with."""
+
+    def __init__(self, arch, template, num_classes, width):
+        super().__init__()
+        tokens, positions = template_tokens(arch, template)
+        self.register_buffer("tokens", tokens)
+        self.register_buffer("positions", positions)
+        self.context = nn.Parameter(torch.empty(num_classes, len(positions), width))
+        nn.init.normal_(self.context, std=0.02)  # CLIP-ReID's (and CoOp's) init
+
+    def forward(self, clip_model, labels):
+        """Text features (projected, not normalised) of the identities `labels`."""
+        cast_dtype = clip_model.transformer.get_cast_dtype()
+        tokens = self.tokens.expand(len(labels), -1)
+        x = clip_model.token_embedding(tokens).to(cast_dtype)
+        x = x.index_copy(1, self.positions, self.context[labels].to(cast_dtype))
+        x = x + clip_model.positional_embedding.to(cast_dtype)
+        x = clip_model.ln_final(clip_model.transformer(x, attn_mask=clip_model.attn_mask))
+        x = text_global_pool(x, tokens, clip_model.text_pool_type,
+                             eos_token_id=getattr(clip_model, "text_eos_id", None))
+        if isinstance(clip_model.text_projection, nn.Linear):
+            return clip_model.text_projection(x)
+        return x @ clip_model.text_projection
+
+
+def _unsupported_encoder(visual):
+    return ConfigError(f"Stage 2 needs an open_clip VisionTransformer or ModifiedResNet image "
+                       f"encoder, got {type(visual).__name__}; use a CLIP backbone such as "
+                       f"vitb16 or rn50")
+
+
+def encode_image_pair(visual, images):
+    """-> (pre-projection feature, projected feature) of open_clip's image encoder, the two
+    features CLIP-ReID puts its BNNecks on. ViT: the pooled class token after ln_post, and
+    that times `proj`. ModifiedResNet: the spatial mean of layer4, and the attention pool."""
+    if isinstance(visual, ModifiedResNet):
+        x = visual.stem(images)
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        return x.mean(dim=(2, 3)), visual.attnpool(x)
+    if isinstance(visual, VisionTransformer):
+        pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+        return pooled, pooled if visual.proj is None else pooled @ visual.proj
+    raise _unsupported_encoder(visual)
+
+
+def image_pair_dims(visual):
+    """Widths of encode_image_pair's two features, without running the encoder."""
+    if isinstance(visual, ModifiedResNet):
+        return visual.attnpool.k_proj.in_features, visual.attnpool.c_proj.out_features
+    if isinstance(visual, VisionTransformer):
+        width = visual.ln_post.normalized_shape[0]
+        return width, width if visual.proj is None else visual.proj.shape[1]
+    raise _unsupported_encoder(visual)
+
+
+def clipreid_module_specs(config, clip_model, num_classes):
+    """Stage 2's modules: the identities' prompts and a BNNeck head on each image feature."""
+    check_text_tower(clip_model, config)
+    pre_dim, proj_dim = image_pair_dims(clip_model.visual)
+    return {"prompt_learner": {"kind": "prompt_learner", "arch": resolve_backbone(config)[0],
+                               "template": config["prompt_template"],
+                               "num_classes": int(num_classes),
+                               "width": clip_model.token_embedding.embedding_dim},
+            "neck": classifier_spec("bnneck", pre_dim, num_classes),
+            "neck_proj": classifier_spec("bnneck", proj_dim, num_classes)}
+
+
+def clipreid_feature(config):
+    return {"kind": "clipreid", "neck_feat": config["neck_feat"], "modules": ["neck", "neck_proj"]}
+
+
+def _clipreid_embedding(model, images):
+    """CLIP-ReID's retrieval feature: both image features (neck_feat: before or after their
+    BNNeck's BN), concatenated; raw, as every feature kind, so that a flip rule sums raw
+    features; evaluation L2-normalises it."""
+    pre, proj = encode_image_pair(model.clip_model.visual, images)
+    if model.feature["neck_feat"] == "after":
+        neck, neck_proj = (model.extras[name] for name in model.feature["modules"])
+        pre, proj = neck.bn(pre), neck_proj.bn(proj)
+    return torch.cat([pre, proj], dim=1)
+
+
+def read_prompts(path, identity_names):
+    """-> (spec, state) of the learned prompts in the Stage-2 checkpoint `path`, which must
+    have been trained on `identity_names` (what prompt_epochs: 0 starts phase 2 from)."""
+    ckpt = _read_checkpoint(path)
+    if "prompt_learner" not in ckpt["modules"]:
+        raise UserError(f"prompt_checkpoint: {path} holds no learned prompts (it is a "
+                        f"{ckpt['method']} checkpoint); point it at a clipreid checkpoint, or "
+                        f"set prompt_epochs: to at least 1 to learn them")
+    if ckpt["identity_names"] != list(identity_names):
+        raise UserError(f"prompt_checkpoint: {path} learned prompts for other identities than "
+                        f"train/ holds now; point it at a checkpoint of this dataset, or set "
+                        f"prompt_epochs: to at least 1")
+    return ckpt["module_specs"]["prompt_learner"], ckpt["modules"]["prompt_learner"]
+
+
+KNOWN_METHODS["clipreid"] = "python experiments/train_stage2_clipreid.py --config <train config>"
+MODULE_KINDS["prompt_learner"] = PromptLearner
+FEATURE_KINDS["clipreid"] = _clipreid_embedding

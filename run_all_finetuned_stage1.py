@@ -9,8 +9,10 @@ Each config runs through experiments/run_eval_clip.py (in this process; its JSON
 plots land in the config's results_dir). A failing config is reported with a one-line reason
 and the rest still run; the exit code is 1 if any failed. With --train, a fine-tuned eval
 config whose checkpoint is missing first runs its train config (eval_X.yml -> train_X.yml in
-the same folder) through experiments/train_stage1_frozen_text.py in a subprocess, with the
-same --set overrides. The table is written as <out>.md and <out>.csv.
+the same folder) in a subprocess, with the same --set overrides, through the train script of its
+`method`: experiments/train_stage1_frozen_text.py (stage1) or train_stage2_clipreid.py (clipreid).
+The table's method column says baseline, stage1 or clipreid (Stage 2); it is written as
+<out>.md and <out>.csv.
 
 Features are shared across the configs of one invocation: an image is encoded once per model
 (backbone and weights, or checkpoint file; flip rule, precision), so a backbone's baseline on
@@ -31,9 +33,12 @@ from engine import needs_training
 from experiments import run_eval_clip
 
 ROOT = Path(__file__).resolve().parent
-TRAIN_SCRIPT = ROOT / "experiments/train_stage1_frozen_text.py"
+# config `method` -> the script that trains it
+TRAIN_SCRIPTS = {"stage1": ROOT / "experiments/train_stage1_frozen_text.py",
+                 "clipreid": ROOT / "experiments/train_stage2_clipreid.py"}
 DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
-                   "configs/finetuning_stage1_frozen_text/eval_*.yml"]
+                   "configs/finetuning_stage1_frozen_text/eval_*.yml",
+                   "configs/finetuning_stage2_clipreid/eval_*.yml"]
 METRIC_COLUMNS = (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"),
                   ("mAP", "mAP"), ("mAP_trapezoid", "mAP (trapezoid)"), ("eer", "EER"),
                   ("tar_at_far_1e-3", "TAR@FAR=1e-3"))
@@ -74,7 +79,11 @@ def train_missing(config_path, config, overrides):
     if not config_path.name.startswith("eval_") or not train_config.is_file():
         raise UserError(f"checkpoint {config['save_path']} is missing and there is no train "
                         f"config {train_config} to make it")
-    command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(train_config)]
+    method = load_config(train_config, overrides)["method"]
+    if method not in TRAIN_SCRIPTS:
+        raise UserError(f"{train_config} says method: {method}, which no train script here "
+                        f"trains (known: {', '.join(TRAIN_SCRIPTS)}); fix its method:")
+    command = [sys.executable, str(TRAIN_SCRIPTS[method]), "--config", str(train_config)]
     for override in overrides:
         command += ["--set", override]
     print(f"\n=== training {train_config} (checkpoint {config['save_path']} is missing or its "
@@ -97,24 +106,27 @@ def run_one(config_path, args, store):
     result = run_eval_clip.evaluate_config(config, store)
     row = {"config": str(config_path), "model": config["model"], "dataset": result["dataset"],
            "variant": config["variant"], "flip": result["flip"],
-           "rerank": "yes" if result["rerank"] else "no", "splits": result["num_splits"]}
+           "rerank": "yes" if result["rerank"] else "no", "splits": result["num_splits"],
+           "method": "baseline" if config["variant"] == "baseline" else config["method"]}
     for key, _ in METRIC_COLUMNS:
         row[key], row[f"{key}_std"] = result["mean"][key], result["std"][key]
     return row
 
 
 def sort_key(row):
-    # Same dataset and model next to each other, baseline before fine-tuned.
-    return row["dataset"], row["model"], row["variant"] != "baseline", row["config"]
+    # Same dataset and model next to each other: baseline, then Stage 1, then Stage 2.
+    order = ("baseline", *TRAIN_SCRIPTS)
+    rank = order.index(row["method"]) if row["method"] in order else len(order)
+    return row["dataset"], row["model"], rank, row["config"]
 
 
 def markdown_table(rows, failures):
-    lines = ["| config | model | dataset | variant | flip | rerank | splits | "
+    lines = ["| config | method | model | dataset | variant | flip | rerank | splits | "
              + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
-             "|---" * (7 + len(METRIC_COLUMNS)) + "|"]
+             "|---" * (8 + len(METRIC_COLUMNS)) + "|"]
     for row in rows:
-        cells = [row["config"], row["model"], row["dataset"], row["variant"], row["flip"],
-                 row["rerank"], str(row["splits"])]
+        cells = [row["config"], row["method"], row["model"], row["dataset"], row["variant"],
+                 row["flip"], row["rerank"], str(row["splits"])]
         cells += ["n/a" if row[key] is None else f"{row[key]:.2f}" + (
             "" if row[f"{key}_std"] is None else f" ± {row[f'{key}_std']:.2f}")
             for key, _ in METRIC_COLUMNS]
@@ -131,7 +143,7 @@ def markdown_table(rows, failures):
 
 
 def csv_table(rows):
-    fields = ["config", "model", "dataset", "variant", "flip", "rerank", "splits"]
+    fields = ["config", "method", "model", "dataset", "variant", "flip", "rerank", "splits"]
     fields += [name for key, _ in METRIC_COLUMNS for name in (key, f"{key}_std")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
