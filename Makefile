@@ -16,8 +16,8 @@ $(STAMP): requirements.txt requirements-test.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Synthetic raw 11k -> prepare -> baseline eval, Stage-1 training (tiny model), fine-tuned
-# eval -> summary table. Re-running skips what is already done.
+# Synthetic raw 11k -> prepare -> baseline eval, Stage-1 and Stage-2 training (tiny model),
+# fine-tuned evals -> summary table. Re-running skips what is already done.
 demo: $(STAMP)
 	$(PY) datasets/make_synthetic_hands.py --out datasets/synthetic_11k
 	$(PY) datasets/prepare_11k.py --raw datasets/synthetic_11k

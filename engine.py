@@ -66,7 +66,8 @@ import losses
 import make_model
 from build_dataloader import (device_augment, get_train_val_loaders, set_loader_epoch,
                               train_gallery_loader)
-from config import SCHEMA, ConfigError, UserError, atomic_write, atomic_write_text
+from config import (SCHEMA, ConfigError, UserError, atomic_write, atomic_write_text,
+                    make_parser)
 from reid_metrics import compute_reid_metrics
 from runtime import (PRECISION_NAMES, autocast, check_not_running, configure_backends,
                      epoch_seed, init_distributed, is_main_process, rank_and_world,
@@ -891,6 +892,36 @@ class Engine:
         return not hasattr(self.model.clip_model.visual, "transformer")
 
 
+def training_parser(description, default_config=None):
+    """--config, --set and --overwrite, as every train script takes them."""
+    parser = make_parser(description, default_config)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train from scratch even if save_path holds a finished or "
+                             "unfinished run (its files are replaced as the new run writes)")
+    return parser
+
+
+def check_method(config, name):
+    """ConfigError unless `config` is for the method `name` that a train script trains."""
+    if config["method"] != name:
+        raise ConfigError(f"this script trains method {name} but the config says method: "
+                          f"{config['method']}; set method: {name}, or train it with "
+                          f"{make_model.KNOWN_METHODS.get(config['method'], 'its own script')}")
+
+
+def report(summary):
+    """Rank 0 prints where the run's files are."""
+    if not summary["is_main"]:
+        return
+    value = summary["best_value"]
+    best = (f"epoch {summary['best_epoch']}" + ("" if value is None else
+                                                 f", {summary['selection']} {value:.4g}"))
+    print(f"checkpoint ({best}): {summary['save_path']}")
+    print(f"log: {summary['log_path']}\nmetrics: {summary['metrics_path']}\n"
+          f"curve: {summary['curve_path']}\nresume state / finished-run record: "
+          f"{summary['resume_path']}")
+
+
 def run_training(method_factory, config, overwrite=False):
     """What a train entry script does after parsing: data, model, method, engine.
 
@@ -912,6 +943,7 @@ def run_training(method_factory, config, overwrite=False):
         summary = engine.train()
     finally:
         if dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing; no rank tears down before it ends
             dist.destroy_process_group()
     summary["is_main"] = engine.is_main
     return summary

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import make_model  # noqa: E402
-from config import load_config, make_parser, run_cli  # noqa: E402
-from engine import run_training  # noqa: E402
+from config import load_config, run_cli  # noqa: E402
+from engine import check_method, report, run_training, training_parser  # noqa: E402
 from finetune_trainer_stage1 import Stage1  # noqa: E402
 
 
@@ -25,31 +25,10 @@ def build_method(config, identity_names, num_classes):
     return Stage1(config, clip_model, identity_names, classifier)
 
 
-def training_parser(description, default_config=None):
-    """--config, --set and --overwrite, as every train script takes them."""
-    parser = make_parser(description, default_config)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train from scratch even if save_path holds a finished or "
-                             "unfinished run (its files are replaced as the new run writes)")
-    return parser
-
-
-def report(summary):
-    """Rank 0 prints where the run's files are."""
-    if not summary["is_main"]:
-        return
-    value = summary["best_value"]
-    best = (f"epoch {summary['best_epoch']}" + ("" if value is None else
-                                                 f", {summary['selection']} {value:.4g}"))
-    print(f"checkpoint ({best}): {summary['save_path']}")
-    print(f"log: {summary['log_path']}\nmetrics: {summary['metrics_path']}\n"
-          f"curve: {summary['curve_path']}\nresume state / finished-run record: "
-          f"{summary['resume_path']}")
-
-
 def main(argv=None, default_config=None):
     args = training_parser(__doc__.splitlines()[0], default_config).parse_args(argv)
     config = load_config(args.config, args.overrides)
+    check_method(config, Stage1.name)
     report(run_training(build_method, config, args.overwrite))
     return 0
 

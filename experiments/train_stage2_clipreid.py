@@ -17,9 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import make_model  # noqa: E402
-from config import ConfigError, load_config, run_cli  # noqa: E402
-from engine import run_training  # noqa: E402
-from experiments.train_stage1_frozen_text import report, training_parser  # noqa: E402
+from config import load_config, run_cli  # noqa: E402
+from engine import check_method, report, run_training, training_parser  # noqa: E402
 from finetune_trainer_stage2 import ClipReid, check_config  # noqa: E402
 
 
@@ -31,10 +30,7 @@ def build_method(config, identity_names, num_classes):
 def main(argv=None):
     args = training_parser(__doc__.splitlines()[0]).parse_args(argv)
     config = load_config(args.config, args.overrides)
-    if config["method"] != ClipReid.name:
-        raise ConfigError(f"this script trains method {ClipReid.name} but the config says "
-                          f"method: {config['method']}; set method: {ClipReid.name}, or train "
-                          f"it with {make_model.KNOWN_METHODS.get(config['method'], 'its script')}")
+    check_method(config, ClipReid.name)
     check_config(config)
     report(run_training(build_method, config, args.overwrite))
     return 0
