@@ -6,7 +6,7 @@ augmentation runs batched on the device, here this CPU), measured side by side i
 the real training loader. Also reports how closely the reference and the cached path's
 evaluation inputs and ViT-B/16 features agree.
 
-    python benchmarks/bench_data_path.py [--epochs 3] [--out benchmarks/results/data_path.md]
+    python benchmarks/bench_data_path.py [--epochs 8] [--out benchmarks/results/data_path.md]
 
 The device path runs on this CPU's OpenMP threads; the script waits passively between
 parallel regions (OMP_WAIT_POLICY=PASSIVE unless set).
@@ -94,7 +94,7 @@ def feature_agreement(config, paths):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--images-per-aspect", type=int, default=12)
     parser.add_argument("--workers", type=int, default=2)
