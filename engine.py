@@ -388,7 +388,8 @@ class Engine:
                 first = 0
                 for index, phase in enumerate(self.phases):
                     if self.epochs_done < first + phase.epochs:
-                        self._run_phase(index, phase, first,
+                        # The saved optimizer belongs to the phase the saved epoch was in.
+                        self._run_phase(phase, first,
                                         state if state and state["phase"] == index else None)
                     first += phase.epochs
                 if self.is_main:
@@ -421,12 +422,12 @@ class Engine:
                 "curve_path": str(curve_path(self.config)),
                 "best_epoch": best["epoch"], "selection": best["metric"],
                 "best_value": best["value"],
-                "best_val_accuracy": best["signals"].get("val_accuracy"),
                 "history": self.history}
 
     # ------------------------------------------------------------ phases
 
-    def _run_phase(self, index, phase, first_epoch, state):
+    def _run_phase(self, phase, first_epoch, state):
+        """Run (or continue) one phase; `state`: a resume state written inside it, else None."""
         loader = self.method.start_phase(phase, self.train_loader, self.device)
         self.iters_per_epoch = len(loader)
         if self.iters_per_epoch == 0:
@@ -699,12 +700,13 @@ class Engine:
         atomic_write(resume_path(self.config), lambda f: torch.save(state, f))
 
     def _phase_of(self, epoch):
-        """Index of the phase that runs epoch `epoch + 1` (the next one)."""
-        first = 0
+        """Index of the phase that epoch `epoch` (counted from 1 over all phases) belongs to:
+        the phase whose optimizer a resume state written after that epoch holds."""
+        last = 0
         for index, phase in enumerate(self.phases):
-            if epoch < first + phase.epochs:
+            last += phase.epochs
+            if epoch <= last:
                 return index
-            first += phase.epochs
         return len(self.phases) - 1
 
     def _restore(self, state):

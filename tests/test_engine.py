@@ -81,7 +81,8 @@ def toy_engine(config, stop_at=None):
     return Engine(method, train_loader, config, "cpu", val_loader)
 
 
-def test_a_new_method_trains_resumes_exactly_and_evaluates(make_config, tmp_path):
+@pytest.mark.parametrize("stop_at", [2, 3], ids=["at-the-phase-boundary", "inside-phase-2"])
+def test_a_new_method_trains_resumes_exactly_and_evaluates(make_config, tmp_path, stop_at):
     settings = {"method": "toy_head_then_all", "sampler": "pk", "num_instances": 2,
                 "batch_size": 8, "triplet_weight": 1.0, "epochs": 2, "lr": 1e-3,
                 "selection": "val_map", "save_every": 1}
@@ -90,10 +91,11 @@ def test_a_new_method_trains_resumes_exactly_and_evaluates(make_config, tmp_path
     toy_engine(reference).train()
 
     config = make_config(**settings)
-    # Ctrl-C before phase 2's second epoch (3 epochs in all): resumable after epoch 2.
+    # Ctrl-C before phase 2's first or second epoch (3 epochs in all): resumable after the
+    # last finished epoch.
     with pytest.raises(KeyboardInterrupt):
-        toy_engine(config, stop_at=3).train()
-    assert torch.load(resume_path(config), weights_only=True)["epoch"] == 2
+        toy_engine(config, stop_at=stop_at).train()
+    assert torch.load(resume_path(config), weights_only=True)["epoch"] == stop_at - 1
     summary = toy_engine(config).train()
 
     rows = summary["history"]
