@@ -93,6 +93,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def run_torchrun(script, config_file, processes=2):
+    """`script --config config_file` under torchrun with `processes` gloo processes (CPU),
+    one thread each; returns the CompletedProcess after checking it succeeded."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", str(ROOT / script), "--config", config_file]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def write_config(config, path):
     """Write a resolved config as YAML; -> its path as a string."""
     path.write_text(yaml.safe_dump(dict(config)))

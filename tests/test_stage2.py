@@ -4,7 +4,6 @@ exact resume after kill -9 in either phase, torchrun on gloo, the run_all table 
 methods, and bad input."""
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from open_clip.modified_resnet import ModifiedResNet
 import make_model
 from build_dataloader import get_train_val_loaders
 from config import ConfigError, UserError, load_config
-from conftest import ROOT, run_script
+from conftest import ONE_THREAD, ROOT, run_script, run_torchrun, write_config
 from engine import Engine, metrics_path, resume_path
 import run_all_finetuned_stage1
 from experiments import run_eval_clip
@@ -30,16 +29,7 @@ from test_evaluation import save_tiny_checkpoint
 
 TEMPLATE = "A photo of a X X X X hand."
 TRAIN = "experiments/train_stage2_clipreid.py"
-# One thread in subprocesses: bit-identical comparisons need equal thread counts.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +180,6 @@ def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make
                        ckpt["modules"]["prompt_learner"]["context"])
 
 
-def write_config(config, path):
-    path.write_text(yaml.safe_dump(dict(config)))
-    return str(path)
-
-
 def learned(config):
     """What must be identical between two runs (timings are not)."""
     rows = [json.loads(line) for line in metrics_path(config).read_text().splitlines()]
@@ -252,12 +237,7 @@ def test_kill_9_in_each_phase_resumes_bit_identically(make_config, tmp_path):
 def test_torchrun_with_two_gloo_processes_runs_both_phases(make_config, tmp_path):
     config = stage2_config(make_config, tmp_path, prompt_epochs=1, epochs=1, batch_size=8,
                            prompt_batch_size=8)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(ROOT / TRAIN), "--config",
-               write_config(config, tmp_path / "ddp.yml")]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=ONE_THREAD)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))
     log_text = Path(config["log_path"]).read_text()
     assert "2 process(es)" in log_text
     # 52 train images: 26 rows of the feature table per process, 4 batches of up to 8.

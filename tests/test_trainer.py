@@ -16,7 +16,7 @@ import torch
 import make_model
 from build_dataloader import get_train_val_loaders
 from config import ConfigError, UserError, load_config
-from conftest import ONE_THREAD, ROOT, InterruptedLoader, write_config
+from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_torchrun, write_config
 from experiments.train_stage1_frozen_text import main
 from engine import Phase, lr_factor, metrics_path, read_resume_state, resume_path
 from finetune_trainer_stage1 import FinetuneTrainerStage1
@@ -206,12 +206,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(make_conf
 
 def test_torchrun_with_two_gloo_processes_writes_one_checkpoint(make_config, tmp_path):
     config = make_config(batch_size=4, epochs=1, warmup_epochs=0)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(ROOT / TRAIN), "--config",
-               write_config(config, tmp_path / "ddp.yml")]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=ONE_THREAD)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))
     _, ckpt = make_model.load_checkpoint(config["save_path"], config)
     assert ckpt["epoch"] == 1
     log_text = Path(config["log_path"]).read_text()
