@@ -254,13 +254,8 @@ def _settings_changed(saved, config):
             if key not in NON_TRAINING_KEYS and saved.get(key, spec["default"]) != config[key]]
 
 
-def read_resume_state(config, overwrite=False):
-    """The saved state of an unfinished run at save_path, or None to start fresh.
-    UserError for a finished run (unless overwrite), an unreadable file, or a run whose
-    training settings differ from `config`."""
-    path = resume_path(config)
-    if overwrite or not path.exists():
-        return None
+def _load_resume_state(path):
+    """The resume state at `path` in today's layout; UserError if unreadable or foreign."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
@@ -271,8 +266,17 @@ def read_resume_state(config, overwrite=False):
     if kind not in ((RESUME_FORMAT, RESUME_VERSION), LEGACY_RESUME):
         raise UserError(f"{path} is not a {RESUME_FORMAT} v{RESUME_VERSION} file; delete it, "
                         f"or pass --overwrite to train from scratch")
-    if kind == LEGACY_RESUME:
-        state = _from_legacy_state(state)
+    return _from_legacy_state(state) if kind == LEGACY_RESUME else state
+
+
+def read_resume_state(config, overwrite=False):
+    """The saved state of an unfinished run at save_path, or None to start fresh.
+    UserError for a finished run (unless overwrite), an unreadable file, or a run whose
+    training settings differ from `config`."""
+    path = resume_path(config)
+    if overwrite or not path.exists():
+        return None
+    state = _load_resume_state(path)
     if state["finished"]:
         best = state["best"]
         value = "n/a" if best["value"] is None else f"{best['value']:.4g}"
@@ -290,19 +294,15 @@ def read_resume_state(config, overwrite=False):
 
 def needs_training(config):
     """Whether `config`'s run has yet to be trained or finished (no checkpoint, or a resume
-    state of an unfinished run); UserError when another process is training it now."""
+    state of an unfinished run); UserError when another process is training it now, or when
+    an unfinished run cannot resume with `config`."""
     check_not_running(config["save_path"])
     path = resume_path(config)
     if not Path(config["save_path"]).is_file():
         return True
-    if not path.exists():
+    if not path.exists() or _load_resume_state(path)["finished"]:
         return False
-    try:
-        read_resume_state(config)
-    except UserError as err:
-        if "already finished" in str(err):
-            return False
-        raise
+    read_resume_state(config)  # an unfinished run that cannot resume is an error here
     return True
 
 

@@ -221,11 +221,11 @@ def split_similarity(features, split):
     return features[split.query_rows.to(device)] @ features[split.gallery_rows.to(device)].T
 
 
-def ranking_scores(features, split, config, similarity=None):
-    """The scores the ranking metrics rank by: the cosine similarity, or with rerank: true
-    the negated k-reciprocal re-ranked distance."""
+def ranking_scores(features, split, config, similarity):
+    """The scores the ranking metrics rank by: the split's cosine `similarity`, or with
+    rerank: true the negated k-reciprocal re-ranked distance."""
     if not config["rerank"]:
-        return split_similarity(features, split) if similarity is None else similarity
+        return similarity
     device = features.device
     return -rerank_k_reciprocal(features[split.query_rows.to(device)],
                                 features[split.gallery_rows.to(device)], config["rerank_k1"],
