@@ -109,8 +109,10 @@ def describe_model(config, model, checkpoint):
     """What makes the features: a JSON-ready dict whose 'fingerprint' changes with anything
     that changes a feature (weights, feature function, preprocessing, flip)."""
     spec = preprocess_spec(config)
-    feature = {"function": "HandIdModel.features", "head": config["head"],
-               "flip": config["flip"], "l2_normalised": True}
+    # The model's own definition (from its checkpoint: embedding, BNNeck output, CLIP-ReID's
+    # concatenation ...), not the config's head, which Stage-2 checkpoints do not use.
+    feature = {"definition": dict(model.feature), "flip": config["flip"],
+               "l2_normalised": True}
     preprocessing = {"image_size": spec["image_size"], "mean": list(spec["mean"]),
                      "std": list(spec["std"]),
                      "resize": "RGB, squash-resized to image_size x image_size (bicubic)",
