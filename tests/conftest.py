@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRAIN_CONFIG = ROOT / "configs/demo/train_tiny_11k_dorsal_r.yml"
 
 
-def run_script(script, *args, cwd=ROOT, check=True, timeout=600):
+def run_script(script, *args, cwd=ROOT, check=True, timeout=600, env=None):
     """Run a repo script with this interpreter; returns CompletedProcess (text output)."""
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
