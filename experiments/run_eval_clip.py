@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluation  # noqa: E402
-import make_model  # noqa: E402
+from feature_encoder import load_model  # noqa: E402
 from config import atomic_write, atomic_write_json, load_config, make_parser, run_cli  # noqa: E402
 from reid_metrics import genuine_impostor_scores  # noqa: E402
 from runtime import resolve_device  # noqa: E402
@@ -53,22 +53,6 @@ LABELS.update({f"fnir_at_fpir_{evaluation.rate_label(r)}":
                f"FNIR@FPIR={evaluation.rate_label(r)}" for r in evaluation.FPIR_LEVELS})
 THUMB = 96
 FRAME = 4
-
-
-def load_model(config):
-    """-> (HandIdModel, checkpoint info or None) for the config's variant."""
-    if config["variant"] == "baseline":
-        # Random-initialised backbones (model: tiny, pretrained: none) then give the same
-        # baseline on every run.
-        torch.manual_seed(config["seed"])
-        clip_model, classifier = make_model.build_model(config, num_classes=None)
-        return make_model.HandIdModel(clip_model, classifier), None
-    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
-    info = {"path": str(config["save_path"]), "method": ckpt["method"], "epoch": ckpt["epoch"],
-            "selection": ckpt["selection"], "val_accuracy": ckpt["selection"].get("val_accuracy"),
-            "feature": ckpt["feature"], "backbone": ckpt["backbone"],
-            "num_train_identities": len(ckpt["identity_names"]), "train_config": ckpt["config"]}
-    return model, info
 
 
 def dataset_label(config):
