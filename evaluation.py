@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import likelihood_ratio
 from build_dataloader import eval_loader, list_split
 from config import ConfigError, UserError, dataset_dir, prepare_command
 from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
@@ -271,8 +272,52 @@ def split_metrics(features, split, config, index):
 
 def metric_keys(config):
     """The per-split metrics summarised over splits for this config."""
-    return RANKING_METRICS + VERIFICATION_METRICS + (OPEN_SET_METRICS if config["open_set"]
-                                                     else ())
+    return (RANKING_METRICS + VERIFICATION_METRICS
+            + (OPEN_SET_METRICS if config["open_set"] else ())
+            + (likelihood_ratio.LR_METRICS if config["likelihood_ratio"] else ()))
+
+
+def calibration_pairs(model, config, device, store=None):
+    """-> (scores, same, description) of the calibration pairs of a prepared dataset: its
+    query0 x gallery0 pairs, scored by `model` under the config's flip rule.
+    `calibration_data` names that dataset (a prepared folder dataset); without it, the
+    config's own dataset (calibrate.py: its test persons, never its training persons)."""
+    data = config["calibration_data"]
+    cal_config = dict(config, num_splits=1, rerank=False, open_set=False)
+    if data:
+        cal_config.update(dataset="folder", data_dir=data)
+    paths, splits, _ = collect_splits(cal_config)
+    features, _, _ = encode(model, cal_config, device, paths, store)
+    split = splits[0]
+    persons = {likelihood_ratio.person_of(i) for i in split.query_ids + split.gallery_ids}
+    where = f"{dataset_dir(cal_config)} ({split.query} x {split.gallery})"
+    if len(persons) < 2:
+        raise UserError(f"the calibration data {where} hold {len(persons)} person(s); "
+                        "calibration needs at least 2: prepare a folder dataset of more persons "
+                        "and set calibration_data: <its --out>")
+    scores, same = likelihood_ratio.pair_arrays(split_similarity(features, split).cpu().numpy(),
+                                                split.query_ids, split.gallery_ids)
+    description = {"data": where, "persons": len(persons), "images": len(paths),
+                   "same_person_pairs": int(same.sum()),
+                   "different_person_pairs": int((~same).sum())}
+    return scores, same, description
+
+
+def split_likelihood_ratios(features, split, config, index, calibration=None):
+    """-> (LR metrics row, log10 LRs, truth) of one split: with a fitted `calibration`
+    (calibration_data) applied to all its pairs; else two-fold over its persons."""
+    similarity = split_similarity(features, split).cpu().numpy()
+    if calibration is not None:
+        scores, same = likelihood_ratio.pair_arrays(similarity, split.query_ids,
+                                                    split.gallery_ids)
+        llrs, folds = calibration.llr(scores), None
+    else:
+        llrs, same, folds = likelihood_ratio.two_fold(
+            similarity, split.query_ids, split.gallery_ids, config["lr_calibrator"],
+            config["seed"], index)
+    row = likelihood_ratio.validity(llrs, same)
+    row.update(num_lr_pairs=len(llrs), lr_folds=folds)
+    return row, llrs, same
 
 
 def summarise(per_split, keys):
@@ -298,6 +343,7 @@ class Evaluation:
     features: torch.Tensor
     splits: list
     first_split_scores: torch.Tensor
+    first_split_llrs: tuple = None  # (log10 LRs, truth) of split 0 with likelihood_ratio
 
 
 def _sync(device):
@@ -336,7 +382,8 @@ def evaluate(model, config, device, store=None):
     report: per_split (metrics of each split with its folder names and sizes), mean, std
     (ddof=1), counts (images_listed, unique_images, images_encoded = images encoded fresh x
     views, images_from_store), timings (seconds: list, encode (with loading), metrics,
-    total) and the protocol settings."""
+    total) and the protocol settings; with likelihood_ratio: true, each split's LR validity
+    metrics (likelihood_ratio.LR_METRICS) and how its LRs were calibrated."""
     start = time.perf_counter()
     paths, splits, listed = collect_splits(config)
     listed_at = time.perf_counter()
@@ -344,12 +391,23 @@ def evaluate(model, config, device, store=None):
     _sync(device)
     encoded_at = time.perf_counter()
 
+    calibration = lr_data = first_llrs = None
+    if config["likelihood_ratio"] and config["calibration_data"]:
+        scores, same, lr_data = calibration_pairs(model, config, device, store)
+        calibration = likelihood_ratio.fit(scores, same, config["lr_calibrator"])
+        lr_data.update(lower_log10_bound=calibration.lower, upper_log10_bound=calibration.upper)
+    lr_at = time.perf_counter()
     per_split, first_scores = [], None
     for index, split in enumerate(tqdm(splits, desc="ranking splits", unit="split",
                                        disable=None, leave=False)):
         metrics, scores = split_metrics(features, split, config, index)
+        if config["likelihood_ratio"]:
+            lr_row, llrs, same = split_likelihood_ratios(features, split, config, index,
+                                                         calibration)
+            metrics.update(lr_row)
         if index == 0:
             first_scores = scores
+            first_llrs = (llrs, same) if config["likelihood_ratio"] else None
         per_split.append({"split": index, "query": split.query, "gallery": split.gallery,
                           "num_gallery": len(split.gallery_ids),
                           "num_gallery_identities": len(set(split.gallery_ids)), **metrics})
@@ -364,10 +422,14 @@ def evaluate(model, config, device, store=None):
         "ap_mode": config["ap_mode"], "max_rank": config["max_rank"], "flip": config["flip"],
         "rerank": rerank, "open_set": config["open_set"], "far_levels": list(FAR_LEVELS),
         "fpir_levels": list(FPIR_LEVELS) if config["open_set"] else None,
+        "likelihood_ratio": {"calibrator": config["lr_calibrator"],
+                             "calibration": lr_data or "two-fold over each split's persons"}
+        if config["likelihood_ratio"] else None,
         "counts": {"images_listed": listed, "unique_images": len(paths),
                    "images_encoded": fresh * FLIP_VIEWS[config["flip"]],
                    "images_from_store": from_store},
         "timings": {"list_seconds": listed_at - start, "encode_seconds": encoded_at - listed_at,
-                    "metrics_seconds": done - encoded_at, "total_seconds": done - start},
+                    "calibration_seconds": lr_at - encoded_at,
+                    "metrics_seconds": done - lr_at, "total_seconds": done - start},
     }
-    return Evaluation(report, features, splits, first_scores)
+    return Evaluation(report, features, splits, first_scores, first_llrs)

@@ -1,0 +1,235 @@
+"""likelihood_ratio.py (lir calibration, Cllr, ELUB bounds, two-fold persons), the
+likelihood_ratio option of run_eval_clip.py, calibrate.py, compare.py and search.py's LRs."""
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import likelihood_ratio
+from config import UserError
+from conftest import DEMO_TRAIN_CONFIG, run_script
+
+EVAL_CONFIG = "configs/demo/eval_tiny_11k_dorsal_r.yml"
+
+
+def test_cllr_equals_its_formula_pair_by_pair():
+    rng = np.random.default_rng(3)
+    llrs = rng.normal(0, 1.5, 300)
+    same = rng.random(300) < 0.3
+    # Brümmer & du Preez: mean over same-person pairs of log2(1 + 1/LR) and over
+    # different-person pairs of log2(1 + LR), averaged over the two.
+    costs = {True: [], False: []}
+    for llr, truth in zip(llrs, same):
+        lr = 10.0 ** llr
+        costs[bool(truth)].append(np.log2(1 + 1 / lr) if truth else np.log2(1 + lr))
+    expected = (np.mean(costs[True]) + np.mean(costs[False])) / 2
+    metrics = likelihood_ratio.validity(llrs, same)
+    assert metrics["cllr"] == pytest.approx(expected, rel=1e-12)
+    assert 0 <= metrics["cllr_min"] <= metrics["cllr"]
+    assert metrics["cllr_cal"] == pytest.approx(metrics["cllr"] - metrics["cllr_min"])
+    assert metrics["misleading_same"] == pytest.approx(100 * np.mean(llrs[same] < 0))
+    assert metrics["misleading_different"] == pytest.approx(100 * np.mean(llrs[~same] > 0))
+    assert (metrics["max_log10_lr"], metrics["min_log10_lr"]) == (llrs.max(), llrs.min())
+
+
+@pytest.mark.parametrize("kind", sorted(likelihood_ratio.CALIBRATORS))
+def test_perfectly_separated_scores_give_finite_bounded_lrs(kind):
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.uniform(0.8, 1.0, 40), rng.uniform(-0.2, 0.5, 400)])
+    same = np.arange(440) < 40
+    calibration = likelihood_ratio.fit(scores, same, kind)
+    llrs = calibration.llr(np.concatenate([scores, [-1.0, 1.0, 0.65]]))
+    assert np.isfinite(llrs).all()
+    # ELUB: no LR beyond what 40 same and 400 different pairs can support.
+    assert -np.log10(41) <= calibration.lower <= llrs.min() < 0
+    assert 0 < llrs.max() <= calibration.upper <= np.log10(401)
+    table = likelihood_ratio.tabulate(calibration)
+    assert likelihood_ratio.llr_from_table(table, 0.9) == pytest.approx(
+        calibration.llr([0.9])[0], abs=1e-3)
+
+
+def test_one_class_of_pairs_cannot_be_calibrated():
+    with pytest.raises(UserError, match="same-person and different-person pairs"):
+        likelihood_ratio.fit([0.1, 0.2, 0.3], [False, False, False])
+
+
+def test_two_fold_never_calibrates_on_a_reported_person(monkeypatch):
+    """Each score encodes its (query, gallery) pair, so the scores handed to the calibrator
+    and to the reported LRs are the pair lists themselves."""
+    query_ids = [f"p{i % 8}" for i in range(40)]
+    gallery_ids = [f"p{i}" for i in range(8)] + [f"dorsal_l__p{i}" for i in range(8)] + ["q9"]
+    num_gallery = len(gallery_ids)
+    similarity = np.arange(len(query_ids) * num_gallery, dtype=np.float64).reshape(
+        len(query_ids), num_gallery)
+    fitted, reported, real_fit = [], [], likelihood_ratio.fit
+
+    def persons(scores):
+        return {likelihood_ratio.person_of(ids[int(s) // num_gallery if ids is query_ids
+                                               else int(s) % num_gallery])
+                for s in scores for ids in (query_ids, gallery_ids)}
+
+    def recording_fit(scores, same, kind):
+        fitted.append(persons(scores))
+        calibration = real_fit(scores / similarity.max(), same, kind)
+        inner = calibration.llr
+        calibration.llr = lambda s: reported.append(persons(s)) or inner(s / similarity.max())
+        return calibration
+
+    monkeypatch.setattr(likelihood_ratio, "fit", recording_fit)
+    llrs, same, folds = likelihood_ratio.two_fold(similarity, query_ids, gallery_ids,
+                                                  "logistic", seed=0, index=1)
+    assert len(fitted) == len(reported) == 2
+    for fold, fit_persons, report_persons in zip(folds, fitted, reported):
+        assert fit_persons and report_persons and not fit_persons & report_persons
+        assert fit_persons <= set(fold["calibration_persons"])
+        assert report_persons <= set(fold["reported_persons"])
+    assert fitted[0] | fitted[1] == {f"p{i}" for i in range(8)} | {"q9"}
+    assert len(llrs) == len(same) == sum(fold["reported_pairs"] for fold in folds)
+
+
+def test_verbal_scale():
+    assert likelihood_ratio.verbal(np.log10(50)) == "moderate support for the same person"
+    assert likelihood_ratio.verbal(-4.5) == "very strong support for different persons"
+    assert likelihood_ratio.verbal(0.1).startswith("no support")
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_11k, tmp_path_factory):
+    """--set arguments of a tiny Stage-1 model fine-tuned on the synthetic 11k data."""
+    work = tmp_path_factory.mktemp("lr_run")
+    overrides = {"data_dir": prepared_11k, "save_path": work / "model.pth",
+                 "log_path": work / "logs/train.log", "results_dir": work / "results",
+                 "num_workers": 0, "num_splits": 2}
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    run_script("experiments/train_stage1_frozen_text.py", "--config", DEMO_TRAIN_CONFIG, *sets,
+               "--set", "epochs=8", "--set", "warmup_epochs=1")
+    return sets, work
+
+
+def one_line_error(proc, *words):
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def printed_llr(text):
+    return float(re.search(r"log10 LR ([+-]\d+\.\d+);", text).group(1))
+
+
+def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path):
+    sets, work = trained
+    run_script("experiments/run_eval_clip.py", "--config", EVAL_CONFIG, *sets,
+               "--set", "likelihood_ratio=true")
+    result = json.loads((work / "results/demo_tiny_11k_dorsal_r_finetuned.json").read_text())
+    mean, std = result["mean"], result["std"]
+    assert mean["cllr"] < 1 and mean["misleading_same"] < 50
+    assert mean["misleading_different"] < 50 and std["cllr"] is not None
+    assert mean["cllr_min"] <= mean["cllr"]
+    for row in result["per_split"]:
+        for fold in row["lr_folds"]:
+            assert not set(fold["calibration_persons"]) & set(fold["reported_persons"])
+        assert np.isfinite([row["max_log10_lr"], row["min_log10_lr"]]).all()
+    assert (work / "results/demo_tiny_11k_dorsal_r_finetuned_lr.png").stat().st_size > 10000
+    header = (work / "results/results.csv").read_text().splitlines()[0].split(",")
+    assert {"cllr", "cllr_std", "misleading_same", "max_log10_lr"} <= set(header)
+
+    image_dir = prepared_11k / "train_val_test_split_dorsal_r/query0"
+    person = sorted(image_dir.iterdir())[0]
+    image_a, image_b = sorted(person.iterdir())[:2]
+    compare = ("experiments/compare.py", "--config", EVAL_CONFIG, *sets, image_a, image_b)
+    no_calibration = run_script(*compare, check=False)
+    one_line_error(no_calibration, "calibrate.py --config")
+    assert "score (cosine similarity)" in no_calibration.stdout
+    assert "EER threshold " in no_calibration.stdout
+    assert run_script(*compare, "--no-lr").returncode == 0
+
+    made = run_script("experiments/calibrate.py", "--config", EVAL_CONFIG, *sets)
+    assert "logistic calibrator" in made.stdout
+    calibration_file = work / "model.calibration.npz"
+    again = run_script("experiments/calibrate.py", "--config", EVAL_CONFIG, *sets, check=False)
+    one_line_error(again, "--overwrite")
+    shown = run_script(*compare).stdout
+    assert "ENFSI" in shown and "support for" in shown
+    compared = printed_llr(shown)
+
+    gallery = tmp_path / "gallery" / person.name
+    gallery.mkdir(parents=True)
+    shutil.copy(image_b, gallery / image_b.name)
+    searched = run_script("experiments/search.py", "--config", EVAL_CONFIG, *sets,
+                          "--gallery", tmp_path / "gallery", "--query", image_a,
+                          "--out", tmp_path / "search")
+    row = (tmp_path / "search/search.csv").read_text().splitlines()[1].split(",")
+    assert float(row[-1]) == pytest.approx(compared, abs=1e-3), searched.stdout
+
+    # A calibration of another checkpoint is refused, by compare and by search.
+    other = tmp_path / "other.pth"
+    shutil.copy(work / "model.pth", other)
+    run_script("experiments/train_stage1_frozen_text.py", "--config", DEMO_TRAIN_CONFIG, *sets,
+               "--set", f"save_path={other}", "--set", "epochs=1", "--set", "warmup_epochs=0",
+               "--set", "seed=5", "--overwrite")
+    shutil.copy(calibration_file, tmp_path / "other.calibration.npz")
+    one_line_error(run_script(*compare, "--set", f"save_path={other}", check=False),
+                   "fitted for another model")
+    one_line_error(run_script("experiments/search.py", "--config", EVAL_CONFIG, *sets,
+                              "--set", f"save_path={other}", "--gallery", tmp_path / "gallery",
+                              "--query", image_a, "--out", tmp_path / "search2", check=False),
+                   "fitted for another model")
+    # A different flip rule is another feature: refused too.
+    one_line_error(run_script(*compare, "--set", "flip=off", check=False),
+                   "fitted for another model")
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable"])
+def test_compare_refuses_a_bad_image(trained, prepared_11k, tmp_path, case):
+    sets, _ = trained
+    bad = tmp_path / "hand.jpg"
+    if case == "unreadable":
+        bad.write_text("not an image")
+    good = next((prepared_11k / "train_val_test_split_dorsal_r/query0").rglob("*.jpg"))
+    proc = run_script("experiments/compare.py", "--config", EVAL_CONFIG, *sets, good, bad,
+                      check=False)
+    one_line_error(proc, "IMAGE_B", str(bad), "missing" if case == "missing" else "not an image")
+
+
+def folder_dataset(prepared_11k, tmp_path, persons, test_ids=None):
+    """A prepared folder dataset of `persons` palmar_l training identities (persons the
+    evaluated dorsal_r test set does not hold)."""
+    raw = tmp_path / "raw"
+    source = prepared_11k / "train_val_test_split_palmar_l/train_all"
+    for folder in sorted(source.iterdir())[:persons]:
+        shutil.copytree(folder, raw / folder.name)
+    args = ["datasets/prepare_folder.py", "--raw", raw, "--out", tmp_path / "prepared",
+            "--num-splits", "1", "--copy"]
+    if test_ids:
+        (tmp_path / "ids.txt").write_text("\n".join(test_ids) + "\n")
+        args += ["--test-ids", tmp_path / "ids.txt"]
+    run_script(*args)
+    return tmp_path / "prepared", sorted(p.name for p in raw.iterdir())
+
+
+def test_calibration_data_calibrates_evaluation_and_calibrate(trained, prepared_11k, tmp_path):
+    sets, work = trained
+    data, _ = folder_dataset(prepared_11k, tmp_path, persons=10)
+    results = tmp_path / "results"
+    run_script("experiments/run_eval_clip.py", "--config", EVAL_CONFIG, *sets,
+               "--set", "likelihood_ratio=true", "--set", f"calibration_data={data}",
+               "--set", f"results_dir={results}", "--set", "plots=false")
+    result = json.loads((results / "demo_tiny_11k_dorsal_r_finetuned.json").read_text())
+    calibration = result["likelihood_ratio"]["calibration"]
+    assert str(data) in calibration["data"] and calibration["persons"] == 5
+    assert result["per_split"][0]["lr_folds"] is None
+    assert np.isfinite(result["mean"]["cllr"])
+
+
+def test_calibration_data_of_one_person_is_refused(trained, prepared_11k, tmp_path):
+    sets, _ = trained
+    source = prepared_11k / "train_val_test_split_palmar_l/train_all"
+    one = sorted(p.name for p in source.iterdir())[:1]
+    data, _ = folder_dataset(prepared_11k, tmp_path, persons=3, test_ids=one)
+    proc = run_script("experiments/calibrate.py", "--config", EVAL_CONFIG, *sets,
+                      "--set", f"calibration_data={data}", "--overwrite", check=False)
+    one_line_error(proc, "1 person", "at least 2")
