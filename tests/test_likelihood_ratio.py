@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 import likelihood_ratio
-from config import UserError
+import make_model
+from build_dataloader import list_split
+from config import UserError, load_config, run_cli
 from conftest import DEMO_TRAIN_CONFIG, run_script
+from experiments import calibrate, compare, run_eval_clip, search
 
 EVAL_CONFIG = "configs/demo/eval_tiny_11k_dorsal_r.yml"
 
@@ -108,10 +111,25 @@ def trained(prepared_11k, tmp_path_factory):
     return sets, work
 
 
-def one_line_error(proc, *words):
-    assert proc.returncode != 0, proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+def cli(module, capsys, *args):
+    """An entry script's main() under run_cli, in this process -> (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: module.main([str(a) for a in args]))
+    out = capsys.readouterr()
+    return exited.value.code, out.out, out.err
+
+
+def ok(module, capsys, *args):
+    code, out, err = cli(module, capsys, *args)
+    assert code == 0, err
+    return out
+
+
+def one_line_error(result, *words):
+    code, out, err = result
+    assert code != 0, out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
     for word in words:
         assert word in lines[0], lines[0]
 
@@ -120,10 +138,9 @@ def printed_llr(text):
     return float(re.search(r"log10 LR ([+-]\d+\.\d+);", text).group(1))
 
 
-def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path):
+def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path, capsys):
     sets, work = trained
-    run_script("experiments/run_eval_clip.py", "--config", EVAL_CONFIG, *sets,
-               "--set", "likelihood_ratio=true")
+    ok(run_eval_clip, capsys, "--config", EVAL_CONFIG, *sets, "--set", "likelihood_ratio=true")
     result = json.loads((work / "results/demo_tiny_11k_dorsal_r_finetuned.json").read_text())
     mean, std = result["mean"], result["std"]
     assert mean["cllr"] < 1 and mean["misleading_same"] < 50
@@ -140,59 +157,54 @@ def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path
     image_dir = prepared_11k / "train_val_test_split_dorsal_r/query0"
     person = sorted(image_dir.iterdir())[0]
     image_a, image_b = sorted(person.iterdir())[:2]
-    compare = ("experiments/compare.py", "--config", EVAL_CONFIG, *sets, image_a, image_b)
-    no_calibration = run_script(*compare, check=False)
+    args = ("--config", EVAL_CONFIG, *sets, image_a, image_b)
+    no_calibration = cli(compare, capsys, *args)
     one_line_error(no_calibration, "calibrate.py --config")
-    assert "score (cosine similarity)" in no_calibration.stdout
-    assert "EER threshold " in no_calibration.stdout
-    assert run_script(*compare, "--no-lr").returncode == 0
+    assert "score (cosine similarity)" in no_calibration[1]
+    assert "EER threshold " in no_calibration[1]
+    assert "score is" in ok(compare, capsys, *args, "--no-lr")
 
-    made = run_script("experiments/calibrate.py", "--config", EVAL_CONFIG, *sets)
-    assert "logistic calibrator" in made.stdout
+    assert "logistic calibrator" in ok(calibrate, capsys, "--config", EVAL_CONFIG, *sets)
     calibration_file = work / "model.calibration.npz"
-    again = run_script("experiments/calibrate.py", "--config", EVAL_CONFIG, *sets, check=False)
-    one_line_error(again, "--overwrite")
-    shown = run_script(*compare).stdout
+    one_line_error(cli(calibrate, capsys, "--config", EVAL_CONFIG, *sets), "--overwrite")
+    shown = ok(compare, capsys, *args)
     assert "ENFSI" in shown and "support for" in shown
     compared = printed_llr(shown)
 
     gallery = tmp_path / "gallery" / person.name
     gallery.mkdir(parents=True)
     shutil.copy(image_b, gallery / image_b.name)
-    searched = run_script("experiments/search.py", "--config", EVAL_CONFIG, *sets,
-                          "--gallery", tmp_path / "gallery", "--query", image_a,
-                          "--out", tmp_path / "search")
+    search_args = ("--config", EVAL_CONFIG, *sets, "--gallery", tmp_path / "gallery",
+                   "--query", image_a)
+    ok(search, capsys, *search_args, "--out", tmp_path / "search")
     row = (tmp_path / "search/search.csv").read_text().splitlines()[1].split(",")
-    assert float(row[-1]) == pytest.approx(compared, abs=1e-3), searched.stdout
+    assert float(row[-1]) == pytest.approx(compared, abs=1e-3)
 
     # A calibration of another checkpoint is refused, by compare and by search.
-    other = tmp_path / "other.pth"
-    shutil.copy(work / "model.pth", other)
-    run_script("experiments/train_stage1_frozen_text.py", "--config", DEMO_TRAIN_CONFIG, *sets,
-               "--set", f"save_path={other}", "--set", "epochs=1", "--set", "warmup_epochs=0",
-               "--set", "seed=5", "--overwrite")
+    config = load_config(DEMO_TRAIN_CONFIG, [s for s in sets if s != "--set"])
+    names = sorted({name for _, name in list_split(config, "train")})
+    clip_model, classifier = make_model.build_model(config, num_classes=len(names))
+    make_model.save_checkpoint(tmp_path / "other.pth",
+                               make_model.HandIdModel(clip_model, classifier), config, names,
+                               epoch=1, selection={"metric": "val_loss", "value": 1.0})
     shutil.copy(calibration_file, tmp_path / "other.calibration.npz")
-    one_line_error(run_script(*compare, "--set", f"save_path={other}", check=False),
-                   "fitted for another model")
-    one_line_error(run_script("experiments/search.py", "--config", EVAL_CONFIG, *sets,
-                              "--set", f"save_path={other}", "--gallery", tmp_path / "gallery",
-                              "--query", image_a, "--out", tmp_path / "search2", check=False),
+    other = ("--set", f"save_path={tmp_path / 'other.pth'}")
+    one_line_error(cli(compare, capsys, *args, *other), "fitted for another model")
+    one_line_error(cli(search, capsys, *search_args, *other, "--out", tmp_path / "search2"),
                    "fitted for another model")
     # A different flip rule is another feature: refused too.
-    one_line_error(run_script(*compare, "--set", "flip=off", check=False),
-                   "fitted for another model")
+    one_line_error(cli(compare, capsys, *args, "--set", "flip=off"), "fitted for another model")
 
 
 @pytest.mark.parametrize("case", ["missing", "unreadable"])
-def test_compare_refuses_a_bad_image(trained, prepared_11k, tmp_path, case):
+def test_compare_refuses_a_bad_image(trained, prepared_11k, tmp_path, capsys, case):
     sets, _ = trained
     bad = tmp_path / "hand.jpg"
     if case == "unreadable":
         bad.write_text("not an image")
     good = next((prepared_11k / "train_val_test_split_dorsal_r/query0").rglob("*.jpg"))
-    proc = run_script("experiments/compare.py", "--config", EVAL_CONFIG, *sets, good, bad,
-                      check=False)
-    one_line_error(proc, "IMAGE_B", str(bad), "missing" if case == "missing" else "not an image")
+    one_line_error(cli(compare, capsys, "--config", EVAL_CONFIG, *sets, good, bad),
+                   "IMAGE_B", str(bad), "missing" if case == "missing" else "not an image")
 
 
 def folder_dataset(prepared_11k, tmp_path, persons, test_ids=None):
@@ -211,13 +223,13 @@ def folder_dataset(prepared_11k, tmp_path, persons, test_ids=None):
     return tmp_path / "prepared", sorted(p.name for p in raw.iterdir())
 
 
-def test_calibration_data_calibrates_evaluation_and_calibrate(trained, prepared_11k, tmp_path):
+def test_calibration_data_calibrates_the_evaluation(trained, prepared_11k, tmp_path, capsys):
     sets, work = trained
     data, _ = folder_dataset(prepared_11k, tmp_path, persons=10)
     results = tmp_path / "results"
-    run_script("experiments/run_eval_clip.py", "--config", EVAL_CONFIG, *sets,
-               "--set", "likelihood_ratio=true", "--set", f"calibration_data={data}",
-               "--set", f"results_dir={results}", "--set", "plots=false")
+    ok(run_eval_clip, capsys, "--config", EVAL_CONFIG, *sets,
+       "--set", "likelihood_ratio=true", "--set", f"calibration_data={data}",
+       "--set", f"results_dir={results}", "--set", "plots=false")
     result = json.loads((results / "demo_tiny_11k_dorsal_r_finetuned.json").read_text())
     calibration = result["likelihood_ratio"]["calibration"]
     assert str(data) in calibration["data"] and calibration["persons"] == 5
@@ -225,11 +237,11 @@ def test_calibration_data_calibrates_evaluation_and_calibrate(trained, prepared_
     assert np.isfinite(result["mean"]["cllr"])
 
 
-def test_calibration_data_of_one_person_is_refused(trained, prepared_11k, tmp_path):
+def test_calibration_data_of_one_person_is_refused(trained, prepared_11k, tmp_path, capsys):
     sets, _ = trained
     source = prepared_11k / "train_val_test_split_palmar_l/train_all"
     one = sorted(p.name for p in source.iterdir())[:1]
     data, _ = folder_dataset(prepared_11k, tmp_path, persons=3, test_ids=one)
-    proc = run_script("experiments/calibrate.py", "--config", EVAL_CONFIG, *sets,
-                      "--set", f"calibration_data={data}", "--overwrite", check=False)
-    one_line_error(proc, "1 person", "at least 2")
+    one_line_error(cli(calibrate, capsys, "--config", EVAL_CONFIG, *sets,
+                       "--set", f"calibration_data={data}", "--overwrite"),
+                   "1 person", "at least 2")
