@@ -35,7 +35,10 @@ from lir.data.models import LLRData
 
 from config import UserError, atomic_write
 
-CALIBRATORS = {"logistic": LogitCalibrator,
+# logistic: lir's LogitCalibrator (scikit-learn's class-balanced LogisticRegression, its
+# default L2 penalty C=1), solved by Newton steps: the same optimum as the default lbfgs, in
+# about a third of the time on one score.
+CALIBRATORS = {"logistic": lambda: LogitCalibrator(solver="newton-cholesky"),
                "isotonic": IsotonicCalibrator,
                "kde": lambda: KDECalibrator(bandwidth="silverman")}
 DEFAULT_CALIBRATOR = "logistic"

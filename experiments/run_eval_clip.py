@@ -117,6 +117,9 @@ def print_report(config, report, checkpoint):
             keys.append(key)
     for key in keys:
         print(f"  {LABELS[key]:24} {format_mean_std(report['mean'][key], report['std'][key])}")
+    threshold, spread = report["mean"]["eer_threshold"], report["std"]["eer_threshold"]
+    print(f"  {LABELS['eer_threshold']:24} {threshold:.4f}"
+          + ("" if spread is None else f" ± {spread:.4f}") + " (a score, not percent)")
     if report["likelihood_ratio"]:
         calibration = report["likelihood_ratio"]["calibration"]
         print(f"likelihood ratios ({report['likelihood_ratio']['calibrator']} calibrator, "
@@ -125,9 +128,6 @@ def print_report(config, report, checkpoint):
         for key in likelihood_ratio.LR_METRICS:
             mean, std = report["mean"][key], report["std"][key]
             print(f"  {LABELS[key]:24} {mean:7.3f}" + ("" if std is None else f" ± {std:.3f}"))
-    threshold, spread = report["mean"]["eer_threshold"], report["std"]["eer_threshold"]
-    print(f"  {LABELS['eer_threshold']:24} {threshold:.4f}"
-          + ("" if spread is None else f" ± {spread:.4f}") + " (a score, not percent)")
     counts, timings = report["counts"], report["timings"]
     print(f"images: {counts['images_listed']} listed over all splits, "
           f"{counts['unique_images']} unique, {counts['images_encoded']} encoded, "
