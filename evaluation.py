@@ -160,7 +160,7 @@ def split_names(config):
 
 def check_data(config):
     """Fail fast, before a model is loaded: the re-ranking weight is a weight, the dataset is
-    prepared and has num_splits splits."""
+    prepared and has num_splits splits (and so is calibration_data, with likelihood_ratio)."""
     if config["rerank"] and config["rerank_lambda"] > 1:
         raise ConfigError(f"rerank_lambda must be between 0 and 1, got {config['rerank_lambda']}"
                           f"; e.g. --set rerank_lambda=0.3")
@@ -174,6 +174,8 @@ def check_data(config):
                         f"prepared splits; set num_splits: {prepared} (e.g. --set "
                         f"num_splits={prepared}) or re-prepare with --num-splits "
                         f"{config['num_splits']}: {prepare_command(config)}")
+    if config["likelihood_ratio"] and config["calibration_data"]:
+        check_data(calibration_config(config))
 
 
 @dataclass
@@ -277,15 +279,29 @@ def metric_keys(config):
             + (likelihood_ratio.LR_METRICS if config["likelihood_ratio"] else ()))
 
 
+def calibration_config(config):
+    """The config whose split 0 holds the calibration pairs: `calibration_data` as a folder
+    dataset, or the config's own dataset. A calibration_data that is the evaluated dataset
+    itself is refused: its persons are the reported ones."""
+    cal_config = dict(config, num_splits=1, rerank=False, open_set=False,
+                      likelihood_ratio=False, calibration_data=None)
+    if config["calibration_data"]:
+        cal_config.update(dataset="folder", data_dir=config["calibration_data"])
+        if config["likelihood_ratio"] and \
+                dataset_dir(cal_config).resolve() == dataset_dir(config).resolve():
+            raise ConfigError(f"calibration_data {config['calibration_data']} is the evaluated "
+                              "dataset: its persons would calibrate their own LRs; give a "
+                              "dataset of other persons, or leave calibration_data out for "
+                              "the two-fold calibration")
+    return cal_config
+
+
 def calibration_pairs(model, config, device, store=None):
     """-> (scores, same, description) of the calibration pairs of a prepared dataset: its
     query0 x gallery0 pairs, scored by `model` under the config's flip rule.
     `calibration_data` names that dataset (a prepared folder dataset); without it, the
     config's own dataset (calibrate.py: its test persons, never its training persons)."""
-    data = config["calibration_data"]
-    cal_config = dict(config, num_splits=1, rerank=False, open_set=False)
-    if data:
-        cal_config.update(dataset="folder", data_dir=data)
+    cal_config = calibration_config(config)
     paths, splits, _ = collect_splits(cal_config)
     features, _, _ = encode(model, cal_config, device, paths, store)
     split = splits[0]

@@ -33,9 +33,7 @@ def main(argv=None):
     path = likelihood_ratio.calibration_path(config)
     if path.exists() and not args.overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it")
-    evaluation.check_data(dict(config, dataset="folder", data_dir=config["calibration_data"],
-                               num_splits=1) if config["calibration_data"]
-                          else dict(config, num_splits=1))
+    evaluation.check_data(evaluation.calibration_config(config))  # before the model loads
     encoder = Encoder(config)
     scores, same, data = evaluation.calibration_pairs(encoder.model, config, encoder.device)
     calibration = likelihood_ratio.fit(scores, same, config["lr_calibrator"])

@@ -127,7 +127,9 @@ def print_report(config, report, checkpoint):
                  f"calibrated on {calibration['data']}") + "), mean ± std:")
         for key in likelihood_ratio.LR_METRICS:
             mean, std = report["mean"][key], report["std"][key]
-            print(f"  {LABELS[key]:24} {mean:7.3f}" + ("" if std is None else f" ± {std:.3f}"))
+            digits = 2 if key.startswith("misleading") else 3
+            print(f"  {LABELS[key]:24} {mean:7.{digits}f}"
+                  + ("" if std is None else f" ± {std:.{digits}f}"))
     counts, timings = report["counts"], report["timings"]
     print(f"images: {counts['images_listed']} listed over all splits, "
           f"{counts['unique_images']} unique, {counts['images_encoded']} encoded, "

@@ -245,3 +245,19 @@ def test_calibration_data_of_one_person_is_refused(trained, prepared_11k, tmp_pa
     one_line_error(cli(calibrate, capsys, "--config", EVAL_CONFIG, *sets,
                        "--set", f"calibration_data={data}", "--overwrite"),
                    "1 person", "at least 2")
+
+
+@pytest.mark.parametrize("case", ["evaluated", "missing"])
+def test_evaluation_refuses_bad_calibration_data(trained, prepared_11k, tmp_path, capsys, case):
+    """Before any image is encoded: calibration data that are the evaluated (folder) dataset
+    itself, or that are not prepared."""
+    sets, _ = trained
+    data, _ = folder_dataset(prepared_11k, tmp_path, persons=6)
+    calibration = data if case == "evaluated" else tmp_path / "nowhere"
+    result = cli(run_eval_clip, capsys, "--config", EVAL_CONFIG, *sets, "--set",
+                 "likelihood_ratio=true", "--set", "dataset=folder", "--set", f"data_dir={data}",
+                 "--set", "num_splits=1", "--set", f"calibration_data={calibration}", "--set",
+                 f"results_dir={tmp_path / 'results'}")
+    one_line_error(result, *(["is the evaluated dataset"] if case == "evaluated"
+                             else ["dataset split not found", "prepare_folder.py"]))
+    assert not (tmp_path / "results").exists()
