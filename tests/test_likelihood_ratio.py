@@ -261,3 +261,16 @@ def test_evaluation_refuses_bad_calibration_data(trained, prepared_11k, tmp_path
     one_line_error(result, *(["is the evaluated dataset"] if case == "evaluated"
                              else ["dataset split not found", "prepare_folder.py"]))
     assert not (tmp_path / "results").exists()
+
+
+def test_run_all_summary_has_a_cllr_column(trained, tmp_path, capsys):
+    import run_all_finetuned_stage1
+
+    sets, _ = trained
+    ok(run_all_finetuned_stage1, capsys, "--configs", EVAL_CONFIG, *sets, "--set",
+       "likelihood_ratio=true", "--set", "plots=false", "--set",
+       f"results_dir={tmp_path / 'results'}", "--out", tmp_path / "summary")
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert table[0].rstrip(" |").endswith("Cllr")
+    cllr = float(table[2].rstrip(" |").rsplit("|", 1)[1].split("±")[0])
+    assert 0 < cllr < 1
