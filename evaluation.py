@@ -23,6 +23,7 @@ Spread over splits is the sample standard deviation (ddof=1): the splits are ran
 the std estimates how much a new split would move the numbers. One split has no std (None).
 """
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -297,7 +298,7 @@ def calibration_config(config):
 
 
 def calibration_pairs(model, config, device, store=None):
-    """-> (scores, same, description) of the calibration pairs of a prepared dataset: its
+    """-> (scores, same, description, persons) of the calibration pairs of a prepared dataset: its
     query0 x gallery0 pairs, scored by `model` under the config's flip rule.
     `calibration_data` names that dataset (a prepared folder dataset); without it, the
     config's own dataset (calibrate.py: its test persons, never its training persons)."""
@@ -316,7 +317,7 @@ def calibration_pairs(model, config, device, store=None):
     description = {"data": where, "persons": len(persons), "images": len(paths),
                    "same_person_pairs": int(same.sum()),
                    "different_person_pairs": int((~same).sum())}
-    return scores, same, description
+    return scores, same, description, persons
 
 
 def split_likelihood_ratios(features, split, config, index, calibration=None):
@@ -409,7 +410,14 @@ def evaluate(model, config, device, store=None):
 
     calibration = lr_data = first_llrs = None
     if config["likelihood_ratio"] and config["calibration_data"]:
-        scores, same, lr_data = calibration_pairs(model, config, device, store)
+        scores, same, lr_data, persons = calibration_pairs(model, config, device, store)
+        shared = sorted(persons & {likelihood_ratio.person_of(i) for split in splits
+                                   for i in split.query_ids + split.gallery_ids})
+        if shared:
+            print(f"warning: {len(shared)} persons of calibration_data have the names of "
+                  f"evaluated persons ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}"
+                  "); if they are the same people, their LRs were calibrated on themselves",
+                  file=sys.stderr)
         calibration = likelihood_ratio.fit(scores, same, config["lr_calibrator"])
         lr_data.update(lower_log10_bound=calibration.lower, upper_log10_bound=calibration.upper)
     lr_at = time.perf_counter()

@@ -35,7 +35,8 @@ def main(argv=None):
         raise UserError(f"{path} exists; pass --overwrite to replace it")
     evaluation.check_data(evaluation.calibration_config(config))  # before the model loads
     encoder = Encoder(config)
-    scores, same, data = evaluation.calibration_pairs(encoder.model, config, encoder.device)
+    scores, same, data, _ = evaluation.calibration_pairs(encoder.model, config,
+                                                         encoder.device)
     calibration = likelihood_ratio.fit(scores, same, config["lr_calibrator"])
     meta = likelihood_ratio.save_calibration(path, calibration, encoder.description, data)
     print(f"{path}: {meta['calibrator']} calibrator on {data['data']}, {data['persons']} "

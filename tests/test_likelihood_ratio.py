@@ -207,11 +207,11 @@ def test_compare_refuses_a_bad_image(trained, prepared_11k, tmp_path, capsys, ca
                    "IMAGE_B", str(bad), "missing" if case == "missing" else "not an image")
 
 
-def folder_dataset(prepared_11k, tmp_path, persons, test_ids=None):
-    """A prepared folder dataset of `persons` palmar_l training identities (persons the
-    evaluated dorsal_r test set does not hold)."""
+def folder_dataset(prepared_11k, tmp_path, persons, test_ids=None, source="palmar_l/train_all"):
+    """A prepared folder dataset of `persons` identities of `source` (by default palmar_l
+    training identities: persons the evaluated dorsal_r test set does not hold)."""
     raw = tmp_path / "raw"
-    source = prepared_11k / "train_val_test_split_palmar_l/train_all"
+    source = prepared_11k / f"train_val_test_split_{source}"
     for folder in sorted(source.iterdir())[:persons]:
         shutil.copytree(folder, raw / folder.name)
     args = ["datasets/prepare_folder.py", "--raw", raw, "--out", tmp_path / "prepared",
@@ -227,9 +227,10 @@ def test_calibration_data_calibrates_the_evaluation(trained, prepared_11k, tmp_p
     sets, work = trained
     data, _ = folder_dataset(prepared_11k, tmp_path, persons=10)
     results = tmp_path / "results"
-    ok(run_eval_clip, capsys, "--config", EVAL_CONFIG, *sets,
-       "--set", "likelihood_ratio=true", "--set", f"calibration_data={data}",
-       "--set", f"results_dir={results}", "--set", "plots=false")
+    code, _, err = cli(run_eval_clip, capsys, "--config", EVAL_CONFIG, *sets,
+                       "--set", "likelihood_ratio=true", "--set", f"calibration_data={data}",
+                       "--set", f"results_dir={results}", "--set", "plots=false")
+    assert code == 0 and "warning" not in err, err
     result = json.loads((results / "demo_tiny_11k_dorsal_r_finetuned.json").read_text())
     calibration = result["likelihood_ratio"]["calibration"]
     assert str(data) in calibration["data"] and calibration["persons"] == 5
@@ -274,3 +275,13 @@ def test_run_all_summary_has_a_cllr_column(trained, tmp_path, capsys):
     assert table[0].rstrip(" |").endswith("Cllr")
     cllr = float(table[2].rstrip(" |").rsplit("|", 1)[1].split("±")[0])
     assert 0 < cllr < 1
+
+
+def test_calibration_data_with_the_names_of_evaluated_persons_warns(trained, prepared_11k,
+                                                                    tmp_path, capsys):
+    sets, _ = trained
+    data, _ = folder_dataset(prepared_11k, tmp_path, persons=6, source="dorsal_r/test")
+    code, _, err = cli(run_eval_clip, capsys, "--config", EVAL_CONFIG, *sets,
+                       "--set", "likelihood_ratio=true", "--set", f"calibration_data={data}",
+                       "--set", f"results_dir={tmp_path / 'results'}", "--set", "plots=false")
+    assert code == 0 and "persons of calibration_data have the names of evaluated" in err
