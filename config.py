@@ -175,6 +175,17 @@ SCHEMA = {
     "plots": _opt(bool, True, "write the CMC curve, ranked-retrieval grid and verification "
                               "(ROC, score histogram) PNGs"),
     "plot_queries": _opt(int, 6, "queries shown in the ranked-retrieval grid", low=1),
+    # likelihood ratios for casework (lir): calibration, Cllr, Tippett and ECE plots
+    "likelihood_ratio": _opt(bool, False, "also report calibrated likelihood ratios: Cllr, "
+                                          "Cllr_min, misleading-evidence rates, Tippett and "
+                                          "ECE plots (two-fold over each split's persons, or "
+                                          "calibration_data)"),
+    "lr_calibrator": _opt(str, "logistic", "score -> LR calibrator (lir): logistic, isotonic "
+                                           "(PAV) or kde", choices=("logistic", "isotonic", "kde")),
+    "calibration_data": _opt(str, None, "a prepared folder dataset (datasets/prepare_folder.py "
+                                        "--out) whose query0 x gallery0 pairs calibrate the "
+                                        "LRs (default: two-fold over the evaluated persons; "
+                                        "calibrate.py: the evaluated dataset's split 0)"),
 }
 
 

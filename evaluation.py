@@ -23,6 +23,7 @@ Spread over splits is the sample standard deviation (ddof=1): the splits are ran
 the std estimates how much a new split would move the numbers. One split has no std (None).
 """
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import likelihood_ratio
 from build_dataloader import eval_loader, list_split
 from config import ConfigError, UserError, dataset_dir, prepare_command
 from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
@@ -159,7 +161,7 @@ def split_names(config):
 
 def check_data(config):
     """Fail fast, before a model is loaded: the re-ranking weight is a weight, the dataset is
-    prepared and has num_splits splits."""
+    prepared and has num_splits splits (and so is calibration_data, with likelihood_ratio)."""
     if config["rerank"] and config["rerank_lambda"] > 1:
         raise ConfigError(f"rerank_lambda must be between 0 and 1, got {config['rerank_lambda']}"
                           f"; e.g. --set rerank_lambda=0.3")
@@ -173,6 +175,8 @@ def check_data(config):
                         f"prepared splits; set num_splits: {prepared} (e.g. --set "
                         f"num_splits={prepared}) or re-prepare with --num-splits "
                         f"{config['num_splits']}: {prepare_command(config)}")
+    if config["likelihood_ratio"] and config["calibration_data"]:
+        check_data(calibration_config(config))
 
 
 @dataclass
@@ -271,8 +275,66 @@ def split_metrics(features, split, config, index):
 
 def metric_keys(config):
     """The per-split metrics summarised over splits for this config."""
-    return RANKING_METRICS + VERIFICATION_METRICS + (OPEN_SET_METRICS if config["open_set"]
-                                                     else ())
+    return (RANKING_METRICS + VERIFICATION_METRICS
+            + (OPEN_SET_METRICS if config["open_set"] else ())
+            + (likelihood_ratio.LR_METRICS if config["likelihood_ratio"] else ()))
+
+
+def calibration_config(config):
+    """The config whose split 0 holds the calibration pairs: `calibration_data` as a folder
+    dataset, or the config's own dataset. A calibration_data that is the evaluated dataset
+    itself is refused: its persons are the reported ones."""
+    cal_config = dict(config, num_splits=1, rerank=False, open_set=False,
+                      likelihood_ratio=False, calibration_data=None)
+    if config["calibration_data"]:
+        cal_config.update(dataset="folder", data_dir=config["calibration_data"])
+        if config["likelihood_ratio"] and \
+                dataset_dir(cal_config).resolve() == dataset_dir(config).resolve():
+            raise ConfigError(f"calibration_data {config['calibration_data']} is the evaluated "
+                              "dataset: its persons would calibrate their own LRs; give a "
+                              "dataset of other persons, or leave calibration_data out for "
+                              "the two-fold calibration")
+    return cal_config
+
+
+def calibration_pairs(model, config, device, store=None):
+    """-> (scores, same, description, persons) of the calibration pairs of a prepared dataset: its
+    query0 x gallery0 pairs, scored by `model` under the config's flip rule.
+    `calibration_data` names that dataset (a prepared folder dataset); without it, the
+    config's own dataset (calibrate.py: its test persons, never its training persons)."""
+    cal_config = calibration_config(config)
+    paths, splits, _ = collect_splits(cal_config)
+    features, _, _ = encode(model, cal_config, device, paths, store)
+    split = splits[0]
+    persons = {likelihood_ratio.person_of(i) for i in split.query_ids + split.gallery_ids}
+    where = f"{dataset_dir(cal_config)} ({split.query} x {split.gallery})"
+    if len(persons) < 2:
+        raise UserError(f"the calibration data {where} hold {len(persons)} person(s); "
+                        "calibration needs at least 2: prepare a folder dataset of more persons "
+                        "and set calibration_data: <its --out>")
+    scores, same = likelihood_ratio.pair_arrays(split_similarity(features, split).cpu().numpy(),
+                                                split.query_ids, split.gallery_ids)
+    description = {"data": where, "persons": len(persons), "images": len(paths),
+                   "same_person_pairs": int(same.sum()),
+                   "different_person_pairs": int((~same).sum())}
+    return scores, same, description, persons
+
+
+def split_likelihood_ratios(features, split, config, index, calibration=None):
+    """-> (LR metrics row, log10 LRs, truth) of one split: with a fitted `calibration`
+    (calibration_data) applied to all its pairs; else two-fold over its persons."""
+    similarity = split_similarity(features, split).cpu().numpy()
+    if calibration is not None:
+        scores, same = likelihood_ratio.pair_arrays(similarity, split.query_ids,
+                                                    split.gallery_ids)
+        llrs, folds = calibration.llr(scores), None
+    else:
+        llrs, same, folds = likelihood_ratio.two_fold(
+            similarity, split.query_ids, split.gallery_ids, config["lr_calibrator"],
+            config["seed"], index)
+    row = likelihood_ratio.validity(llrs, same)
+    row.update(num_lr_pairs=len(llrs), lr_folds=folds)
+    return row, llrs, same
 
 
 def summarise(per_split, keys):
@@ -298,6 +360,7 @@ class Evaluation:
     features: torch.Tensor
     splits: list
     first_split_scores: torch.Tensor
+    first_split_llrs: tuple = None  # (log10 LRs, truth) of split 0 with likelihood_ratio
 
 
 def _sync(device):
@@ -336,7 +399,8 @@ def evaluate(model, config, device, store=None):
     report: per_split (metrics of each split with its folder names and sizes), mean, std
     (ddof=1), counts (images_listed, unique_images, images_encoded = images encoded fresh x
     views, images_from_store), timings (seconds: list, encode (with loading), metrics,
-    total) and the protocol settings."""
+    total) and the protocol settings; with likelihood_ratio: true, each split's LR validity
+    metrics (likelihood_ratio.LR_METRICS) and how its LRs were calibrated."""
     start = time.perf_counter()
     paths, splits, listed = collect_splits(config)
     listed_at = time.perf_counter()
@@ -344,12 +408,30 @@ def evaluate(model, config, device, store=None):
     _sync(device)
     encoded_at = time.perf_counter()
 
+    calibration = lr_data = first_llrs = None
+    if config["likelihood_ratio"] and config["calibration_data"]:
+        scores, same, lr_data, persons = calibration_pairs(model, config, device, store)
+        shared = sorted(persons & {likelihood_ratio.person_of(i) for split in splits
+                                   for i in split.query_ids + split.gallery_ids})
+        if shared:
+            print(f"warning: {len(shared)} persons of calibration_data have the names of "
+                  f"evaluated persons ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}"
+                  "); if they are the same people, their LRs were calibrated on themselves",
+                  file=sys.stderr)
+        calibration = likelihood_ratio.fit(scores, same, config["lr_calibrator"])
+        lr_data.update(lower_log10_bound=calibration.lower, upper_log10_bound=calibration.upper)
+    lr_at = time.perf_counter()
     per_split, first_scores = [], None
     for index, split in enumerate(tqdm(splits, desc="ranking splits", unit="split",
                                        disable=None, leave=False)):
         metrics, scores = split_metrics(features, split, config, index)
+        if config["likelihood_ratio"]:
+            lr_row, llrs, same = split_likelihood_ratios(features, split, config, index,
+                                                         calibration)
+            metrics.update(lr_row)
         if index == 0:
             first_scores = scores
+            first_llrs = (llrs, same) if config["likelihood_ratio"] else None
         per_split.append({"split": index, "query": split.query, "gallery": split.gallery,
                           "num_gallery": len(split.gallery_ids),
                           "num_gallery_identities": len(set(split.gallery_ids)), **metrics})
@@ -364,10 +446,14 @@ def evaluate(model, config, device, store=None):
         "ap_mode": config["ap_mode"], "max_rank": config["max_rank"], "flip": config["flip"],
         "rerank": rerank, "open_set": config["open_set"], "far_levels": list(FAR_LEVELS),
         "fpir_levels": list(FPIR_LEVELS) if config["open_set"] else None,
+        "likelihood_ratio": {"calibrator": config["lr_calibrator"],
+                             "calibration": lr_data or "two-fold over each split's persons"}
+        if config["likelihood_ratio"] else None,
         "counts": {"images_listed": listed, "unique_images": len(paths),
                    "images_encoded": fresh * FLIP_VIEWS[config["flip"]],
                    "images_from_store": from_store},
         "timings": {"list_seconds": listed_at - start, "encode_seconds": encoded_at - listed_at,
-                    "metrics_seconds": done - encoded_at, "total_seconds": done - start},
+                    "calibration_seconds": lr_at - encoded_at,
+                    "metrics_seconds": done - lr_at, "total_seconds": done - start},
     }
-    return Evaluation(report, features, splits, first_scores)
+    return Evaluation(report, features, splits, first_scores, first_llrs)

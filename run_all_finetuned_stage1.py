@@ -41,7 +41,7 @@ DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
                    "configs/finetuning_stage2_clipreid/eval_*.yml"]
 METRIC_COLUMNS = (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"),
                   ("mAP", "mAP"), ("mAP_trapezoid", "mAP (trapezoid)"), ("eer", "EER"),
-                  ("tar_at_far_1e-3", "TAR@FAR=1e-3"))
+                  ("tar_at_far_1e-3", "TAR@FAR=1e-3"), ("cllr", "Cllr"))
 
 
 def parse_args(argv):
@@ -109,7 +109,7 @@ def run_one(config_path, args, store):
            "rerank": "yes" if result["rerank"] else "no", "splits": result["num_splits"],
            "method": "baseline" if config["variant"] == "baseline" else config["method"]}
     for key, _ in METRIC_COLUMNS:
-        row[key], row[f"{key}_std"] = result["mean"][key], result["std"][key]
+        row[key], row[f"{key}_std"] = result["mean"].get(key), result["std"].get(key)
     return row
 
 
@@ -136,7 +136,9 @@ def markdown_table(rows, failures):
         text += ("\nmean ± std over the splits (sample std, ddof=1), percent. mAP: "
                  "uninterpolated (torchreid / fast-reid); mAP (trapezoid): the MBA-Net / "
                  "CLIP-HandID rule. flip: sum is the published hand tables' test-time flip. "
-                 "EER and TAR@FAR: verification over all query x gallery pairs.\n")
+                 "EER and TAR@FAR: verification over all query x gallery pairs. Cllr (bits, "
+                 "not percent): of the calibrated likelihood ratios, with likelihood_ratio: "
+                 "true.\n")
     if failures:
         text += "\nFailed:\n" + "".join(f"- {path}: {reason}\n" for path, reason in failures)
     return text

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluation  # noqa: E402
 from config import UserError, atomic_write, load_config, make_parser, run_cli  # noqa: E402
 from experiments import extract_features as fx  # noqa: E402
-from experiments.run_eval_clip import load_model  # noqa: E402
+from feature_encoder import describe_model, load_model  # noqa: E402
 from make_model import preprocess_spec  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -115,7 +115,7 @@ def main(argv=None):
     if not difference <= TOLERANCE:
         raise UserError(f"the ONNX model differs from torch by {difference:.2e} > {TOLERANCE:.0e}; "
                         f"nothing written to {args.out}")
-    description = fx.describe_model(config, model, checkpoint)
+    description = describe_model(config, model, checkpoint)
     atomic_write(args.out, lambda handle: handle.write(
         with_metadata(model_bytes, description, spec)))
     print(f"{args.out}: {config['model']} ({config['variant']}) image encoder, input images "

@@ -14,7 +14,6 @@ definition, the preprocessing, the weights digest and the fingerprint that searc
 Images are decoded and encoded as in evaluation (cached decode, batches of eval_batch_size,
 mixed precision by `amp`), so they equal the evaluation's features of the same images.
 """
-import hashlib
 import json
 import os
 import sys
@@ -23,19 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "datasets"))
-import evaluation  # noqa: E402
 import split_protocol  # noqa: E402  (its image check, shared with the prepare scripts)
-from build_dataloader import IMAGE_SUFFIXES, eval_loader  # noqa: E402
+from build_dataloader import IMAGE_SUFFIXES  # noqa: E402
 from config import (UserError, atomic_write, load_config, make_parser,  # noqa: E402
                     run_cli)
-from experiments.run_eval_clip import load_model  # noqa: E402
-from runtime import resolve_device  # noqa: E402
-from make_model import preprocess_spec  # noqa: E402
+from feature_encoder import Encoder  # noqa: E402
 
 EXPORT_COMMAND = "python experiments/extract_features.py --config <eval config>"
 # What np.load raises for a file that is no .npz of ours (not a zip, truncated, keys missing).
@@ -93,58 +88,6 @@ def list_images(source, what="--images"):
         raise UserError(f"{what} {source} holds no readable image ({', '.join(IMAGE_SUFFIXES)}; "
                         "see the warnings above)")
     return items
-
-
-def weights_digest(model):
-    """sha256 of every tensor of the model's state (names, shapes, dtypes and bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def describe_model(config, model, checkpoint):
-    """What makes the features: a JSON-ready dict whose 'fingerprint' changes with anything
-    that changes a feature (weights, feature function, preprocessing, flip)."""
-    spec = preprocess_spec(config)
-    # The model's own definition (from its checkpoint: embedding, BNNeck output, CLIP-ReID's
-    # concatenation ...), not the config's head, which Stage-2 checkpoints do not use.
-    feature = {"definition": dict(model.feature), "flip": config["flip"],
-               "l2_normalised": True}
-    preprocessing = {"image_size": spec["image_size"], "mean": list(spec["mean"]),
-                     "std": list(spec["std"]),
-                     "resize": "RGB, squash-resized to image_size x image_size (bicubic)",
-                     "draft_decode": config["cache_images"]}
-    weights = weights_digest(model)
-    fingerprint = hashlib.sha256(json.dumps(
-        [weights, feature, {k: preprocessing[k] for k in ("image_size", "mean", "std")}],
-        sort_keys=True).encode()).hexdigest()
-    return {"name": config["name"], "model": config["model"], "variant": config["variant"],
-            "checkpoint": checkpoint and {k: v for k, v in checkpoint.items()
-                                          if k != "train_config"},
-            "feature": feature, "preprocessing": preprocessing, "weights_sha256": weights,
-            "fingerprint": fingerprint}
-
-
-class Encoder:
-    """A model loaded from an eval config, ready to turn image paths into features."""
-
-    def __init__(self, config):
-        self.config = config
-        self.device = resolve_device(config)
-        model, checkpoint = load_model(config)
-        self.description = describe_model(config, model, checkpoint)  # on CPU, before moving
-        self.model = model.to(self.device)
-
-    def encode(self, paths):
-        """float32 numpy [N, D], L2-normalised, row i = paths[i]: the evaluation's own decode,
-        batching, precision and feature function."""
-        loader = eval_loader(self.config, list(paths))
-        features = evaluation.extract_features(self.model, loader, self.device,
-                                               flip=self.config["flip"], amp=self.config["amp"])
-        return features.float().cpu().numpy()
 
 
 def save_features(path, features, paths, identities, description):

@@ -18,6 +18,8 @@ Outputs in `results_dir`:
                                 or not; green = same identity, red = other) and split 0's
                                 ROC curve (log FAR axis) beside the genuine and impostor
                                 score histograms.
+  <name>_<variant>_lr.png       with likelihood_ratio: true, split 0's Tippett and ECE plots
+                                of the calibrated likelihood ratios.
 """
 import csv
 import os
@@ -32,13 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluation  # noqa: E402
-import make_model  # noqa: E402
+import likelihood_ratio  # noqa: E402
+from feature_encoder import load_model  # noqa: E402
 from config import atomic_write, atomic_write_json, load_config, make_parser, run_cli  # noqa: E402
 from reid_metrics import genuine_impostor_scores  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 
 ALL_METRICS = (evaluation.RANKING_METRICS + evaluation.VERIFICATION_METRICS
-               + evaluation.OPEN_SET_METRICS)
+               + evaluation.OPEN_SET_METRICS + likelihood_ratio.LR_METRICS)
 CSV_FIELDS = (["timestamp", "name", "variant", "model", "dataset", "aspect", "gallery",
                "num_splits", "ap_mode", "flip", "rerank", "open_set"]
               + [name for key in ALL_METRICS for name in (key, f"{key}_std")]
@@ -51,24 +54,12 @@ LABELS.update({f"tar_at_far_{evaluation.rate_label(r)}": f"TAR@FAR={evaluation.r
                for r in evaluation.FAR_LEVELS})
 LABELS.update({f"fnir_at_fpir_{evaluation.rate_label(r)}":
                f"FNIR@FPIR={evaluation.rate_label(r)}" for r in evaluation.FPIR_LEVELS})
+LABELS.update(cllr="Cllr (bits)", cllr_min="Cllr_min (bits)", cllr_cal="Cllr_cal (bits)",
+              misleading_same="misleading, same (%)",
+              misleading_different="misleading, diff. (%)", max_log10_lr="largest log10 LR",
+              min_log10_lr="smallest log10 LR")
 THUMB = 96
 FRAME = 4
-
-
-def load_model(config):
-    """-> (HandIdModel, checkpoint info or None) for the config's variant."""
-    if config["variant"] == "baseline":
-        # Random-initialised backbones (model: tiny, pretrained: none) then give the same
-        # baseline on every run.
-        torch.manual_seed(config["seed"])
-        clip_model, classifier = make_model.build_model(config, num_classes=None)
-        return make_model.HandIdModel(clip_model, classifier), None
-    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
-    info = {"path": str(config["save_path"]), "method": ckpt["method"], "epoch": ckpt["epoch"],
-            "selection": ckpt["selection"], "val_accuracy": ckpt["selection"].get("val_accuracy"),
-            "feature": ckpt["feature"], "backbone": ckpt["backbone"],
-            "num_train_identities": len(ckpt["identity_names"]), "train_config": ckpt["config"]}
-    return model, info
 
 
 def dataset_label(config):
@@ -122,13 +113,23 @@ def print_report(config, report, checkpoint):
     for key in (k for k in ALL_METRICS if k in report["mean"]):
         if key == "mAP":
             keys += ap_order(report)
-        elif key not in ("mAP_trapezoid", "eer_threshold"):
+        elif key not in ("mAP_trapezoid", "eer_threshold") + likelihood_ratio.LR_METRICS:
             keys.append(key)
     for key in keys:
         print(f"  {LABELS[key]:24} {format_mean_std(report['mean'][key], report['std'][key])}")
     threshold, spread = report["mean"]["eer_threshold"], report["std"]["eer_threshold"]
     print(f"  {LABELS['eer_threshold']:24} {threshold:.4f}"
           + ("" if spread is None else f" ± {spread:.4f}") + " (a score, not percent)")
+    if report["likelihood_ratio"]:
+        calibration = report["likelihood_ratio"]["calibration"]
+        print(f"likelihood ratios ({report['likelihood_ratio']['calibrator']} calibrator, "
+              + (calibration if isinstance(calibration, str) else
+                 f"calibrated on {calibration['data']}") + "), mean ± std:")
+        for key in likelihood_ratio.LR_METRICS:
+            mean, std = report["mean"][key], report["std"][key]
+            digits = 2 if key.startswith("misleading") else 3
+            print(f"  {LABELS[key]:24} {mean:7.{digits}f}"
+                  + ("" if std is None else f" ± {std:.{digits}f}"))
     counts, timings = report["counts"], report["timings"]
     print(f"images: {counts['images_listed']} listed over all splits, "
           f"{counts['unique_images']} unique, {counts['images_encoded']} encoded, "
@@ -261,6 +262,41 @@ def plot_verification(path, config, evaluated):
     plt.close(figure)
 
 
+def plot_likelihood_ratios(path, config, evaluated):
+    """Split 0's reported LRs: Tippett plot (lir: proportion of log10 LRs >= x for same and for
+    different persons) and ECE plot (lir: empirical cross-entropy against prior log odds, with
+    the PAV-optimised LRs and the uninformative reference)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from lir.data.models import LLRData
+    from lir.plotting import tippett
+    from lir.plotting.expected_calibration_error import plot_ece
+
+    llrs, same = evaluated.first_split_llrs
+    data = LLRData(features=llrs, labels=same.astype(int))
+    row = evaluated.report["per_split"][0]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    tippett(data, ax=left)
+    left.legend(left.get_lines()[:2], [f"same person ({int(same.sum())} pairs)",
+                                       f"different persons ({int((~same).sum())} pairs)"],
+                fontsize=7)
+    left.set(ylabel="proportion of LRs >= x (%)", xlabel="log10 LR",
+             title=f"Tippett, split 0: Cllr {row['cllr']:.3f}, Cllr_min {row['cllr_min']:.3f}")
+    plot_ece(data, ax=right)
+    right.legend(fontsize=7)
+    right.set(xlabel="prior log10 odds (same person)", ylabel="empirical cross-entropy (bits)",
+              title="ECE, split 0")
+    for axis in (left, right):
+        axis.title.set_fontsize(9)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{config['name']} ({config['variant']}): likelihood ratios, "
+                    f"{config['lr_calibrator']} calibrator", fontsize=9)
+    figure.tight_layout()
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
+    plt.close(figure)
+
+
 def _thumbnail(path, colour):
     from PIL import Image, ImageOps
 
@@ -353,6 +389,9 @@ def evaluate_config(config, store=None):
         plot_verification(files["verification_plot"], config, evaluated)
         plot_ranking(files["ranking_plot"], evaluated, config["plot_queries"],
                      config["max_rank"])
+        if config["likelihood_ratio"]:
+            files["lr_plot"] = str(results_dir / f"{stem}_lr.png")
+            plot_likelihood_ratios(files["lr_plot"], config, evaluated)
     result["files"] = files
     kept = keep_previous(json_path)
     atomic_write_json(json_path, result)
@@ -361,7 +400,8 @@ def evaluate_config(config, store=None):
           + f"; row appended to {files['csv']}")
     if config["plots"]:
         print(f"plots: {files['cmc_plot']}, {files['ranking_plot']}, "
-              f"{files['verification_plot']}")
+              f"{files['verification_plot']}"
+              + (f", {files['lr_plot']}" if "lr_plot" in files else ""))
     return result
 
 

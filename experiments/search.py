@@ -14,6 +14,8 @@ unknown). A re-run keeps the previous files as <name>.<their mtime>.<suffix>.
 The features of a gallery folder are cached in <out>/gallery_cache/, keyed by the model
 fingerprint and each file's content, so a second search against the same (or a grown)
 gallery encodes only the images it has not seen.
+When the model has a calibration file (experiments/calibrate.py), each candidate also gets its
+calibrated log10 likelihood ratio (printed and in search.csv's log10_lr column).
 """
 import csv
 import hashlib
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import likelihood_ratio  # noqa: E402
 from config import (UserError, atomic_write, atomic_write_text, load_config,  # noqa: E402
                     make_parser, run_cli)
 from experiments import extract_features as fx  # noqa: E402
@@ -34,7 +37,8 @@ from experiments.run_eval_clip import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR, 
 
 UNKNOWN_COLOUR = "#808080"
 MAX_GRID_ROWS = 100
-CSV_FIELDS = ["query", "query_identity", "rank", "score", "gallery", "gallery_identity", "match"]
+CSV_FIELDS = ["query", "query_identity", "rank", "score", "gallery", "gallery_identity", "match",
+              "log10_lr"]
 
 
 def file_digest(path):
@@ -105,8 +109,9 @@ def frame_colour(query_identity, gallery_identity):
     return SAME_COLOUR if gallery_identity == query_identity else OTHER_COLOUR
 
 
-def report(queries, gallery, scores, order, threshold):
-    """Print the ranking of each query; -> (CSV rows, grid rows, number of matched queries)."""
+def report(queries, gallery, scores, order, threshold, calibration=None):
+    """Print the ranking of each query (with a calibration file, each candidate's log10 LR);
+    -> (CSV rows, grid rows, number of matched queries)."""
     (query_paths, query_ids), (gallery_paths, gallery_ids) = queries, gallery
     csv_rows, grid_rows, matched = [], [], 0
     for q, (path, identity) in enumerate(zip(query_paths, query_ids)):
@@ -118,14 +123,18 @@ def report(queries, gallery, scores, order, threshold):
         if not found:
             print(f"  no match in gallery (best score {best:.4f} < threshold {threshold:.4f}); "
                   "closest:")
-        print(f"  {'rank':>4}  {'score':>7}  {'identity':<20} image")
+        print(f"  {'rank':>4}  {'score':>7}  " + ("log10 LR  " if calibration else "")
+              + f"{'identity':<20} image")
         ranked = []
         for r, (score, g) in enumerate(zip(scores[q].tolist(), order[q].tolist()), start=1):
             match = "" if threshold is None else "yes" if score >= threshold else "no"
-            print(f"  {r:>4}  {score:7.4f}  {gallery_ids[g] or '-':<20} {gallery_paths[g]}")
+            llr = float(calibration.llr(score)) if calibration else None
+            print(f"  {r:>4}  {score:7.4f}  " + (f"{llr:+8.3f}  " if calibration else "")
+                  + f"{gallery_ids[g] or '-':<20} {gallery_paths[g]}")
             csv_rows.append({"query": path, "query_identity": identity, "rank": r,
                              "score": f"{score:.6f}", "gallery": gallery_paths[g],
-                             "gallery_identity": gallery_ids[g], "match": match})
+                             "gallery_identity": gallery_ids[g], "match": match,
+                             "log10_lr": "" if llr is None else f"{llr:.4f}"})
             ranked.append((gallery_paths[g], frame_colour(identity, gallery_ids[g]),
                            f"{r}: {score:.3f}\n{gallery_ids[g]}"))
         grid_rows.append(((path, QUERY_COLOUR, ("query" if found else "no match") +
@@ -179,15 +188,20 @@ def main(argv=None):
                         "features.npz")
     queries = fx.list_images(args.query, "--query")
     encoder = fx.Encoder(config)
+    calibration_path = likelihood_ratio.calibration_path(config)
+    calibration = likelihood_ratio.load_calibration(calibration_path, encoder.description) \
+        if calibration_path.exists() else None
     gallery_features, gallery_paths, gallery_ids = load_gallery(encoder, args.gallery, out)
     query_features = encoder.encode([p for p, _ in queries])
     scores, order = rank(query_features, gallery_features, min(args.top_k, len(gallery_paths)))
     csv_rows, grid_rows, matched = report(
         ([p for p, _ in queries], [i for _, i in queries]), (gallery_paths, gallery_ids),
-        scores, order, args.threshold)
+        scores, order, args.threshold, calibration)
     write_outputs(out, csv_rows, grid_rows)
     print(f"{len(queries)} queries" + ("" if args.threshold is None else
-                                      f", {matched} with a match at threshold {args.threshold}"))
+                                      f", {matched} with a match at threshold {args.threshold}")
+          + (f"; log10 LR from {calibration_path}" if calibration else
+             f"; no calibration at {calibration_path}, so no LRs"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Are two hand photos of the same person? The score, where it falls against the EER threshold
+of the model's evaluation, and the calibrated likelihood ratio with its verbal equivalent.
+
+    python experiments/compare.py --config <eval config> IMAGE_A IMAGE_B [--no-lr]
+
+Prints the cosine score of the two images' retrieval features (the evaluation's own decode,
+feature function and flip rule); the EER threshold (mean over splits) of this model's latest
+evaluation (<results_dir>/<name>_<variant>.json, from run_eval_clip.py) and on which side the
+score falls; then the likelihood ratio from the calibration file beside the checkpoint
+(calibrate.py): LR and log10 LR, the ELUB bounds that cap it, and the verbal equivalent on the
+ENFSI scale (ENFSI Guideline for Evaluative Reporting in Forensic Science, 2015).
+
+Without a calibration file the score and threshold are printed, then an error names the
+calibrate command (exit 1); --no-lr prints the score and threshold alone (exit 0).
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "datasets"))
+import likelihood_ratio  # noqa: E402
+import split_protocol  # noqa: E402  (its image check, shared with the prepare scripts)
+from config import UserError, load_config, make_parser, run_cli  # noqa: E402
+from feature_encoder import Encoder  # noqa: E402
+
+EVAL_COMMAND = "python experiments/run_eval_clip.py --config <eval config>"
+
+
+def check_image(path, name):
+    problem = split_protocol.image_problem(path)
+    if problem:
+        raise UserError(f"{name} {path}: {problem}; give an image file Pillow can read "
+                        "(JPEG, PNG, BMP, WebP, TIFF, ...)")
+
+
+def eer_threshold(config, description):
+    """-> (threshold or None, where it came from or why there is none)."""
+    path = Path(config["results_dir"]) / f"{config['name']}_{config['variant']}.json"
+    try:
+        result = json.loads(path.read_text())
+        threshold, checkpoint = result["mean"]["eer_threshold"], result.get("checkpoint") or {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"no evaluation at {path}; run {EVAL_COMMAND} for it"
+    mine = description["checkpoint"] or {}
+    if (checkpoint.get("path"), checkpoint.get("epoch")) != (mine.get("path"), mine.get("epoch")) \
+            or result.get("flip") != config["flip"]:
+        return None, (f"{path} evaluated another checkpoint or flip rule; re-run "
+                      f"{EVAL_COMMAND}")
+    return threshold, f"{path}, mean over {result['num_splits']} splits"
+
+
+def main(argv=None):
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("image_a", type=Path, metavar="IMAGE_A")
+    parser.add_argument("image_b", type=Path, metavar="IMAGE_B")
+    parser.add_argument("--no-lr", action="store_true",
+                        help="print the score and the EER threshold only (no calibration)")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    check_image(args.image_a, "IMAGE_A")
+    check_image(args.image_b, "IMAGE_B")
+    encoder = Encoder(config)
+    features = encoder.encode([str(args.image_a), str(args.image_b)])
+    score = float(np.dot(features[0], features[1]))
+    print(f"A: {args.image_a}\nB: {args.image_b}\nmodel: {config['model']} "
+          f"({config['variant']}" + (f", checkpoint {config['save_path']}"
+                                      if config["variant"] == "finetuned" else "")
+          + f"), flip {config['flip']}")
+    print(f"score (cosine similarity): {score:.4f}")
+    threshold, source = eer_threshold(config, encoder.description)
+    if threshold is None:
+        print(f"EER threshold: unavailable ({source})")
+    else:
+        side = "at or above: same person" if score >= threshold else "below: different persons"
+        print(f"EER threshold {threshold:.4f} ({source}): the score is {side} at the equal-"
+              "error-rate operating point")
+    if args.no_lr:
+        return
+    calibration = likelihood_ratio.load_calibration(
+        likelihood_ratio.calibration_path(config), encoder.description)
+    meta = calibration.meta
+    llr = float(calibration.llr(score))
+    print(f"likelihood ratio (same person vs different persons): LR {10 ** llr:.4g}, log10 LR "
+          f"{llr:+.3f}; bounds (ELUB) log10 LR [{meta['lower_log10_bound']:+.2f}, "
+          f"{meta['upper_log10_bound']:+.2f}]"
+          + (" (capped at a bound)" if llr in (meta["lower_log10_bound"],
+                                               meta["upper_log10_bound"]) else ""))
+    print(f"calibration: {calibration.path} ({meta['calibrator']} on {meta['data']['data']}, "
+          f"{meta['same_person_pairs']} same / {meta['different_person_pairs']} different "
+          "pairs)")
+    print(f"verbal equivalent ({likelihood_ratio.ENFSI_REFERENCE}): the score provides "
+          f"{likelihood_ratio.verbal(llr)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
