@@ -92,6 +92,24 @@ SCHEMA = {
                              "on CPU), bf16, fp16, fp32",
                 choices=("auto", "bf16", "fp16", "fp32")),
     "seed": _opt(int, 0, "random seed"),
+    # CLIP-ReID's optimisation mechanisms, general (issue 15; Stage 2 and CLIP-HandID use them)
+    "lr_stepping": _opt(str, "iteration", "lr schedule changes at every optimizer step "
+                                          "(iteration) or once at the start of each epoch "
+                                          "(epoch, as CLIP-ReID)",
+                        choices=("iteration", "epoch")),
+    "lr_epoch_origin": _opt(int, 1, "lr_stepping: epoch: index t of a phase's first epoch in "
+                                    "the schedule (1: CLIP-ReID, 0: CLIP-HandID)",
+                            choices=(0, 1)),
+    "bias_lr_factor": _opt(float, 1.0, "lr multiplier of every trained tensor whose name "
+                                       "contains 'bias' (CLIP-ReID: 2)", low=0.0),
+    "weight_decay_all": _opt(bool, False, "weight decay on every trained tensor, biases, "
+                                          "norms and embeddings too (CLIP-ReID)"),
+    "classifier_init_std": _opt(float, None, "std of the normal init of the identity "
+                                             "classifiers' weights (CLIP-ReID: 0.001; "
+                                             "default: PyTorch's)", low=0.0),
+    "resnet_last_stride": _opt(int, 2, "stride of a ModifiedResNet's layer4 (1: CLIP-ReID, "
+                                       "the attention pool's position embedding resized to "
+                                       "the larger map)", choices=(1, 2)),
     # training engine (every method)
     "method": _opt(str, "stage1", "training method that wrote the checkpoint: stage1 "
                                   "(cross-entropy, text tower frozen) or clipreid (Stage 2)"),

@@ -33,7 +33,7 @@ import losses
 import make_model
 from build_dataloader import train_gallery_loader
 from config import ConfigError
-from engine import Method, Phase, decay_groups
+from engine import Method, Phase, config_groups, decay_groups
 from runtime import rank_and_world
 
 PROMPTS, IMAGE_ENCODER = "prompts", "image_encoder"
@@ -62,6 +62,8 @@ class ClipReid(Method):
         make_model.freeze_text_tower(clip_model)
         self.specs = make_model.clipreid_module_specs(config, clip_model, len(identity_names))
         extras = {name: make_model.build_module(spec) for name, spec in self.specs.items()}
+        for head in HEADS:
+            make_model.init_classifier(extras[head], config["classifier_init_std"])
         if config["prompt_epochs"] == 0:
             spec, state = make_model.read_prompts(config["prompt_checkpoint"], identity_names)
             if spec != self.specs["prompt_learner"]:
@@ -86,6 +88,7 @@ class ClipReid(Method):
                         warmup_start=_ratio(config["prompt_warmup_lr"], config["prompt_lr"]),
                         scheduler="cosine",
                         min_lr_factor=_ratio(config["prompt_min_lr"], config["prompt_lr"]),
+                        lr_stepping=config["lr_stepping"], epoch_origin=config["lr_epoch_origin"],
                         selects=False, uses_images=False)
         image = Phase.from_config(config, IMAGE_ENCODER, optimizer="adam",
                                   warmup_start=config["warmup_factor"])
@@ -143,10 +146,10 @@ class ClipReid(Method):
             return decay_groups("prompts", extras["prompt_learner"], config["prompt_lr"],
                                 config["prompt_weight_decay"])
         heads = nn.ModuleList([extras[head] for head in HEADS])
-        return (decay_groups("image_encoder", self.model.clip_model.visual, config["lr"],
-                             config["weight_decay"])
-                + decay_groups("heads", heads, config["lr"] * config["head_lr_mult"],
-                               config["weight_decay"]))
+        return (config_groups(config, "image_encoder", self.model.clip_model.visual,
+                              config["lr"], config["weight_decay"])
+                + config_groups(config, "heads", heads, config["lr"] * config["head_lr_mult"],
+                                config["weight_decay"]))
 
     def forward(self, model, inputs):
         if self.phase == PROMPTS:  # inputs are rows of the feature table

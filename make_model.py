@@ -170,11 +170,22 @@ class BNNeck(nn.Module):
         return self.fc(self.bn(features))
 
 
-def make_classifier(head, dim, num_classes):
-    """The identity head on `dim`-dimensional image embeddings: linear or bnneck."""
-    if head == "bnneck":
-        return BNNeck(dim, num_classes)
-    return nn.Linear(dim, num_classes)
+def make_classifier(head, dim, num_classes, init_std=None):
+    """The identity head on `dim`-dimensional image embeddings: linear or bnneck, its
+    weights N(0, init_std) when given (see init_classifier)."""
+    classifier = BNNeck(dim, num_classes) if head == "bnneck" else nn.Linear(dim, num_classes)
+    return init_classifier(classifier, init_std)
+
+
+def init_classifier(head, std):
+    """The classifier Linear of `head` (a Linear or a BNNeck): weights N(0, std), bias 0, as
+    CLIP-ReID's weights_init_classifier; std None keeps PyTorch's init. -> head."""
+    if std is not None:
+        linear = head.fc if isinstance(head, BNNeck) else head
+        nn.init.normal_(linear.weight, std=std)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+    return head
 
 
 def freeze_text_tower(clip_model):
@@ -236,7 +247,6 @@ def _create(config, weights=None):
                 force_image_size=_image_size(config, arch))
         if jit_archive:
             model.load_state_dict(_torchscript_state_dict(weights, model), strict=True)
-        return model
     except Exception as err:
         if weights is None:
             raise
@@ -244,6 +254,35 @@ def _create(config, weights=None):
         raise UserError(f"pretrained: cannot load {weights} into {arch} ({type(err).__name__}: "
                         f"{reason}); point pretrained: at {arch} weights (OpenAI .pt, open_clip "
                         f"checkpoint or state dict)") from None
+    if config["resnet_last_stride"] == 1:
+        set_resnet_last_stride_1(model.visual)
+    return model
+
+
+def set_resnet_last_stride_1(visual):
+    """CLIP-ReID's ModifiedResNet: layer4 at stride 1 (its first block's anti-aliasing
+    average pools removed), so the map is image_size / 16, and the attention pool's
+    position embedding bilinearly resized to that map (as CLIP-ReID's resize_pos_embed)."""
+    if not isinstance(visual, ModifiedResNet):
+        raise ConfigError(f"resnet_last_stride: 1 needs a ResNet backbone (rn50, rn101, ...), "
+                          f"got {type(visual).__name__}; remove the key or use model: rn50")
+    first = visual.layer4[0]
+    first.avgpool = nn.Identity()
+    first.stride = 1
+    if first.downsample is not None:
+        first.downsample[0] = nn.Identity()  # the AvgPool2d(2) before its 1x1 conv
+    pool = visual.attnpool
+    old = pool.positional_embedding.data
+    grid = round((old.shape[0] - 1) ** 0.5)
+    height, width = (side // 16 for side in _image_hw(visual.image_size))
+    spatial = old[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    spatial = nn.functional.interpolate(spatial, size=(height, width), mode="bilinear")
+    pool.positional_embedding = nn.Parameter(
+        torch.cat([old[:1], spatial.permute(0, 2, 3, 1).reshape(height * width, -1)]))
+
+
+def _image_hw(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def _download(arch, tag):
@@ -278,7 +317,8 @@ def build_model(config, num_classes=None, freeze_text=True):
         freeze_text_tower(clip_model)
     classifier = None
     if num_classes is not None:
-        classifier = make_classifier(config["head"], embed_dim(config), num_classes)
+        classifier = make_classifier(config["head"], embed_dim(config), num_classes,
+                                     config["classifier_init_std"])
     return clip_model, classifier
 
 
@@ -497,8 +537,10 @@ def load_checkpoint(path, config, device="cpu", freeze_text=True):
     ckpt = _read_checkpoint(path)
     _check_matches_config(path, ckpt, config)
     _check_modules(path, ckpt)
+    # The network the checkpoint trained (layer4's stride is the checkpoint's, not the config's).
+    built = {**config, "resnet_last_stride": ckpt["config"].get("resnet_last_stride", 2)}
     with _weights_follow():
-        clip_model = _create(config)
+        clip_model = _create(built)
     _load_strict(clip_model, ckpt["clip_state_dict"], path, "CLIP")
     if freeze_text:
         freeze_text_tower(clip_model)

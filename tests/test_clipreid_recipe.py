@@ -1,0 +1,162 @@
+"""CLIP-ReID's recipe mechanisms as general options (issue 15): per-epoch lr stepping of both
+schedules against CLIP-ReID's reference numbers, the bias lr factor and weight decay on every
+tensor, the classifiers' init, layer4 at stride 1 for a ModifiedResNet."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from open_clip.modified_resnet import ModifiedResNet
+from torch import nn
+
+import make_model
+from config import ConfigError, load_config
+from engine import Phase, decay_groups, lr_factor
+from finetune_trainer_stage2 import ClipReid
+
+CONFIGS = "configs/finetuning_stage2_clipreid/"
+
+
+def shipped_lrs(config_file, iters_per_epoch=7):
+    """-> {phase name: [lr of 1-based epoch 1, 2, ...]} of a shipped Stage-2 recipe, through
+    the engine's own schedule, read at every step of each epoch (all must agree)."""
+    config = load_config(CONFIGS + config_file, [])
+    phases = ClipReid.phases(SimpleNamespace(config=config))
+    base = {"prompts": config["prompt_lr"], "image_encoder": config["lr"]}
+    lrs = {}
+    for phase in phases:
+        per_epoch = []
+        for epoch in range(phase.epochs):
+            steps = {base[phase.name] * lr_factor(epoch * iters_per_epoch + i, iters_per_epoch,
+                                                  phase) for i in range(iters_per_epoch)}
+            assert len(steps) == 1, f"{phase.name} epoch {epoch + 1}: lr changes within it"
+            per_epoch.append(steps.pop())
+        lrs[phase.name] = per_epoch
+    return lrs
+
+
+def test_vit_recipe_lr_per_epoch_is_clipreids():
+    lrs = shipped_lrs("train_vitb16_hd.yml")
+    image = {1: 9.5e-7, 2: 1.4e-6, 5: 2.75e-6, 10: 5.0e-6, **{e: 5.0e-6 for e in range(11, 30)},
+             **{e: 5.0e-7 for e in range(30, 50)}, **{e: 5.0e-8 for e in range(50, 61)}}
+    assert len(lrs["image_encoder"]) == 60
+    for epoch, want in image.items():
+        assert lrs["image_encoder"][epoch - 1] == pytest.approx(want, rel=1e-9), epoch
+    prompts = {1: 7.8e-5, 2: 1.46e-4, 5: 3.4851e-4, 6: 3.4785e-4, 10: 3.4405e-4, 30: 2.9889e-4,
+               60: 1.7550e-4, 90: 5.2110e-5, 119: 1.0598e-6, 120: 1.0e-6}
+    assert len(lrs["prompts"]) == 120
+    for epoch, want in prompts.items():  # to the printed digits
+        assert lrs["prompts"][epoch - 1] == pytest.approx(want, rel=6e-5), epoch
+
+
+def test_rn50_recipe_lr_per_epoch_is_cnn_clipreids():
+    # cnn_clipreid.yml: STAGE2 3.5e-4, warmup 10 epochs from 0.01, steps [40, 70]; STAGE1
+    # 60 epochs, 3.5e-4, warmup 5 from 1e-5, min 1e-6 (values printed by CLIP-ReID's own
+    # WarmupMultiStepLR and create_scheduler, stepped as its processors step them).
+    lrs = shipped_lrs("train_rn50_hd.yml")
+    image = lrs["image_encoder"]
+    assert len(image) == 120
+    for epoch, want in {1: 3.815e-5, 2: 7.28e-5, 9: 3.1535e-4, 10: 3.5e-4, 39: 3.5e-4,
+                        40: 3.5e-5, 69: 3.5e-5, 70: 3.5e-6, 120: 3.5e-6}.items():
+        assert image[epoch - 1] == pytest.approx(want, rel=1e-9), epoch
+    prompts = lrs["prompts"]
+    assert len(prompts) == 60
+    for epoch, want in {1: 7.8e-5, 5: 3.44054e-4, 6: 3.41459e-4, 30: 1.7550e-4,
+                        59: 1.23915e-6, 60: 1.0e-6}.items():
+        assert prompts[epoch - 1] == pytest.approx(want, rel=6e-5), epoch
+
+
+def test_epoch_origin_0_is_clip_handids_schedule():
+    # CLIP-HandID: 0-based epoch e at base x (0.01 + 0.99 e / 10) for e < 10, x0.5 from 40, 60.
+    phase = Phase("main", 70, warmup_epochs=10, warmup_start=0.01, scheduler="step",
+                  lr_steps=(40, 60), lr_gamma=0.5, lr_stepping="epoch", epoch_origin=0)
+    factors = [lr_factor(e * 3, 3, phase) for e in range(70)]
+    assert factors[:10] == pytest.approx([0.01 + 0.99 * e / 10 for e in range(10)])
+    assert factors[10:40] == pytest.approx([1.0] * 30)
+    assert factors[40:60] == pytest.approx([0.5] * 20)
+    assert factors[60:] == pytest.approx([0.25] * 10)
+
+
+def test_iteration_stepping_is_unchanged_by_default():
+    phase = Phase.from_config(load_config(None, []))
+    assert (phase.lr_stepping, phase.epoch_origin) == ("iteration", 1)
+    assert lr_factor(0, 10, phase) != lr_factor(1, 10, phase)  # warmup moves every step
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.in_proj_bias = nn.Parameter(torch.zeros(4))
+        self.frozen = nn.Parameter(torch.zeros(4), requires_grad=False)
+
+
+def test_bias_lr_factor_and_weight_decay_on_every_tensor():
+    net = _Net()
+    default = decay_groups("enc", net, 1e-3, 1e-4)
+    assert [(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in default] == [
+        ("enc", 1e-3, 1e-4, 1), ("enc_no_decay", 1e-3, 0.0, 4)]
+    groups = decay_groups("enc", net, 1e-3, 1e-4, bias_lr_factor=2.0, decay_all=True)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for name, param in net.named_parameters():
+        if not param.requires_grad:
+            assert id(param) not in by_param
+            continue
+        group = by_param[id(param)]
+        assert group["weight_decay"] == 1e-4, name
+        assert group["lr"] == (2e-3 if "bias" in name else 1e-3), name
+
+
+def test_shipped_stage2_recipe_gives_biases_2x_lr_and_decays_everything(make_config):
+    config = make_config(method="clipreid", prompt_epochs=1, epochs=1, bias_lr_factor=2.0,
+                         weight_decay_all=True, classifier_init_std=0.001)
+    clip_model, _ = make_model.build_model(config)
+    method = ClipReid(config, clip_model, [f"id{i}" for i in range(40)])
+    image_phase = method.phases()[1]
+    for name, param in method.model.named_parameters():
+        param.requires_grad_(method._trains(image_phase, name))
+    groups = method.param_groups(image_phase)
+    names = {id(p): n for n, p in method.model.named_parameters()}
+    trained = [p for p in method.model.parameters() if p.requires_grad]
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len(trained) > 0
+    biases = 0
+    for group in groups:
+        assert group["weight_decay"] == config["weight_decay"] > 0
+        for param in group["params"]:
+            is_bias = "bias" in names[id(param)]
+            biases += is_bias
+            assert group["lr"] == config["lr"] * (2.0 if is_bias else 1.0)
+    assert biases > 0
+    for head in ("neck", "neck_proj"):  # classifiers N(0, 0.001), +-10%
+        std = method.model.extras[head].fc.weight.std().item()
+        assert 0.0009 < std < 0.0011
+
+
+def test_classifier_init_std_of_a_stage1_head():
+    head = make_model.make_classifier("linear", 256, 100, init_std=0.001)
+    assert 0.0009 < head.weight.std().item() < 0.0011 and not head.bias.any()
+    default = make_model.make_classifier("linear", 256, 100)
+    assert default.weight.std().item() > 0.01
+
+
+def test_resnet_last_stride_1_doubles_the_map_and_resizes_the_attnpool_grid():
+    torch.manual_seed(0)
+    visual = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=24, heads=2, image_size=64,
+                            width=8)
+    images = torch.randn(2, 3, 64, 64)
+    stem = lambda v, x: v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))  # noqa: E731
+    with torch.no_grad():
+        assert stem(visual, images).shape[2:] == (2, 2)
+        old = visual.attnpool.positional_embedding.detach().clone()
+        make_model.set_resnet_last_stride_1(visual)
+        assert stem(visual, images).shape[2:] == (4, 4)
+        assert visual.layer4[0].avgpool.__class__ is nn.Identity
+        assert visual.attnpool.positional_embedding.shape == (1 + 16, old.shape[1])
+        assert torch.equal(visual.attnpool.positional_embedding[0], old[0])  # the class slot
+        assert visual(images).shape == (2, 24)
+
+
+def test_resnet_last_stride_on_a_vit_is_a_config_error(make_config):
+    with pytest.raises(ConfigError, match="resnet_last_stride: 1 needs a ResNet"):
+        make_model.build_model(make_config(resnet_last_stride=1))
