@@ -110,6 +110,10 @@ SCHEMA = {
     "resnet_last_stride": _opt(int, 2, "stride of a ModifiedResNet's layer4 (1: CLIP-ReID, "
                                        "the attention pool's position embedding resized to "
                                        "the larger map)", choices=(1, 2)),
+    "aug_erasing_fill": _opt(str, "zero", "what random erasing fills its rectangle with: zero, "
+                                          "or pixel (per-pixel N(0, 1) noise in normalised "
+                                          "space, timm's mode='pixel', as CLIP-ReID)",
+                             choices=("zero", "pixel")),
     # training engine (every method)
     "method": _opt(str, "stage1", "training method that wrote the checkpoint: stage1 "
                                   "(cross-entropy, text tower frozen) or clipreid (Stage 2)"),
@@ -123,9 +127,10 @@ SCHEMA = {
     "triplet_soft_margin": _opt(bool, False, "soft-margin triplet loss log(1 + exp(d_ap - "
                                              "d_an)) instead of the margin"),
     "selection": _opt(str, "val_loss", "best-epoch rule on val/: val_loss (head cross-entropy), "
-                                       "val_map (val images ranked against train images) or "
-                                       "val_accuracy", choices=("val_loss", "val_map",
-                                                                "val_accuracy")),
+                                       "val_map (val images ranked against train images), "
+                                       "val_accuracy, or last (the last epoch, as CLIP-ReID; "
+                                       "val/ is still reported)",
+                      choices=("val_loss", "val_map", "val_accuracy", "last")),
     "save_every": _opt(int, 10, "write the resume state every N epochs", low=1),
     "save_every_minutes": _opt(float, 10.0, "... and whenever this many minutes passed since "
                                             "the last one (0 = epochs only)", low=0.0),

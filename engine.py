@@ -655,7 +655,8 @@ class Engine:
     # ------------------------------------------------------------ selection and saving
 
     def _improves(self, signals):
-        if self.selection is None or self.best["epoch"] is None:
+        # selection: last keeps every newer epoch (CLIP-ReID evaluates the last one).
+        if self.selection in (None, "last") or self.best["epoch"] is None:
             return True
         value, best = signals.get(self.selection), self.best["value"]
         if value is None or best is None:

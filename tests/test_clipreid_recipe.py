@@ -1,6 +1,7 @@
 """CLIP-ReID's recipe mechanisms as general options (issue 15): per-epoch lr stepping of both
 schedules against CLIP-ReID's reference numbers, the bias lr factor and weight decay on every
 tensor, the classifiers' init, layer4 at stride 1 for a ModifiedResNet."""
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -10,8 +11,10 @@ from torch import nn
 
 import make_model
 from config import ConfigError, load_config
-from engine import Phase, decay_groups, lr_factor
+from engine import Phase, decay_groups, lr_factor, metrics_path
+from finetune_trainer_stage1 import FinetuneTrainerStage1
 from finetune_trainer_stage2 import ClipReid
+from test_trainer import build
 
 CONFIGS = "configs/finetuning_stage2_clipreid/"
 
@@ -160,3 +163,17 @@ def test_resnet_last_stride_1_doubles_the_map_and_resizes_the_attnpool_grid():
 def test_resnet_last_stride_on_a_vit_is_a_config_error(make_config):
     with pytest.raises(ConfigError, match="resnet_last_stride: 1 needs a ResNet"):
         make_model.build_model(make_config(resnet_last_stride=1))
+
+
+def test_selection_last_keeps_the_last_epoch_and_jsonl_lr_is_the_epochs(make_config):
+    config = make_config(batch_size=8, epochs=3, warmup_epochs=2, selection="last",
+                         lr_stepping="epoch", scheduler="step", lr_steps=[3], lr=1e-4)
+    clip_model, classifier, train_loader, val_loader = build(config)
+    summary = FinetuneTrainerStage1(clip_model, classifier, train_loader, config, "cpu",
+                                    val_loader).train()
+    assert summary["best_epoch"] == 3
+    assert torch.load(config["save_path"], weights_only=False)["epoch"] == 3
+    rows = [json.loads(line) for line in metrics_path(config).read_text().splitlines()]
+    assert all(row["val_loss"] is not None for row in rows)  # val/ is still reported
+    # Warmup from 0 (Stage 1's Phase), t = 1, 2 of 2, then x0.1 at epoch 3: as trained.
+    assert [row["lr"] for row in rows] == pytest.approx([5e-5, 1e-4, 1e-5])
