@@ -114,6 +114,11 @@ SCHEMA = {
                                           "or pixel (per-pixel N(0, 1) noise in normalised "
                                           "space, timm's mode='pixel', as CLIP-ReID)",
                              choices=("zero", "pixel")),
+    "triplet_intermediate_layer": _opt(int, None, "Stage 2: a third triplet feature, "
+                                                  "CLIP-ReID's: ViT the class token after this "
+                                                  "many blocks (before ln_post; CLIP-ReID: "
+                                                  "blocks - 1 = 11), ResNet the mean of this "
+                                                  "layer (CLIP-ReID: 3); default: off"),
     # training engine (every method)
     "method": _opt(str, "stage1", "training method that wrote the checkpoint: stage1 "
                                   "(cross-entropy, text tower frozen) or clipreid (Stage 2)"),

@@ -13,7 +13,8 @@ Phase `image_encoder` (epochs): tokens and text tower frozen; every identity's t
 is computed once when the phase starts. The image encoder and two BNNeck heads, one on the
 pre-projection and one on the projected image feature, learn with
   id_loss_weight  x label-smoothed cross-entropy of both heads
-+ triplet_weight  x batch-hard triplet on both features (before the BN)
++ triplet_weight  x batch-hard triplet on both features (before the BN), and on a third,
+                    intermediate one with triplet_intermediate_layer (CLIP-ReID's)
 + i2t_loss_weight x label-smoothed cross-entropy of the projected feature against all text
                     features
 (Adam as CLIP-ReID, warmup from warmup_factor x lr, then the step or cosine schedule), best
@@ -60,6 +61,8 @@ class ClipReid(Method):
         super().__init__(config, identity_names)
         check_config(config)
         make_model.freeze_text_tower(clip_model)
+        make_model.check_intermediate_layer(clip_model.visual,
+                                            config["triplet_intermediate_layer"])
         self.specs = make_model.clipreid_module_specs(config, clip_model, len(identity_names))
         extras = {name: make_model.build_module(spec) for name, spec in self.specs.items()}
         for head in HEADS:
@@ -155,9 +158,10 @@ class ClipReid(Method):
         if self.phase == PROMPTS:  # inputs are rows of the feature table
             text = model.extras["prompt_learner"](model.clip_model, self.image_labels[inputs])
             return self.image_features[inputs], text
-        pre, proj = make_model.encode_image_pair(model.clip_model.visual, inputs)
+        pre, proj, *inner = make_model.encode_image_pair(
+            model.clip_model.visual, inputs, self.config["triplet_intermediate_layer"])
         neck, neck_proj = (model.extras[head] for head in HEADS)
-        return (pre, proj, neck(pre), neck_proj(proj), proj @ self.text_features.T)
+        return (pre, proj, neck(pre), neck_proj(proj), proj @ self.text_features.T, inner)
 
     def loss(self, phase, outputs, labels):
         if phase.name == PROMPTS:
@@ -165,14 +169,14 @@ class ClipReid(Method):
             return {"i2t": losses.image_text_contrastive(image, text, labels, labels),
                     "t2i": losses.image_text_contrastive(text, image, labels, labels)}, None
         config = self.config
-        pre, proj, logits, logits_proj, text_logits = outputs
+        pre, proj, logits, logits_proj, text_logits, inner = outputs
         terms = {"id": config["id_loss_weight"] * (self.criterion(logits, labels)
                                                    + self.criterion(logits_proj, labels))}
         if config["triplet_weight"] > 0:
             terms["triplet"] = config["triplet_weight"] * sum(
                 losses.batch_hard_triplet(feature, labels, config["triplet_margin"],
                                           config["triplet_soft_margin"])
-                for feature in (pre, proj))
+                for feature in (*inner, pre, proj))
         terms["i2t"] = config["i2t_loss_weight"] * self.criterion(text_logits, labels)
         return terms, text_logits
 

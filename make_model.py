@@ -626,18 +626,51 @@ def _unsupported_encoder(visual):
                        f"vitb16 or rn50")
 
 
-def encode_image_pair(visual, images):
+def encode_image_pair(visual, images, intermediate=None):
     """-> (pre-projection feature, projected feature) of open_clip's image encoder, the two
     features CLIP-ReID puts its BNNecks on. ViT: the pooled class token after ln_post, and
-    that times `proj`. ModifiedResNet: the spatial mean of layer4, and the attention pool."""
+    that times `proj`. ModifiedResNet: the spatial mean of layer4, and the attention pool.
+    With `intermediate` (see check_intermediate_layer) a third feature, CLIP-ReID's extra
+    triplet feature: ViT the class token after that many transformer blocks (before
+    ln_post), ModifiedResNet the spatial mean of layer `intermediate`."""
     if isinstance(visual, ModifiedResNet):
         x = visual.stem(images)
-        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
-        return x.mean(dim=(2, 3)), visual.attnpool(x)
+        maps = []
+        for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            x = layer(x)
+            maps.append(x)
+        pair = (x.mean(dim=(2, 3)), visual.attnpool(x))
+        return pair if intermediate is None else (*pair, maps[intermediate - 1].mean(dim=(2, 3)))
     if isinstance(visual, VisionTransformer):
-        pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
-        return pooled, pooled if visual.proj is None else pooled @ visual.proj
+        if intermediate is None:
+            pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+            return pooled, pooled if visual.proj is None else pooled @ visual.proj
+        transformer = visual.transformer
+        x = visual._embeds(images)
+        x = x if transformer.batch_first else x.transpose(0, 1)
+        for index, block in enumerate(transformer.resblocks, 1):
+            x = block(x)
+            if index == intermediate:
+                inner = (x if transformer.batch_first else x.transpose(0, 1))[:, 0]
+        pooled, _ = visual._pool(x if transformer.batch_first else x.transpose(0, 1))
+        return pooled, pooled if visual.proj is None else pooled @ visual.proj, inner
     raise _unsupported_encoder(visual)
+
+
+def check_intermediate_layer(visual, layer):
+    """ConfigError unless `layer` names an intermediate feature encode_image_pair can give:
+    ViT 1 .. blocks - 1 (CLIP-ReID: blocks - 1), ModifiedResNet 1 .. 3 (CLIP-ReID: 3)."""
+    if layer is None:
+        return
+    resnet = isinstance(visual, ModifiedResNet)
+    if not resnet and not isinstance(visual, VisionTransformer):
+        raise _unsupported_encoder(visual)
+    top = 3 if resnet else len(visual.transformer.resblocks) - 1
+    if not 1 <= layer <= top:
+        what = "ResNet layer (layer1..layer3)" if resnet else \
+            f"number of transformer blocks (this ViT has {top + 1})"
+        raise ConfigError(f"triplet_intermediate_layer: {layer} is out of range; give a {what}: "
+                          f"1 to {top} (CLIP-ReID: {top}), or leave it out")
 
 
 def image_pair_dims(visual):

@@ -177,3 +177,41 @@ def test_selection_last_keeps_the_last_epoch_and_jsonl_lr_is_the_epochs(make_con
     assert all(row["val_loss"] is not None for row in rows)  # val/ is still reported
     # Warmup from 0 (Stage 1's Phase), t = 1, 2 of 2, then x0.1 at epoch 3: as trained.
     assert [row["lr"] for row in rows] == pytest.approx([5e-5, 1e-4, 1e-5])
+
+
+def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make_config):
+    import losses
+    from finetune_trainer_stage2 import IMAGE_ENCODER
+
+    config = make_config(method="clipreid", triplet_weight=1.0, triplet_intermediate_layer=1)
+    torch.manual_seed(0)
+    clip_model, _ = make_model.build_model(config)
+    method = ClipReid(config, clip_model, [f"id{i}" for i in range(4)])
+    method.phase, method.text_features = IMAGE_ENCODER, torch.randn(4, 64)
+    images, labels = torch.randn(8, 3, 64, 64), torch.arange(4).repeat(2)
+    visual = clip_model.visual
+    with torch.no_grad():
+        outputs = method.forward(method.model, images)
+        pre, proj, *_, (inner,) = outputs
+        # The class token after block 1 of 2, before ln_post, as CLIP-ReID's x11[:, 0].
+        tokens = visual.transformer.resblocks[0](visual._embeds(images))
+        assert torch.allclose(inner, tokens[:, 0], atol=1e-5)
+        two = make_model.encode_image_pair(visual, images)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(two, (pre, proj)))
+        terms, _ = method.loss(Phase(IMAGE_ENCODER, 1), outputs, labels)
+        parts = [losses.batch_hard_triplet(f, labels, 0.3, False) for f in (inner, pre, proj)]
+    assert all(part > 0 for part in parts)
+    assert terms["triplet"] == pytest.approx(sum(parts).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("layer", [2])
+def test_intermediate_layer_out_of_range_is_one_line_exit_2(make_config, tmp_path, layer):
+    from conftest import run_script, write_config
+
+    config = make_config(method="clipreid", triplet_intermediate_layer=layer)
+    proc = run_script("experiments/train_stage2_clipreid.py", "--config",
+                      write_config(config, tmp_path / "c.yml"), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    assert last.startswith("error: triplet_intermediate_layer") and "1 to 1" in last
