@@ -119,6 +119,9 @@ SCHEMA = {
                                                   "many blocks (before ln_post; CLIP-ReID: "
                                                   "blocks - 1 = 11), ResNet the mean of this "
                                                   "layer (CLIP-ReID: 3); default: off"),
+    "normalize": _opt(str, "clip", "input mean/std: clip (the weights' own), half (0.5/0.5, "
+                                   "CLIP-ReID's ViT config) or imagenet (CLIP-ReID's RN50 "
+                                   "config)", choices=("clip", "half", "imagenet")),
     # training engine (every method)
     "method": _opt(str, "stage1", "training method that wrote the checkpoint: stage1 "
                                   "(cross-entropy, text tower frozen) or clipreid (Stage 2)"),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from open_clip.model import resize_pos_embed
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
@@ -145,13 +146,19 @@ def _image_size(config, arch):
     return int(size)
 
 
+# normalize: statistics other than the weights' own (CLIP-ReID's configs use these).
+NORMALIZE_STATS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                   "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
 def preprocess_spec(config):
-    """Input side and normalisation of the backbone, without building it."""
+    """Input side and normalisation (normalize: the backbone's own, or NORMALIZE_STATS)."""
     arch, _ = resolve_backbone(config)
     cfg = _weights_cfg(config)
-    return {"image_size": _image_size(config, arch),
-            "mean": tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            "std": tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))}
+    own = (cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
+           cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    mean, std = NORMALIZE_STATS.get(config["normalize"], own)
+    return {"image_size": _image_size(config, arch), "mean": tuple(mean), "std": tuple(std)}
 
 
 # ---------------------------------------------------------------- building
@@ -492,6 +499,10 @@ def _check_matches_config(path, ckpt, config):
         raise UserError(f"{path} was trained at image_size {ckpt['image_size']} but the config "
                         f"gives {_image_size(config, arch)}; set image_size: "
                         f"{ckpt['image_size']}")
+    if trained.get("normalize", "clip") != config["normalize"]:
+        raise UserError(f"{path} was trained with normalize: {trained.get('normalize', 'clip')} "
+                        f"but the config says normalize: {config['normalize']}; set normalize: "
+                        f"{trained.get('normalize', 'clip')}")
     if method == "stage1" and trained.get("head", "linear") != config["head"]:
         raise UserError(f"{path} has a {trained.get('head')} head but the config says head: "
                         f"{config['head']}; set head: {trained.get('head')}")

@@ -215,3 +215,16 @@ def test_intermediate_layer_out_of_range_is_one_line_exit_2(make_config, tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
     assert last.startswith("error: triplet_intermediate_layer") and "1 to 1" in last
+
+
+def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config, tmp_path):
+    from test_evaluation import save_tiny_checkpoint
+
+    assert make_model.preprocess_spec(make_config())["mean"] == pytest.approx(
+        (0.48145466, 0.4578275, 0.40821073))
+    assert make_model.preprocess_spec(make_config(normalize="half"))["std"] == (0.5, 0.5, 0.5)
+    assert make_model.preprocess_spec(make_config(normalize="imagenet"))["mean"] == (
+        0.485, 0.456, 0.406)
+    save_tiny_checkpoint(make_config(), tmp_path / "m.pth")
+    with pytest.raises(make_model.UserError, match="trained with normalize: clip"):
+        make_model.load_checkpoint(tmp_path / "m.pth", make_config(normalize="half"))
