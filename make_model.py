@@ -273,6 +273,10 @@ def set_resnet_last_stride_1(visual):
     if not isinstance(visual, ModifiedResNet):
         raise ConfigError(f"resnet_last_stride: 1 needs a ResNet backbone (rn50, rn101, ...), "
                           f"got {type(visual).__name__}; remove the key or use model: rn50")
+    side = visual.image_size
+    if any(length % 32 for length in _image_hw(side)):
+        raise ConfigError(f"image_size: {side} does not fit a ResNet (the stride-2 network's "
+                          f"map is image_size / 32); use a multiple of 32 such as 224")
     first = visual.layer4[0]
     first.avgpool = nn.Identity()
     first.stride = 1

@@ -160,6 +160,13 @@ def test_resnet_last_stride_1_doubles_the_map_and_resizes_the_attnpool_grid():
         assert visual(images).shape == (2, 24)
 
 
+def test_resnet_last_stride_needs_an_image_size_the_resnet_takes():
+    visual = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=24, heads=2, image_size=72,
+                            width=8)
+    with pytest.raises(ConfigError, match="image_size: 72 does not fit a ResNet"):
+        make_model.set_resnet_last_stride_1(visual)
+
+
 def test_resnet_last_stride_on_a_vit_is_a_config_error(make_config):
     with pytest.raises(ConfigError, match="resnet_last_stride: 1 needs a ResNet"):
         make_model.build_model(make_config(resnet_last_stride=1))
@@ -228,3 +235,20 @@ def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config,
     save_tiny_checkpoint(make_config(), tmp_path / "m.pth")
     with pytest.raises(make_model.UserError, match="trained with normalize: clip"):
         make_model.load_checkpoint(tmp_path / "m.pth", make_config(normalize="half"))
+
+
+def test_a_stride_1_resnet_checkpoint_is_rebuilt_with_its_own_stride(make_config, tmp_path):
+    config = make_config(model="rn50", pretrained="none", image_size=64, resnet_last_stride=1)
+    clip_model, classifier = make_model.build_model(config, num_classes=3)
+    assert clip_model.visual.attnpool.positional_embedding.shape[0] == 1 + 4 * 4
+    make_model.save_checkpoint(tmp_path / "rn.pth", make_model.HandIdModel(clip_model,
+                                                                          classifier),
+                               config, ["a", "b", "c"], epoch=1)
+    # The eval config need not repeat the key: the network is the checkpoint's.
+    model, _ = make_model.load_checkpoint(tmp_path / "rn.pth",
+                                          make_config(model="rn50", image_size=64))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().features(images),
+                              make_model.HandIdModel(clip_model, classifier).eval()
+                              .features(images), atol=1e-5)
