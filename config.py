@@ -80,8 +80,9 @@ SCHEMA = {
     "batch_size": _opt(int, 64, "images per optimizer step (per process under torchrun)", low=1),
     "lr": _opt(float, 5e-6, "learning rate of the image encoder", low=0.0),
     "head_lr_mult": _opt(float, 10.0, "learning-rate multiplier of the identity head", low=0.0),
-    "weight_decay": _opt(float, 1e-4, "AdamW weight decay (never on norms and biases)", low=0.0),
-    "scheduler": _opt(str, "cosine", "per-iteration schedule after warmup",
+    "weight_decay": _opt(float, 1e-4, "weight decay (none on norms, biases and embeddings "
+                                      "unless weight_decay_all)", low=0.0),
+    "scheduler": _opt(str, "cosine", "schedule after warmup (stepped per lr_stepping)",
                       choices=("cosine", "step")),
     "warmup_epochs": _opt(int, 5, "linear warmup epochs", low=0),
     "lr_steps": _opt(list, [30, 50], "epochs at which the step schedule multiplies by lr_gamma"),

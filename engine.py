@@ -4,8 +4,8 @@ A method (finetune_trainer_stage1.py, finetune_trainer_stage2.py, ...) is a smal
 `Method`: its model (CLIP + extra modules by name + the retrieval feature), its phases, its
 trainable parameter groups, and the loss of one batch as named terms. The `Engine` owns the
 rest: the epoch loop over the phases, mixed precision and grad scaling, DistributedDataParallel,
-gradient clipping, the per-iteration lr schedule, validation and model selection, checkpoints,
-exact resume, the process lock, logs, the metrics JSONL and the curves.
+gradient clipping, the lr schedule (per iteration or per epoch), validation and model
+selection, checkpoints, exact resume, the process lock, logs, the metrics JSONL and the curves.
 
 Files a run writes (every write atomic: a kill mid-write leaves the previous file):
   save_path                    the best checkpoint by the `selection` signal on val/ (make_model
