@@ -211,17 +211,15 @@ def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make
     assert terms["triplet"] == pytest.approx(sum(parts).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("layer", [2])
-def test_intermediate_layer_out_of_range_is_one_line_exit_2(make_config, tmp_path, layer):
-    from conftest import run_script, write_config
+def test_intermediate_layer_out_of_range_is_a_config_error(make_config, tmp_path):
+    # A ConfigError: the entry script prints it as one line and exits 2 (config.run_cli).
+    from conftest import write_config
+    from experiments.train_stage2_clipreid import main
 
-    config = make_config(method="clipreid", triplet_intermediate_layer=layer)
-    proc = run_script("experiments/train_stage2_clipreid.py", "--config",
-                      write_config(config, tmp_path / "c.yml"), check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr
-    assert last.startswith("error: triplet_intermediate_layer") and "1 to 1" in last
+    config = make_config(method="clipreid", triplet_intermediate_layer=2)
+    with pytest.raises(ConfigError, match=r"triplet_intermediate_layer: 2 is out of range; "
+                                          r".*this ViT has 2\): 1 to 1"):
+        main(["--config", write_config(config, tmp_path / "c.yml")])
 
 
 def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config, tmp_path):
