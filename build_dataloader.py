@@ -111,7 +111,8 @@ def train_transform(config, spec):
         steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
     if config["aug_random_erasing"] > 0:
-        steps.append(v2.RandomErasing(config["aug_random_erasing"]))
+        fill = "random" if config["aug_erasing_fill"] == "pixel" else 0.0  # N(0, 1) per pixel
+        steps.append(v2.RandomErasing(config["aug_random_erasing"], value=fill))
     return v2.Compose(steps)
 
 
@@ -124,7 +125,8 @@ class DeviceAugment:
     v2.ColorJitter, but always in that order and on float pixels, where ColorJitter picks a
     random order per image and rounds to uint8 after each step), the backbone's mean/std
     normalisation, then random erasing (aug_random_erasing, v2.RandomErasing's defaults:
-    area 2-33% of the image, aspect ratio 0.3-3.3 log-uniform, up to 10 tries, value 0).
+    area 2-33% of the image, aspect ratio 0.3-3.3 log-uniform, up to 10 tries, filled with 0,
+    or with aug_erasing_fill: pixel per-pixel N(0, 1) noise).
 
     Every random number comes from the `generator` passed to each call (on the images'
     device), a fixed number of draws per batch: seeding it from (seed, epoch, rank) at each
@@ -136,6 +138,7 @@ class DeviceAugment:
     def __init__(self, config, spec):
         self.hflip, self.pad = config["aug_hflip"], config["aug_pad"]
         self.jitter, self.erasing = config["aug_color_jitter"], config["aug_random_erasing"]
+        self.erase_noise = config["aug_erasing_fill"] == "pixel"
         # x / 255 then (x - mean) / std folded into one multiply-add per pixel; ITU-R 601-2
         # luma weights of the grayscale that contrast and saturation blend towards (as
         # torchvision).
@@ -166,7 +169,12 @@ class DeviceAugment:
             images = images.float()
         images = images.mul_(constants["scale"]).add_(constants["shift"])
         if self.erasing > 0:
-            images = images.masked_fill_(self._erase_mask(images, generator), 0.0)
+            mask = self._erase_mask(images, generator)
+            if self.erase_noise:
+                noise = torch.randn(images.shape, generator=generator, device=images.device)
+                images = torch.where(mask, noise, images)
+            else:
+                images = images.masked_fill_(mask, 0.0)
         return images
 
     def _uniform(self, shape, generator, device, low=0.0, high=1.0):

@@ -80,8 +80,9 @@ SCHEMA = {
     "batch_size": _opt(int, 64, "images per optimizer step (per process under torchrun)", low=1),
     "lr": _opt(float, 5e-6, "learning rate of the image encoder", low=0.0),
     "head_lr_mult": _opt(float, 10.0, "learning-rate multiplier of the identity head", low=0.0),
-    "weight_decay": _opt(float, 1e-4, "AdamW weight decay (never on norms and biases)", low=0.0),
-    "scheduler": _opt(str, "cosine", "per-iteration schedule after warmup",
+    "weight_decay": _opt(float, 1e-4, "weight decay (none on norms, biases and embeddings "
+                                      "unless weight_decay_all)", low=0.0),
+    "scheduler": _opt(str, "cosine", "schedule after warmup (stepped per lr_stepping)",
                       choices=("cosine", "step")),
     "warmup_epochs": _opt(int, 5, "linear warmup epochs", low=0),
     "lr_steps": _opt(list, [30, 50], "epochs at which the step schedule multiplies by lr_gamma"),
@@ -92,6 +93,36 @@ SCHEMA = {
                              "on CPU), bf16, fp16, fp32",
                 choices=("auto", "bf16", "fp16", "fp32")),
     "seed": _opt(int, 0, "random seed"),
+    # CLIP-ReID's optimisation mechanisms, general (issue 15; Stage 2 and CLIP-HandID use them)
+    "lr_stepping": _opt(str, "iteration", "lr schedule changes at every optimizer step "
+                                          "(iteration) or once at the start of each epoch "
+                                          "(epoch, as CLIP-ReID)",
+                        choices=("iteration", "epoch")),
+    "lr_epoch_origin": _opt(int, 1, "lr_stepping: epoch: index t of a phase's first epoch in "
+                                    "the schedule (1: CLIP-ReID, 0: CLIP-HandID)",
+                            choices=(0, 1)),
+    "bias_lr_factor": _opt(float, 1.0, "lr multiplier of every trained tensor whose name "
+                                       "contains 'bias' (CLIP-ReID: 2)", low=0.0),
+    "weight_decay_all": _opt(bool, False, "weight decay on every trained tensor, biases, "
+                                          "norms and embeddings too (CLIP-ReID)"),
+    "classifier_init_std": _opt(float, None, "std of the normal init of the identity "
+                                             "classifiers' weights (CLIP-ReID: 0.001; "
+                                             "default: PyTorch's)", low=0.0),
+    "resnet_last_stride": _opt(int, 2, "stride of a ModifiedResNet's layer4 (1: CLIP-ReID, "
+                                       "the attention pool's position embedding resized to "
+                                       "the larger map)", choices=(1, 2)),
+    "aug_erasing_fill": _opt(str, "zero", "what random erasing fills its rectangle with: zero, "
+                                          "or pixel (per-pixel N(0, 1) noise in normalised "
+                                          "space, timm's mode='pixel', as CLIP-ReID)",
+                             choices=("zero", "pixel")),
+    "triplet_intermediate_layer": _opt(int, None, "Stage 2: a third triplet feature, "
+                                                  "CLIP-ReID's: ViT the class token after this "
+                                                  "many blocks (before ln_post; CLIP-ReID: "
+                                                  "blocks - 1 = 11), ResNet the mean of this "
+                                                  "layer (CLIP-ReID: 3); default: off"),
+    "normalize": _opt(str, "clip", "input mean/std: clip (the weights' own), half (0.5/0.5, "
+                                   "CLIP-ReID's ViT config) or imagenet (CLIP-ReID's RN50 "
+                                   "config)", choices=("clip", "half", "imagenet")),
     # training engine (every method)
     "method": _opt(str, "stage1", "training method that wrote the checkpoint: stage1 "
                                   "(cross-entropy, text tower frozen) or clipreid (Stage 2)"),
@@ -105,9 +136,10 @@ SCHEMA = {
     "triplet_soft_margin": _opt(bool, False, "soft-margin triplet loss log(1 + exp(d_ap - "
                                              "d_an)) instead of the margin"),
     "selection": _opt(str, "val_loss", "best-epoch rule on val/: val_loss (head cross-entropy), "
-                                       "val_map (val images ranked against train images) or "
-                                       "val_accuracy", choices=("val_loss", "val_map",
-                                                                "val_accuracy")),
+                                       "val_map (val images ranked against train images), "
+                                       "val_accuracy, or last (the last epoch, as CLIP-ReID; "
+                                       "val/ is still reported)",
+                      choices=("val_loss", "val_map", "val_accuracy", "last")),
     "save_every": _opt(int, 10, "write the resume state every N epochs", low=1),
     "save_every_minutes": _opt(float, 10.0, "... and whenever this many minutes passed since "
                                             "the last one (0 = epochs only)", low=0.0),

@@ -4,8 +4,8 @@ A method (finetune_trainer_stage1.py, finetune_trainer_stage2.py, ...) is a smal
 `Method`: its model (CLIP + extra modules by name + the retrieval feature), its phases, its
 trainable parameter groups, and the loss of one batch as named terms. The `Engine` owns the
 rest: the epoch loop over the phases, mixed precision and grad scaling, DistributedDataParallel,
-gradient clipping, the per-iteration lr schedule, validation and model selection, checkpoints,
-exact resume, the process lock, logs, the metrics JSONL and the curves.
+gradient clipping, the lr schedule (per iteration or per epoch), validation and model
+selection, checkpoints, exact resume, the process lock, logs, the metrics JSONL and the curves.
 
 Files a run writes (every write atomic: a kill mid-write leaves the previous file):
   save_path                    the best checkpoint by the `selection` signal on val/ (make_model
@@ -117,24 +117,44 @@ def no_weight_decay(name, param):
     return param.ndim <= 1 or bool(NO_DECAY_NAME.search(name))
 
 
-def decay_groups(name, module, lr, weight_decay):
+def decay_groups(name, module, lr, weight_decay, bias_lr_factor=1.0, decay_all=False):
     """Optimizer groups of the trainable parameters of `module`: `name` (decayed) and
-    `name`_no_decay; empty groups are left out."""
-    decay, plain = [], []
+    `name`_no_decay (biases, norms, embeddings; decayed too when `decay_all`, as CLIP-ReID
+    does); with bias_lr_factor != 1 every parameter whose name contains `bias` (CLIP-ReID's
+    rule) goes to `name`_bias / `name`_bias_no_decay at lr x bias_lr_factor. Empty groups
+    are left out."""
+    groups = {}
     for param_name, param in module.named_parameters():
-        if param.requires_grad:
-            (plain if no_weight_decay(param_name, param) else decay).append(param)
-    groups = [{"name": name, "params": decay, "lr": lr, "weight_decay": weight_decay},
-              {"name": f"{name}_no_decay", "params": plain, "lr": lr, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+        if not param.requires_grad:
+            continue
+        decays = decay_all or not no_weight_decay(param_name, param)
+        bias = bias_lr_factor != 1.0 and "bias" in param_name
+        key = name + ("_bias" if bias else "") + ("" if decays else "_no_decay")
+        groups.setdefault(key, {"name": key, "params": [],
+                                "lr": lr * (bias_lr_factor if bias else 1.0),
+                                "weight_decay": weight_decay if decays else 0.0})
+        groups[key]["params"].append(param)
+    order = [name + suffix for suffix in ("", "_no_decay", "_bias", "_bias_no_decay")]
+    return [groups[key] for key in order if key in groups]
+
+
+def config_groups(config, name, module, lr, weight_decay):
+    """decay_groups with the config's bias_lr_factor and weight_decay_all."""
+    return decay_groups(name, module, lr, weight_decay, config["bias_lr_factor"],
+                        config["weight_decay_all"])
 
 
 @dataclass
 class Phase:
-    """A stretch of epochs with its own optimizer and lr schedule. The schedule runs per
-    iteration: linear warmup from `warmup_start` x lr to lr over warmup_epochs, then cosine
-    down to min_lr_factor x lr at the phase's end, or x lr_gamma at each epoch of lr_steps
-    (counted from the phase's start)."""
+    """A stretch of epochs with its own optimizer and lr schedule: linear warmup from
+    `warmup_start` x lr to lr over warmup_epochs, then cosine down to min_lr_factor x lr at
+    the phase's end, or x lr_gamma at each epoch of lr_steps (counted from the phase's
+    start). lr_stepping `iteration`: the factor changes at every optimizer step;
+    `epoch`: once per epoch, at its start, from the epoch index t = (0-based epoch of the
+    phase) + epoch_origin: warmup factor warmup_start + (1 - warmup_start) t / warmup_epochs
+    while t < warmup_epochs; step: lr_gamma ** (milestones <= t); cosine: on t / epochs from
+    t = 0, the warmup a prefix (CLIP-ReID: torch-style WarmupMultiStepLR and timm's
+    CosineLRScheduler stepped with the 1-based epoch, origin 1)."""
     name: str
     epochs: int
     optimizer: str = "adamw"          # adamw | adam
@@ -144,6 +164,8 @@ class Phase:
     lr_steps: tuple = ()
     lr_gamma: float = 0.1
     min_lr_factor: float = 0.0
+    lr_stepping: str = "iteration"    # iteration | epoch
+    epoch_origin: int = 1             # index of a phase's first epoch when stepping per epoch
     selects: bool = True              # validate and select the best epoch in this phase
     uses_images: bool = True          # batches are images (augmented, channels-last)
 
@@ -151,12 +173,15 @@ class Phase:
     def from_config(cls, config, name="main", **overrides):
         settings = {"epochs": config["epochs"], "warmup_epochs": config["warmup_epochs"],
                     "scheduler": config["scheduler"], "lr_steps": tuple(config["lr_steps"]),
-                    "lr_gamma": config["lr_gamma"]}
+                    "lr_gamma": config["lr_gamma"], "lr_stepping": config["lr_stepping"],
+                    "epoch_origin": config["lr_epoch_origin"]}
         return cls(name=name, **{**settings, **overrides})
 
 
 def lr_factor(step, iters_per_epoch, phase):
     """Multiplier of the base lr at optimizer step `step` (0-based) of `phase`."""
+    if phase.lr_stepping == "epoch":
+        return epoch_lr_factor(step // iters_per_epoch + phase.epoch_origin, phase)
     warmup = phase.warmup_epochs * iters_per_epoch
     if step < warmup:
         return phase.warmup_start + (1.0 - phase.warmup_start) * (step + 1) / warmup
@@ -167,6 +192,16 @@ def lr_factor(step, iters_per_epoch, phase):
         return phase.min_lr_factor + (1.0 - phase.min_lr_factor) * cosine
     epoch = step / iters_per_epoch
     return phase.lr_gamma ** sum(epoch >= milestone for milestone in phase.lr_steps)
+
+
+def epoch_lr_factor(t, phase):
+    """Multiplier of the base lr for the epoch of index t (lr_stepping: epoch)."""
+    if t < phase.warmup_epochs:
+        return phase.warmup_start + (1.0 - phase.warmup_start) * t / phase.warmup_epochs
+    if phase.scheduler == "cosine":
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / phase.epochs)))
+        return phase.min_lr_factor + (1.0 - phase.min_lr_factor) * cosine
+    return phase.lr_gamma ** sum(t >= milestone for milestone in phase.lr_steps)
 
 
 # ---------------------------------------------------------------- methods
@@ -621,7 +656,8 @@ class Engine:
     # ------------------------------------------------------------ selection and saving
 
     def _improves(self, signals):
-        if self.selection is None or self.best["epoch"] is None:
+        # selection: last keeps every newer epoch (CLIP-ReID evaluates the last one).
+        if self.selection in (None, "last") or self.best["epoch"] is None:
             return True
         value, best = signals.get(self.selection), self.best["value"]
         if value is None or best is None:

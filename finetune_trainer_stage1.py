@@ -11,7 +11,7 @@ is the engine's; see engine.py for the files a run writes.
 from torch import nn
 
 import make_model
-from engine import Engine, Method, decay_groups
+from engine import Engine, Method, config_groups
 
 
 class Stage1(Method):
@@ -22,7 +22,8 @@ class Stage1(Method):
         super().__init__(config, identity_names)
         if classifier is None:
             classifier = make_model.make_classifier(config["head"], make_model.embed_dim(config),
-                                                    len(identity_names))
+                                                    len(identity_names),
+                                                    config["classifier_init_std"])
         # Stage 1 trains the image encoder only, whatever the caller's model froze.
         make_model.freeze_text_tower(clip_model)
         self.model = make_model.HandIdModel(clip_model, classifier)
@@ -33,10 +34,11 @@ class Stage1(Method):
             self.config["head"], make_model.embed_dim(self.config), len(self.identity_names))}
 
     def param_groups(self, phase):
-        lr, decay = self.config["lr"], self.config["weight_decay"]
-        return (decay_groups("image_encoder", self.model.clip_model.visual, lr, decay)
-                + decay_groups("head", self.model.classifier,
-                               lr * self.config["head_lr_mult"], decay))
+        config = self.config
+        lr, decay = config["lr"], config["weight_decay"]
+        return (config_groups(config, "image_encoder", self.model.clip_model.visual, lr, decay)
+                + config_groups(config, "head", self.model.classifier,
+                                lr * config["head_lr_mult"], decay))
 
     def forward(self, model, images):
         """-> (logits, identity features, embedding before the BNNeck's BN)."""

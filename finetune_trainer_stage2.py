@@ -13,7 +13,8 @@ Phase `image_encoder` (epochs): tokens and text tower frozen; every identity's t
 is computed once when the phase starts. The image encoder and two BNNeck heads, one on the
 pre-projection and one on the projected image feature, learn with
   id_loss_weight  x label-smoothed cross-entropy of both heads
-+ triplet_weight  x batch-hard triplet on both features (before the BN)
++ triplet_weight  x batch-hard triplet on both features (before the BN), and on a third,
+                    intermediate one with triplet_intermediate_layer (CLIP-ReID's)
 + i2t_loss_weight x label-smoothed cross-entropy of the projected feature against all text
                     features
 (Adam as CLIP-ReID, warmup from warmup_factor x lr, then the step or cosine schedule), best
@@ -33,7 +34,7 @@ import losses
 import make_model
 from build_dataloader import train_gallery_loader
 from config import ConfigError
-from engine import Method, Phase, decay_groups
+from engine import Method, Phase, config_groups, decay_groups
 from runtime import rank_and_world
 
 PROMPTS, IMAGE_ENCODER = "prompts", "image_encoder"
@@ -60,8 +61,12 @@ class ClipReid(Method):
         super().__init__(config, identity_names)
         check_config(config)
         make_model.freeze_text_tower(clip_model)
+        make_model.check_intermediate_layer(clip_model.visual,
+                                            config["triplet_intermediate_layer"])
         self.specs = make_model.clipreid_module_specs(config, clip_model, len(identity_names))
         extras = {name: make_model.build_module(spec) for name, spec in self.specs.items()}
+        for head in HEADS:
+            make_model.init_classifier(extras[head], config["classifier_init_std"])
         if config["prompt_epochs"] == 0:
             spec, state = make_model.read_prompts(config["prompt_checkpoint"], identity_names)
             if spec != self.specs["prompt_learner"]:
@@ -86,6 +91,7 @@ class ClipReid(Method):
                         warmup_start=_ratio(config["prompt_warmup_lr"], config["prompt_lr"]),
                         scheduler="cosine",
                         min_lr_factor=_ratio(config["prompt_min_lr"], config["prompt_lr"]),
+                        lr_stepping=config["lr_stepping"], epoch_origin=config["lr_epoch_origin"],
                         selects=False, uses_images=False)
         image = Phase.from_config(config, IMAGE_ENCODER, optimizer="adam",
                                   warmup_start=config["warmup_factor"])
@@ -143,18 +149,19 @@ class ClipReid(Method):
             return decay_groups("prompts", extras["prompt_learner"], config["prompt_lr"],
                                 config["prompt_weight_decay"])
         heads = nn.ModuleList([extras[head] for head in HEADS])
-        return (decay_groups("image_encoder", self.model.clip_model.visual, config["lr"],
-                             config["weight_decay"])
-                + decay_groups("heads", heads, config["lr"] * config["head_lr_mult"],
-                               config["weight_decay"]))
+        return (config_groups(config, "image_encoder", self.model.clip_model.visual,
+                              config["lr"], config["weight_decay"])
+                + config_groups(config, "heads", heads, config["lr"] * config["head_lr_mult"],
+                                config["weight_decay"]))
 
     def forward(self, model, inputs):
         if self.phase == PROMPTS:  # inputs are rows of the feature table
             text = model.extras["prompt_learner"](model.clip_model, self.image_labels[inputs])
             return self.image_features[inputs], text
-        pre, proj = make_model.encode_image_pair(model.clip_model.visual, inputs)
+        pre, proj, *inner = make_model.encode_image_pair(
+            model.clip_model.visual, inputs, self.config["triplet_intermediate_layer"])
         neck, neck_proj = (model.extras[head] for head in HEADS)
-        return (pre, proj, neck(pre), neck_proj(proj), proj @ self.text_features.T)
+        return (pre, proj, neck(pre), neck_proj(proj), proj @ self.text_features.T, inner)
 
     def loss(self, phase, outputs, labels):
         if phase.name == PROMPTS:
@@ -162,14 +169,14 @@ class ClipReid(Method):
             return {"i2t": losses.image_text_contrastive(image, text, labels, labels),
                     "t2i": losses.image_text_contrastive(text, image, labels, labels)}, None
         config = self.config
-        pre, proj, logits, logits_proj, text_logits = outputs
+        pre, proj, logits, logits_proj, text_logits, inner = outputs
         terms = {"id": config["id_loss_weight"] * (self.criterion(logits, labels)
                                                    + self.criterion(logits_proj, labels))}
         if config["triplet_weight"] > 0:
             terms["triplet"] = config["triplet_weight"] * sum(
                 losses.batch_hard_triplet(feature, labels, config["triplet_margin"],
                                           config["triplet_soft_margin"])
-                for feature in (pre, proj))
+                for feature in (*inner, pre, proj))
         terms["i2t"] = config["i2t_loss_weight"] * self.criterion(text_logits, labels)
         return terms, text_logits
 

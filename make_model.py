@@ -21,6 +21,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from open_clip.model import resize_pos_embed
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
@@ -145,13 +146,19 @@ def _image_size(config, arch):
     return int(size)
 
 
+# normalize: statistics other than the weights' own (CLIP-ReID's configs use these).
+NORMALIZE_STATS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                   "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
 def preprocess_spec(config):
-    """Input side and normalisation of the backbone, without building it."""
+    """Input side and normalisation (normalize: the backbone's own, or NORMALIZE_STATS)."""
     arch, _ = resolve_backbone(config)
     cfg = _weights_cfg(config)
-    return {"image_size": _image_size(config, arch),
-            "mean": tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            "std": tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))}
+    own = (cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
+           cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    mean, std = NORMALIZE_STATS.get(config["normalize"], own)
+    return {"image_size": _image_size(config, arch), "mean": tuple(mean), "std": tuple(std)}
 
 
 # ---------------------------------------------------------------- building
@@ -170,11 +177,22 @@ class BNNeck(nn.Module):
         return self.fc(self.bn(features))
 
 
-def make_classifier(head, dim, num_classes):
-    """The identity head on `dim`-dimensional image embeddings: linear or bnneck."""
-    if head == "bnneck":
-        return BNNeck(dim, num_classes)
-    return nn.Linear(dim, num_classes)
+def make_classifier(head, dim, num_classes, init_std=None):
+    """The identity head on `dim`-dimensional image embeddings: linear or bnneck, its
+    weights N(0, init_std) when given (see init_classifier)."""
+    classifier = BNNeck(dim, num_classes) if head == "bnneck" else nn.Linear(dim, num_classes)
+    return init_classifier(classifier, init_std)
+
+
+def init_classifier(head, std):
+    """The classifier Linear of `head` (a Linear or a BNNeck): weights N(0, std), bias 0, as
+    CLIP-ReID's weights_init_classifier; std None keeps PyTorch's init. -> head."""
+    if std is not None:
+        linear = head.fc if isinstance(head, BNNeck) else head
+        nn.init.normal_(linear.weight, std=std)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+    return head
 
 
 def freeze_text_tower(clip_model):
@@ -236,7 +254,6 @@ def _create(config, weights=None):
                 force_image_size=_image_size(config, arch))
         if jit_archive:
             model.load_state_dict(_torchscript_state_dict(weights, model), strict=True)
-        return model
     except Exception as err:
         if weights is None:
             raise
@@ -244,6 +261,39 @@ def _create(config, weights=None):
         raise UserError(f"pretrained: cannot load {weights} into {arch} ({type(err).__name__}: "
                         f"{reason}); point pretrained: at {arch} weights (OpenAI .pt, open_clip "
                         f"checkpoint or state dict)") from None
+    if config["resnet_last_stride"] == 1:
+        set_resnet_last_stride_1(model.visual)
+    return model
+
+
+def set_resnet_last_stride_1(visual):
+    """CLIP-ReID's ModifiedResNet: layer4 at stride 1 (its first block's anti-aliasing
+    average pools removed), so the map is image_size / 16, and the attention pool's
+    position embedding bilinearly resized to that map (as CLIP-ReID's resize_pos_embed)."""
+    if not isinstance(visual, ModifiedResNet):
+        raise ConfigError(f"resnet_last_stride: 1 needs a ResNet backbone (rn50, rn101, ...), "
+                          f"got {type(visual).__name__}; remove the key or use model: rn50")
+    side = visual.image_size
+    if any(length % 32 for length in _image_hw(side)):
+        raise ConfigError(f"image_size: {side} does not fit a ResNet (the stride-2 network's "
+                          f"map is image_size / 32); use a multiple of 32 such as 224")
+    first = visual.layer4[0]
+    first.avgpool = nn.Identity()
+    first.stride = 1
+    if first.downsample is not None:
+        first.downsample[0] = nn.Identity()  # the AvgPool2d(2) before its 1x1 conv
+    pool = visual.attnpool
+    old = pool.positional_embedding.data
+    grid = round((old.shape[0] - 1) ** 0.5)
+    height, width = (side // 16 for side in _image_hw(visual.image_size))
+    spatial = old[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    spatial = nn.functional.interpolate(spatial, size=(height, width), mode="bilinear")
+    pool.positional_embedding = nn.Parameter(
+        torch.cat([old[:1], spatial.permute(0, 2, 3, 1).reshape(height * width, -1)]))
+
+
+def _image_hw(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def _download(arch, tag):
@@ -278,7 +328,8 @@ def build_model(config, num_classes=None, freeze_text=True):
         freeze_text_tower(clip_model)
     classifier = None
     if num_classes is not None:
-        classifier = make_classifier(config["head"], embed_dim(config), num_classes)
+        classifier = make_classifier(config["head"], embed_dim(config), num_classes,
+                                     config["classifier_init_std"])
     return clip_model, classifier
 
 
@@ -452,6 +503,10 @@ def _check_matches_config(path, ckpt, config):
         raise UserError(f"{path} was trained at image_size {ckpt['image_size']} but the config "
                         f"gives {_image_size(config, arch)}; set image_size: "
                         f"{ckpt['image_size']}")
+    if trained.get("normalize", "clip") != config["normalize"]:
+        raise UserError(f"{path} was trained with normalize: {trained.get('normalize', 'clip')} "
+                        f"but the config says normalize: {config['normalize']}; set normalize: "
+                        f"{trained.get('normalize', 'clip')}")
     if method == "stage1" and trained.get("head", "linear") != config["head"]:
         raise UserError(f"{path} has a {trained.get('head')} head but the config says head: "
                         f"{config['head']}; set head: {trained.get('head')}")
@@ -497,8 +552,10 @@ def load_checkpoint(path, config, device="cpu", freeze_text=True):
     ckpt = _read_checkpoint(path)
     _check_matches_config(path, ckpt, config)
     _check_modules(path, ckpt)
+    # The network the checkpoint trained (layer4's stride is the checkpoint's, not the config's).
+    built = {**config, "resnet_last_stride": ckpt["config"].get("resnet_last_stride", 2)}
     with _weights_follow():
-        clip_model = _create(config)
+        clip_model = _create(built)
     _load_strict(clip_model, ckpt["clip_state_dict"], path, "CLIP")
     if freeze_text:
         freeze_text_tower(clip_model)
@@ -584,18 +641,51 @@ def _unsupported_encoder(visual):
                        f"vitb16 or rn50")
 
 
-def encode_image_pair(visual, images):
+def encode_image_pair(visual, images, intermediate=None):
     """-> (pre-projection feature, projected feature) of open_clip's image encoder, the two
     features CLIP-ReID puts its BNNecks on. ViT: the pooled class token after ln_post, and
-    that times `proj`. ModifiedResNet: the spatial mean of layer4, and the attention pool."""
+    that times `proj`. ModifiedResNet: the spatial mean of layer4, and the attention pool.
+    With `intermediate` (see check_intermediate_layer) a third feature, CLIP-ReID's extra
+    triplet feature: ViT the class token after that many transformer blocks (before
+    ln_post), ModifiedResNet the spatial mean of layer `intermediate`."""
     if isinstance(visual, ModifiedResNet):
         x = visual.stem(images)
-        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
-        return x.mean(dim=(2, 3)), visual.attnpool(x)
+        maps = []
+        for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            x = layer(x)
+            maps.append(x)
+        pair = (x.mean(dim=(2, 3)), visual.attnpool(x))
+        return pair if intermediate is None else (*pair, maps[intermediate - 1].mean(dim=(2, 3)))
     if isinstance(visual, VisionTransformer):
-        pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
-        return pooled, pooled if visual.proj is None else pooled @ visual.proj
+        if intermediate is None:
+            pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+            return pooled, pooled if visual.proj is None else pooled @ visual.proj
+        transformer = visual.transformer
+        x = visual._embeds(images)
+        x = x if transformer.batch_first else x.transpose(0, 1)
+        for index, block in enumerate(transformer.resblocks, 1):
+            x = block(x)
+            if index == intermediate:
+                inner = (x if transformer.batch_first else x.transpose(0, 1))[:, 0]
+        pooled, _ = visual._pool(x if transformer.batch_first else x.transpose(0, 1))
+        return pooled, pooled if visual.proj is None else pooled @ visual.proj, inner
     raise _unsupported_encoder(visual)
+
+
+def check_intermediate_layer(visual, layer):
+    """ConfigError unless `layer` names an intermediate feature encode_image_pair can give:
+    ViT 1 .. blocks - 1 (CLIP-ReID: blocks - 1), ModifiedResNet 1 .. 3 (CLIP-ReID: 3)."""
+    if layer is None:
+        return
+    resnet = isinstance(visual, ModifiedResNet)
+    if not resnet and not isinstance(visual, VisionTransformer):
+        raise _unsupported_encoder(visual)
+    top = 3 if resnet else len(visual.transformer.resblocks) - 1
+    if not 1 <= layer <= top:
+        what = "ResNet layer (layer1..layer3)" if resnet else \
+            f"number of transformer blocks (this ViT has {top + 1})"
+        raise ConfigError(f"triplet_intermediate_layer: {layer} is out of range; give a {what}: "
+                          f"1 to {top} (CLIP-ReID: {top}), or leave it out")
 
 
 def image_pair_dims(visual):

@@ -13,9 +13,9 @@ SIDE, PAD, SAMPLES = 32, 4, 3000
 IDENTITY = {"image_size": SIDE, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
 
-def settings(hflip=0.0, pad=0, jitter=0.0, erasing=0.0):
+def settings(hflip=0.0, pad=0, jitter=0.0, erasing=0.0, fill="zero"):
     return {"aug_hflip": hflip, "aug_pad": pad, "aug_color_jitter": jitter,
-            "aug_random_erasing": erasing}
+            "aug_random_erasing": erasing, "aug_erasing_fill": fill}
 
 
 def both_paths(config, images, seed=0):
@@ -109,6 +109,17 @@ def test_random_erasing_has_the_loader_distribution():
     # Hit rate, mean and spread of the erased area's share, of its log aspect ratio.
     tolerance = torch.tensor([0.04, 0.01, 0.01, 0.08, 0.05])
     assert ((device_stats - loader_stats).abs() < tolerance).all(), (device_stats, loader_stats)
+
+
+def test_pixel_erasing_fills_with_unit_normal_noise_on_both_paths():
+    # CLIP-ReID's timm RandomErasing(mode='pixel'): N(0, 1) per pixel in normalised space.
+    images = torch.full((400, 3, SIDE, SIDE), 128, dtype=torch.uint8)
+    for out in both_paths(settings(erasing=0.5, fill="pixel"), images):
+        out = out / 255
+        erased = out != 128 / 255
+        assert 0.4 < erased.flatten(1).any(1).float().mean() < 0.6
+        noise = out[erased]
+        assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1.0) < 0.02
 
 
 def test_normalisation_matches_the_eval_transform(make_config):

@@ -208,7 +208,11 @@ def kill_when(config_file, condition, what):
 
 
 def test_kill_9_in_each_phase_resumes_bit_identically(make_config, tmp_path):
-    settings = dict(prompt_epochs=4, epochs=3)
+    # Under the shipped recipe's CLIP-ReID mechanisms (per-epoch lr, bias lr x2, decay on all
+    # tensors, classifier init, pixel erasing, the last epoch kept, three triplet features).
+    settings = dict(prompt_epochs=4, epochs=3, lr_stepping="epoch", bias_lr_factor=2.0,
+                    weight_decay_all=True, classifier_init_std=0.001, aug_erasing_fill="pixel",
+                    selection="last", triplet_intermediate_layer=1)
     reference = stage2_config(make_config, tmp_path, save_path=str(tmp_path / "ref/m.pth"),
                               log_path=str(tmp_path / "ref/train.log"), **settings)
     main(["--config", write_config(reference, tmp_path / "ref.yml")])
@@ -323,4 +327,10 @@ def test_train_configs_name_their_outputs_and_follow_clipreid(path):
             config["lr_steps"], config["warmup_factor"]) == (
         (120, 60, 5e-6, 0.25, [30, 50], 0.1) if model == "vitb16" else
         (60, 120, 3.5e-4, 1.0, [40, 70], 0.01))
+    assert (config["lr_stepping"], config["lr_epoch_origin"], config["bias_lr_factor"],
+            config["weight_decay_all"], config["classifier_init_std"],
+            config["aug_erasing_fill"], config["selection"]) == (
+        "epoch", 1, 2.0, True, 0.001, "pixel", "last")
+    assert (config["triplet_intermediate_layer"], config["resnet_last_stride"]) == (
+        (11, 2) if model == "vitb16" else (3, 1))
     assert config["prompt_template"] == TEMPLATE and "CLIP-ReID" in path.read_text()
