@@ -38,11 +38,13 @@ def _keys(scores, index):
 
 
 def _block_top(scores, start, k):
-    """-> (keys, scores) of the best k of one block [queries, n]: a float top-k, and the exact
-    key order only for the rows with a tie at the k-th score (where top-k could pick any)."""
-    values, where = torch.topk(scores, k, dim=1, sorted=False)
-    tied = (scores >= values.min(dim=1, keepdim=True).values).sum(dim=1) > k
-    if tied.any():
+    """-> (keys, scores) of the best k of one block [queries, n]: a float top-(k+1), and the
+    exact key order only for the rows whose (k+1)-th score ties the k-th (where top-k could
+    pick any of the tied)."""
+    values, where = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1, sorted=True)
+    tied = values[:, k] == values[:, k - 1] if values.shape[1] > k else None
+    values, where = values[:, :k].contiguous(), where[:, :k].contiguous()
+    if tied is not None and tied.any():
         rows = scores[tied]
         index = torch.arange(start, start + scores.shape[1]).expand_as(rows)
         _, where[tied] = torch.topk(_keys(rows, index), k, dim=1, sorted=False)
