@@ -41,3 +41,27 @@ def test_chunk_size_zero_is_one_line():
     with pytest.raises(UserError) as caught:
         top_k(features, features, 1, 0)
     assert "\n" not in str(caught.value) and "must be >= 1" in str(caught.value)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_verification_by_counts_equals_the_sorting_implementation(seed, monkeypatch):
+    """float32 scores go through score_counts' two counting passes; the same scores as
+    float64 (exact copies) through the sorting implementation: every result must be equal,
+    ties (few distinct values, -0.0 beside 0.0, one high-bit bin) included."""
+    import score_counts
+    from reid_metrics import compute_verification_metrics
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(score_counts, "BLOCK_ELEMENTS", int(rng.integers(1, 300)))
+    num_queries, num_gallery = int(rng.integers(5, 40)), int(rng.integers(20, 80))
+    query_ids, gallery_ids = rng.integers(0, 6, num_queries), rng.integers(0, 6, num_gallery)
+    cases = [rng.integers(-4, 5, (num_queries, num_gallery)) / 4,
+             0.5 + rng.integers(-50, 50, (num_queries, num_gallery)) * 2.0 ** -23,
+             rng.standard_normal((num_queries, num_gallery))]
+    cases[0][0, :5] = -0.0
+    for scores in cases:
+        scores = scores.astype(np.float32)
+        counted = compute_verification_metrics(torch.from_numpy(scores), query_ids, gallery_ids,
+                                               far=(0.1, 0.01, 1e-3))
+        sorted_ = compute_verification_metrics(torch.from_numpy(scores.astype(np.float64)),
+                                               query_ids, gallery_ids, far=(0.1, 0.01, 1e-3))
+        assert counted == sorted_
