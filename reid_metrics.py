@@ -314,8 +314,10 @@ def compute_verification_metrics(similarity, query_ids, gallery_ids, far=(1e-2, 
     - TAR@FAR=x = the max over observed scores t with FAR(t) <= x of 1 - FRR(t) (0 when no
       observed score qualifies). None (n/a) when there are fewer than 1/x impostor pairs.
     Observed scores are all genuine and impostor scores; every comparison is exact on ties
-    (counts, not interpolation). Only the sorted impostor scores and a bisection are needed,
-    as FAR - FRR never increases with t.
+    (counts, not interpolation). float32 (and narrower) scores are counted in two passes over
+    row blocks (score_counts: no copy of the scores, so 1000 x 1M fits beside its similarity);
+    float64 ones are copied out and sorted, with a bisection, as FAR - FRR never increases with
+    t. Both give the same results for the same scores.
 
     Returns dict(eer, eer_threshold, tar_at_far {x: tar or None}, num_genuine, num_impostor).
     Raises MetricInputError when a rate is outside (0, 1) or there is no genuine or no
