@@ -48,7 +48,7 @@ def _coarse_counts(similarity, query_codes, gallery_codes):
 def _fine_counts(similarity, query_codes, gallery_codes, bins):
     """{bin: (genuine counts [65536], impostor counts [65536])} per low 16 bits."""
     slot = torch.full((_BINS,), -1, dtype=torch.int64, device=similarity.device)
-    slot[torch.tensor(bins, dtype=torch.int64)] = torch.arange(len(bins))
+    slot[torch.tensor(bins, device=slot.device)] = torch.arange(len(bins), device=slot.device)
     size = len(bins) * _BINS
     genuine = torch.zeros(size, dtype=torch.int64, device=similarity.device)
     impostor = torch.zeros_like(genuine)
