@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_eval.py --out benchmarks/results/eval.md
 	$(PY) benchmarks/bench_likelihood_ratio.py --out benchmarks/results/likelihood_ratio.md
 	$(PY) benchmarks/bench_checkpoint_io.py --models tiny --out benchmarks/results/checkpoint_io.md
-	for part in metrics data_path train eval likelihood_ratio checkpoint_io; do cat benchmarks/results/$$part.md; echo; done \
+	$(PY) benchmarks/bench_search.py --out benchmarks/results/search.md
+	for part in metrics data_path train eval likelihood_ratio checkpoint_io search; do cat benchmarks/results/$$part.md; echo; done \
 	    > benchmarks/results/benchmarks.md
 	@echo "wrote benchmarks/results/benchmarks.md"

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from config import UserError
+from score_counts import verification_thresholds
 
 # Default chunk: as many query rows as fit in ~4M similarity entries, so each per-chunk
 # temporary (sorted values, tie-row sort indices) stays within ~32 MB whatever the gallery size.
@@ -313,20 +314,22 @@ def compute_verification_metrics(similarity, query_ids, gallery_ids, far=(1e-2, 
     - TAR@FAR=x = the max over observed scores t with FAR(t) <= x of 1 - FRR(t) (0 when no
       observed score qualifies). None (n/a) when there are fewer than 1/x impostor pairs.
     Observed scores are all genuine and impostor scores; every comparison is exact on ties
-    (counts, not interpolation). Only the sorted impostor scores and a bisection are needed,
-    as FAR - FRR never increases with t.
+    (counts, not interpolation). float32 (and narrower) scores are counted in two passes over
+    row blocks (score_counts: no copy of the scores, so 1000 x 1M fits beside its similarity);
+    float64 ones are copied out and sorted, with a bisection, as FAR - FRR never increases with
+    t. Both give the same results for the same scores.
 
     Returns dict(eer, eer_threshold, tar_at_far {x: tar or None}, num_genuine, num_impostor).
     Raises MetricInputError when a rate is outside (0, 1) or there is no genuine or no
     impostor pair.
     """
     far = _check_rates("far", far)
+    prepared, query_codes, gallery_codes, _ = _prepare(similarity, query_ids, gallery_ids)
+    if prepared.dtype != torch.float64:  # float32 and narrower: exact counts, no score copy
+        _check_no_nan(prepared)
+        return _verification_by_counts(prepared, query_codes, gallery_codes, far)
     genuine, impostor = genuine_impostor_scores(similarity, query_ids, gallery_ids)
-    if len(impostor) == 0 or len(genuine) == 0:
-        missing = "impostor pair (every gallery image has the query's identity)" \
-            if len(impostor) == 0 else "genuine pair (no query identity is in the gallery)"
-        raise MetricInputError(f"verification needs both kinds of pairs, but there is no "
-                               f"{missing}; use a gallery with several identities")
+    _check_pairs(len(genuine), len(impostor))
     genuine.sort()
     impostor.sort()  # in place: the copy made by the mask is the only one
     n_gen, n_imp = len(genuine), len(impostor)
@@ -367,6 +370,32 @@ def compute_verification_metrics(similarity, query_ids, gallery_ids, far=(1e-2, 
         tar[rate] = 100.0 * (n_gen - int(np.searchsorted(genuine, cut, side="right"))) / n_gen
     return {"eer": 100.0 * eer, "eer_threshold": float(threshold), "tar_at_far": tar,
             "num_genuine": n_gen, "num_impostor": n_imp}
+
+
+def _verification_by_counts(similarity, query_codes, gallery_codes, far):
+    """compute_verification_metrics for float32 (or narrower) scores by score_counts' two
+    counting passes: the same results, no copy of the scores."""
+    codes = int(max(query_codes.max(), gallery_codes.max())) + 1
+    n_gen = int((torch.bincount(query_codes, minlength=codes)
+                 * torch.bincount(gallery_codes, minlength=codes)).sum())
+    _check_pairs(n_gen, similarity.numel() - n_gen)
+    allowed = {rate: _allowed_false_count(similarity.numel() - n_gen, rate) for rate in far
+               if similarity.numel() - n_gen >= 1 / rate}
+    threshold, false_accepts, false_rejects, n_gen, n_imp, above = verification_thresholds(
+        similarity, query_codes, gallery_codes, sorted(set(allowed.values())))
+    tar = {rate: 100.0 * above[allowed[rate]] / n_gen if rate in allowed else None
+           for rate in far}
+    eer = (false_accepts / n_imp + false_rejects / n_gen) / 2
+    return {"eer": 100.0 * eer, "eer_threshold": threshold, "tar_at_far": tar,
+            "num_genuine": n_gen, "num_impostor": n_imp}
+
+
+def _check_pairs(n_gen, n_imp):
+    if n_imp == 0 or n_gen == 0:
+        missing = "impostor pair (every gallery image has the query's identity)" \
+            if n_imp == 0 else "genuine pair (no query identity is in the gallery)"
+        raise MetricInputError(f"verification needs both kinds of pairs, but there is no "
+                               f"{missing}; use a gallery with several identities")
 
 
 def compute_open_set_metrics(similarity, query_ids, gallery_ids, fpir=(0.1, 0.01)):

@@ -1,11 +1,14 @@
 """Search a gallery for the identity of query images with a trained (or the baseline) model.
 
-    python experiments/search.py --config <eval config> --gallery <dir | features.npz> --query <image | dir> [--top-k 10] [--threshold T] [--out DIR]
+    python experiments/search.py --config <eval config> --gallery <dir | features.npz> --query <image | dir> [--top-k 10] [--threshold T] [--chunk-size N] [--out DIR]
 
 Prints, per query, the top-k gallery images with their identity (first sub-folder of the
 gallery folder, or the identities stored in features.npz) and score (cosine similarity of the
 L2-normalised features, 1 = same image). With --threshold T (e.g. the EER threshold of an
 evaluation), a query whose best score is below T is reported as "no match in gallery".
+The gallery is scored --chunk-size images at a time and only each query's top k are kept
+(memory about queries x chunk size x 12 bytes, whatever the gallery's size); equal scores keep
+gallery order.
 
 Outputs in --out (default: <results_dir>/search): search.csv (query, rank, score, gallery
 image, identities, match) and search_ranking.png (one row per query, first 100: query in blue,
@@ -25,13 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import likelihood_ratio  # noqa: E402
 from config import (UserError, atomic_write, atomic_write_text, load_config,  # noqa: E402
                     make_parser, run_cli)
 from experiments import extract_features as fx  # noqa: E402
+from gallery_search import DEFAULT_CHUNK_SIZE, check_chunk_size, top_k  # noqa: E402
 from experiments.run_eval_clip import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR,  # noqa: E402
                                        keep_previous, save_ranking_grid)
 
@@ -94,13 +97,6 @@ def load_gallery(encoder, gallery, out):
     paths = [p for p, _ in items]
     features = cached_gallery_features(encoder, paths, out / "gallery_cache")
     return features, paths, [i for _, i in items]
-
-
-def rank(query_features, gallery_features, top_k):
-    """-> (scores, indices) [queries, k], best first; ties keep gallery order (stable)."""
-    similarity = torch.from_numpy(query_features) @ torch.from_numpy(gallery_features).T
-    order = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :top_k]
-    return torch.gather(similarity, 1, order).numpy(), order.numpy()
 
 
 def frame_colour(query_identity, gallery_identity):
@@ -176,11 +172,15 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, default=None,
                         help="score under which a query has no match in the gallery (e.g. an "
                              "evaluation's EER threshold)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help="gallery images scored per block; memory is about queries x this "
+                             f"x 12 bytes (default: {DEFAULT_CHUNK_SIZE})")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: <results_dir>/search)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    check_chunk_size(args.chunk_size)
     config = load_config(args.config, args.overrides)
     out = args.out or Path(config["results_dir"]) / "search"
     if not args.gallery.exists():
@@ -193,7 +193,8 @@ def main(argv=None):
         if calibration_path.exists() else None
     gallery_features, gallery_paths, gallery_ids = load_gallery(encoder, args.gallery, out)
     query_features = encoder.encode([p for p, _ in queries])
-    scores, order = rank(query_features, gallery_features, min(args.top_k, len(gallery_paths)))
+    scores, order = top_k(query_features, gallery_features, min(args.top_k, len(gallery_paths)),
+                          args.chunk_size)
     csv_rows, grid_rows, matched = report(
         ([p for p, _ in queries], [i for _, i in queries]), (gallery_paths, gallery_ids),
         scores, order, args.threshold, calibration)

@@ -233,6 +233,8 @@ def test_search_caches_the_gallery_and_applies_the_threshold(own_overrides, own_
 
 @pytest.mark.parametrize("case,error,words", [
     ("top_k_0", ConfigError, ["--top-k must be >= 1"]),
+    ("chunk_0", UserError, ["--chunk-size must be >= 1"]),
+    ("empty_query", UserError, ["--query", "holds no readable image"]),
     ("no_query", UserError, ["--query", "missing.jpg", "does not exist"]),
     ("other_model", UserError, ["another model", "extract_features.py"]),
     ("no_gallery", UserError, ["--gallery", "does not exist"]),
@@ -244,6 +246,10 @@ def test_search_and_export_refuse_bad_input(own_overrides, own_root, exported, t
                                             error, words):
     sets, work = own_overrides
     query = tmp_path / "missing.jpg" if case == "no_query" else next(own_root.rglob(ODD_NAME))
+    if case == "empty_query":
+        query = tmp_path / "no_images"
+        query.mkdir()
+        (query / "notes.txt").write_text("no image here")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     out = ["--out", tmp_path / "out"]
     config = BASELINE_CONFIG if case == "other_model" else EVAL_CONFIG
@@ -256,7 +262,8 @@ def test_search_and_export_refuse_bad_input(own_overrides, own_root, exported, t
         extract_features, ["--images", own_root, "--out", tmp_path / "f.npz"]
     ) if case == "features_exist" else (
         search, ["--gallery", gallery, "--query", query, *out,
-                 *(["--top-k", "0"] if case == "top_k_0" else [])])
+                 *(["--top-k", "0"] if case == "top_k_0" else []),
+                 *(["--chunk-size", "0"] if case == "chunk_0" else [])])
     with pytest.raises(error) as caught:
         script.main([str(a) for a in ["--config", config, *sets, *args]])
     message = str(caught.value)
