@@ -13,7 +13,7 @@ import torch
 
 import make_model
 from config import ConfigError
-from conftest import ONE_THREAD, ROOT, write_config
+from conftest import ONE_THREAD, ROOT, run_torchrun, write_config
 from build_dataloader import get_train_val_loaders
 from engine import Engine, metrics_path, resume_path
 from experiments.train_stage1_frozen_text import main
@@ -91,6 +91,17 @@ def test_kill_9_before_the_early_stop_then_the_same_command_stops_at_the_same_ep
     assert ours["epoch"] == theirs["epoch"] < stop_epoch
     assert all(torch.equal(ours["clip_state_dict"][k], theirs["clip_state_dict"][k])
                for k in ours["clip_state_dict"])
+
+
+def test_every_torchrun_process_stops_at_the_early_stop(make_config, tmp_path):
+    # Rank 0 decides; the other rank must leave its epoch loop too, or the run would hang.
+    # lr 0.3 makes the val loss of the tiny model rise within a few epochs.
+    config = make_config(batch_size=4, epochs=8, lr=0.3, warmup_epochs=0,
+                         early_stop_patience=1)
+    run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))
+    rows = [json.loads(line) for line in metrics_path(config).read_text().splitlines()]
+    assert rows[-1]["epoch"] < 8 and "early_stop" in rows[-1]
+    assert torch.load(config["save_path"], weights_only=True)["epoch"] == rows[-1]["epoch"] - 1
 
 
 def test_negative_patience_is_a_one_line_config_error(make_config, tmp_path):
