@@ -140,6 +140,10 @@ SCHEMA = {
                                        "val_accuracy, or last (the last epoch, as CLIP-ReID; "
                                        "val/ is still reported)",
                       choices=("val_loss", "val_map", "val_accuracy", "last")),
+    # early stopping
+    "early_stop_patience": _opt(int, 0, "stop when the selection signal has not improved for "
+                                        "N epochs; the best epoch is kept (0 or empty = off)",
+                                low=0, nullable=True),
     "save_every": _opt(int, 10, "write the resume state every N epochs", low=1),
     "save_every_minutes": _opt(float, 10.0, "... and whenever this many minutes passed since "
                                             "the last one (0 = epochs only)", low=0.0),

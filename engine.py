@@ -398,6 +398,12 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         self.selection = config["selection"] if val_loader is not None else None
+        self.patience = config["early_stop_patience"] or 0
+        if self.patience and self.selection not in HIGHER_IS_BETTER:
+            raise ConfigError(f"early_stop_patience needs a selection signal on val/ to wait "
+                              f"for (selection: {', '.join(HIGHER_IS_BETTER)}, and a val/ "
+                              f"split); set early_stop_patience: 0 or change selection")
+        self.stopped_early = None    # why the run stopped before its last epoch, if it did
         self.history = []
         self.epochs_done = 0
         self.best = {"epoch": None, "metric": self.selection, "value": None, "signals": {}}
@@ -423,7 +429,7 @@ class Engine:
                 self._log_start()
                 first = 0
                 for index, phase in enumerate(self.phases):
-                    if self.epochs_done < first + phase.epochs:
+                    if self.epochs_done < first + phase.epochs and not self.stopped_early:
                         # The saved optimizer belongs to the phase the saved epoch was in.
                         self._run_phase(phase, first,
                                         state if state and state["phase"] == index else None)
@@ -457,7 +463,7 @@ class Engine:
                 "metrics_path": str(metrics_path(self.config)),
                 "curve_path": str(curve_path(self.config)),
                 "best_epoch": best["epoch"], "selection": best["metric"],
-                "best_value": best["value"],
+                "best_value": best["value"], "early_stop": self.stopped_early,
                 "history": self.history}
 
     # ------------------------------------------------------------ phases
@@ -488,6 +494,8 @@ class Engine:
                      f"per epoch; optimizer {self._describe_groups()}")
         for epoch in range(max(self.epochs_done, first_epoch) + 1, first_epoch + phase.epochs + 1):
             self._run_epoch(phase, loader, epoch, epoch - first_epoch)
+            if self.stopped_early:
+                break
 
     def _run_epoch(self, phase, loader, epoch, epoch_in_phase):
         started = time.perf_counter()
@@ -501,8 +509,10 @@ class Engine:
         row = {"epoch": epoch, "phase": phase.name, **train,
                "val_acc": signals.get("val_accuracy"), "val_loss": signals.get("val_loss"),
                "val_map": signals.get("val_map")}
-        stop = self._agreed_stop()
+        stop = self._agreed(self.stop_requested)
         checkpoint_seconds = self._end_epoch(phase, row, signals, stop) if self.is_main else 0.0
+        if self.patience and self.distributed and self._agreed(bool(self.stopped_early)):
+            self.stopped_early = self.stopped_early or "early stop decided on rank 0"
         row.update(checkpoint_seconds=checkpoint_seconds,
                    epoch_time=time.perf_counter() - started)
         if self.is_main:
@@ -645,11 +655,11 @@ class Engine:
                 labels += targets.tolist()
         return torch.cat(features), labels
 
-    def _agreed_stop(self):
-        """Whether a stop was asked for on any rank (one small collective per epoch)."""
+    def _agreed(self, flag):
+        """Whether `flag` is set on any rank (one small collective)."""
         if not self.distributed:
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+            return flag
+        flag = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -675,7 +685,10 @@ class Engine:
             self.best_unsaved = "live"
             row["best"] = True
         self.history.append(row)
-        last = epoch == self.total_epochs
+        self.stopped_early = self._early_stop(epoch) if phase.selects else None
+        if self.stopped_early:
+            row["early_stop"] = self.stopped_early
+        last = epoch == self.total_epochs or bool(self.stopped_early)
         save_point = (stop or last or epoch % self.config["save_every"] == 0
                       or (self.config["save_every_minutes"] > 0 and time.monotonic()
                           - self.last_save >= 60 * self.config["save_every_minutes"]))
@@ -687,6 +700,21 @@ class Engine:
             self.best_unsaved = {k: v.detach().to("cpu", copy=True)
                                  for k, v in self._trained_state().items()}
         return time.perf_counter() - started
+
+    def _early_stop(self, epoch):
+        """Why the run stops after `epoch` (None: it goes on). Counts the validated epochs
+        since the best one from history and best alone, so a resumed run stops where an
+        uninterrupted one does."""
+        if not self.patience or self.best["epoch"] is None or epoch == self.total_epochs:
+            return None
+        selects = {p.name: p.selects for p in self.phases}
+        stale = sum(1 for r in self.history
+                    if r["epoch"] > self.best["epoch"] and selects.get(r["phase"], True))
+        if stale < self.patience:
+            return None
+        return (f"early stop after epoch {epoch}: {self.selection} has not improved for "
+                f"{stale} epochs (early_stop_patience {self.patience}); best "
+                f"{self._best_text()}")
 
     def _save(self, epoch, finished):
         """Best checkpoint (if a newer best exists), then the resume state."""
@@ -710,6 +738,8 @@ class Engine:
 
     def _finish(self):
         atomic_write(curve_path(self.config), self._plot_curves)
+        if self.stopped_early:
+            log.info(self.stopped_early)
         log.info(f"done: best {self._best_text()}; checkpoint {self.config['save_path']}; "
                  f"curve {curve_path(self.config)}")
 

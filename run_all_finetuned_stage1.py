@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parent
 TRAIN_SCRIPTS = {"stage1": ROOT / "experiments/train_stage1_frozen_text.py",
                  "clipreid": ROOT / "experiments/train_stage2_clipreid.py"}
 DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
-                   "configs/finetuning_stage1_frozen_text/eval_*.yml",
+                   # the default recipe (CLIP-ReID's), not the named _seed/_clipfh recipes
+                   "configs/finetuning_stage1_frozen_text/eval_*_[lr].yml",
+                   "configs/finetuning_stage1_frozen_text/eval_*_hd.yml",
                    "configs/finetuning_stage2_clipreid/eval_*.yml"]
 METRIC_COLUMNS = (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"),
                   ("mAP", "mAP"), ("mAP_trapezoid", "mAP (trapezoid)"), ("eer", "EER"),

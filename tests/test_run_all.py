@@ -71,7 +71,8 @@ def test_existing_checkpoint_is_not_retrained(make_config, tmp_path, capsys):
 def test_shipped_eval_configs_match_their_train_and_baseline_twins():
     """--train maps eval_X.yml to train_X.yml: both must name the same model and checkpoint;
     every fine-tuned experiment has a baseline beside it."""
-    finetuned = sorted(ROOT.glob("configs/finetuning_stage1_frozen_text/eval_*.yml"))
+    finetuned = sorted(path for pattern in run_all_finetuned_stage1.DEFAULT_CONFIGS[1:3]
+                       for path in ROOT.glob(pattern))
     assert len(finetuned) == 10
     pairs = [(path, ROOT / "configs/baseline" / path.name) for path in finetuned]
     pairs.append((ROOT / "configs/demo/eval_tiny_11k_dorsal_r.yml",
