@@ -175,6 +175,10 @@ SCHEMA = {
     "plots": _opt(bool, True, "write the CMC curve, ranked-retrieval grid and verification "
                               "(ROC, score histogram) PNGs"),
     "plot_queries": _opt(int, 6, "queries shown in the ranked-retrieval grid", low=1),
+    # training seeds (run_all_finetuned_stage1.py --train --seeds)
+    "seeds": _opt(list, None, "run_all_finetuned_stage1.py: train and evaluate one model per "
+                              "seed (own save_path/log/results per seed: <stem>_seed<N>); "
+                              "overridden by --seeds"),
 }
 
 
