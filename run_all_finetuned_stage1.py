@@ -4,6 +4,7 @@
     python run_all_finetuned_stage1.py --train               # first train missing checkpoints
     python run_all_finetuned_stage1.py --configs 'configs/demo/eval_*.yml' --train
     python run_all_finetuned_stage1.py --set num_splits=2    # an override for every config
+    python run_all_finetuned_stage1.py --train --seeds 0 1 2 # one model per training seed
 
 Each config runs through experiments/run_eval_clip.py (in this process; its JSON, CSV row and
 plots land in the config's results_dir). A failing config is reported with a one-line reason
@@ -11,6 +12,11 @@ and the rest still run; the exit code is 1 if any failed. With --train, a fine-t
 config whose checkpoint is missing first runs its train config (eval_X.yml -> train_X.yml in
 the same folder) in a subprocess, with the same --set overrides, through the train script of its
 `method`: experiments/train_stage1_frozen_text.py (stage1) or train_stage2_clipreid.py (clipreid).
+Ctrl-C is passed on to a training child: it finishes its epoch and saves (the same command
+then resumes it); a second Ctrl-C stops it at once. A --configs pattern that matches nothing
+is an error. With --seeds (or a config's seeds:), a fine-tuned config is trained and
+evaluated once per seed (save_path, log and results name get _seed<N>) and its row holds
+mean ± std over seeds, the std over seeds x splits and a 95% t interval (result_stats.py).
 The table's method column says baseline, stage1 or clipreid (Stage 2); it is written as
 <out>.md and <out>.csv.
 

@@ -130,7 +130,7 @@ def start_batch(folder, *extra):
     """run_all --train --seeds 0 1 on the tiny experiment in `folder`, in its own process
     group (a terminal's Ctrl-C goes to the whole group), one thread."""
     command = [sys.executable, str(ROOT / SCRIPT), "--configs", str(folder / "eval_tiny.yml"),
-               "--train", "--seeds", "0", "1", "--set", "num_splits=1", "--set", "epochs=2",
+               "--train", "--seeds", "0", "1", "--set", "num_splits=1", "--set", "epochs=3",
                "--set", "save_every=1", "--set", f"results_dir={folder / 'results'}",
                "--out", str(folder / "summary"), *extra]
     log = open(folder / f"batch{len(list(folder.glob('batch*.out')))}.out", "w")
@@ -160,7 +160,7 @@ def test_ctrl_c_under_train_saves_and_the_same_command_resumes(prepared_11k, tmp
     text = out.read_text()
     assert "interrupted" in text
     state = torch.load(tmp_path / "tiny_seed0.resume.pth", weights_only=True)
-    assert not state["finished"] and state["epoch"] == 1
+    assert not state["finished"] and 1 <= state["epoch"] < 3
     assert not (tmp_path / "tiny_seed1.pth").exists()
 
     proc, out = start_batch(tmp_path)
@@ -170,7 +170,7 @@ def test_ctrl_c_under_train_saves_and_the_same_command_resumes(prepared_11k, tmp
     assert text.count("=== training") == 2 and "with seed 1" in text
     reference = tmp_path / "reference.pth"
     subprocess.run([sys.executable, str(ROOT / "experiments/train_stage1_frozen_text.py"),
-                    "--config", str(tmp_path / "train_tiny.yml"), "--set", "epochs=2",
+                    "--config", str(tmp_path / "train_tiny.yml"), "--set", "epochs=3",
                     "--set", "seed=0", "--set", f"save_path={reference}", "--set",
                     f"log_path={tmp_path / 'logs/reference.log'}"], cwd=ROOT, env=ONE_THREAD,
                    check=True, capture_output=True)
