@@ -136,8 +136,8 @@ def format_comparison(report, label_a, label_b):
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in report.items():
         lines.append(f"| {key} | {r['pairs']} | {r['mean_diff']:+.2f} | [{fmt(r['lo'])}, "
-                     f"{fmt(r['hi'])}] | {fmt(r['wilcoxon'], '.1f')} | {fmt(r['wilcoxon_p'], '.4g')}"
-                     f" | {fmt(r['t'], '.3f')} | {fmt(r['t_p'], '.4g')} | {r['note']} |")
+                     f"{fmt(r['hi'])}] | {fmt(r['wilcoxon'], '.1f')} | "
+                     f"{fmt(r['wilcoxon_p'], '.4g')} | {fmt(r['t'], '.3f')} | {fmt(r['t_p'], '.4g')} | {r['note']} |")
     lines.append("\npairs: one per split (and seed); percent points; 95% t interval of the "
                  "mean difference; two-sided Wilcoxon signed-rank (zero differences dropped) "
                  "and paired t-test (scipy).")

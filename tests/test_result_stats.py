@@ -8,8 +8,10 @@ import pytest
 import torch
 from scipy import stats
 
+import result_stats
 from config import UserError
 from conftest import run_script
+from experiments import compare_results
 from test_run_all import SCRIPT, write_experiment
 
 COMPARE = "experiments/compare_results.py"
@@ -98,7 +100,6 @@ def test_paired_comparison_equals_scipy(seeded):
 
 
 def test_result_stats_paired_test_is_scipys():
-    import result_stats
     a, b = [50.0, 61.0, 47.5, 70.0, 55.0], [48.0, 60.0, 49.0, 64.0, 51.5]
     report = result_stats.paired_test(a, b)
     assert report["pairs"] == 5
@@ -131,12 +132,12 @@ def test_self_comparison_and_refused_protocols(seeded):
         changed = json.loads(path.read_text())
         changed[key] = value
         (folder / "changed.json").write_text(json.dumps(changed))
-        proc = run_script(COMPARE, path, "--vs", folder / "changed.json", check=False)
-        assert proc.returncode == UserError.exit_code and f"different protocols ({key}: " in proc.stderr
+        with pytest.raises(UserError, match=rf"different protocols \({key}: "):
+            compare_results.main([str(path), "--vs", str(folder / "changed.json")])
     changed = json.loads(path.read_text())
     changed["config"]["data_dir"] = "/elsewhere"
     (folder / "changed.json").write_text(json.dumps(changed))
-    proc = run_script(COMPARE, path, "--vs", folder / "changed.json", check=False)
-    assert proc.returncode == UserError.exit_code and "different protocols (data_dir: " in proc.stderr
-    proc = run_script(COMPARE, path, "--vs", folder / "summary.md", check=False)
-    assert proc.returncode == UserError.exit_code and "cannot read results file" in proc.stderr
+    with pytest.raises(UserError, match=r"different protocols \(data_dir: "):
+        compare_results.main([str(path), "--vs", str(folder / "changed.json")])
+    with pytest.raises(UserError, match="cannot read results file"):
+        compare_results.main([str(path), "--vs", str(folder / "summary.md")])
