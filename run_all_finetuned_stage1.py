@@ -89,22 +89,26 @@ def seed_overrides(config, seed):
 
 
 def run_child(command):
-    """Run `command` in its own process group -> its exit code. A Ctrl-C here is passed on:
-    the first lets a training finish its epoch and save (then this run stops too), a second
-    stops it at once; the child is never killed for the first."""
+    """Run `command` in its own process group -> its exit code. A Ctrl-C (or SIGTERM) here
+    is passed on: the first lets a training finish its epoch and save (then this run stops
+    too), a second stops it at once; the child is never killed for the first."""
     child = subprocess.Popen(command, process_group=0)
-    interrupts = 0
-    while True:
-        try:
-            code = child.wait()
-            break
-        except KeyboardInterrupt:
-            interrupts += 1
-            if interrupts > 2:
-                child.kill()
-            else:
-                child.send_signal(signal.SIGINT)
-    if interrupts:
+    stops = []
+
+    def forward(signum, frame):
+        stops.append(signum)
+        if len(stops) > 2:
+            child.kill()
+        else:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stops:
         raise KeyboardInterrupt
     return code
 
