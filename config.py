@@ -222,6 +222,10 @@ SCHEMA = {
                                         "--out) whose query0 x gallery0 pairs calibrate the "
                                         "LRs (default: two-fold over the evaluated persons; "
                                         "calibrate.py: the evaluated dataset's split 0)"),
+    # training seeds (run_all_finetuned_stage1.py --train --seeds)
+    "seeds": _opt(list, None, "run_all_finetuned_stage1.py: train and evaluate one model per "
+                              "seed (own save_path/log/results per seed: <stem>_seed<N>); "
+                              "overridden by --seeds"),
 }
 
 

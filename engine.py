@@ -81,7 +81,7 @@ NON_TRAINING_KEYS = {"name", "data_dir", "num_workers", "cache_images", "device"
                      "log_path", "variant", "num_splits", "gallery", "flip", "ap_mode",
                      "max_rank", "eval_batch_size", "results_dir", "plots", "plot_queries",
                      "save_every", "save_every_minutes", "open_set", "rerank", "rerank_k1",
-                     "rerank_k2", "rerank_lambda",
+                     "rerank_k2", "rerank_lambda", "seeds",
                      "likelihood_ratio", "lr_calibrator", "calibration_data"}
 # Parameter names (split at '.' and '_') that get no weight decay even when not 1-D.
 NO_DECAY_NAME = re.compile(r"(^|[._])(bias|norm|ln|bn|positional|\w*embedding)\w*", re.I)

@@ -4,6 +4,7 @@
     python run_all_finetuned_stage1.py --train               # first train missing checkpoints
     python run_all_finetuned_stage1.py --configs 'configs/demo/eval_*.yml' --train
     python run_all_finetuned_stage1.py --set num_splits=2    # an override for every config
+    python run_all_finetuned_stage1.py --train --seeds 0 1 2 # one model per training seed
 
 Each config runs through experiments/run_eval_clip.py (in this process; its JSON, CSV row and
 plots land in the config's results_dir). A failing config is reported with a one-line reason
@@ -11,6 +12,11 @@ and the rest still run; the exit code is 1 if any failed. With --train, a fine-t
 config whose checkpoint is missing first runs its train config (eval_X.yml -> train_X.yml in
 the same folder) in a subprocess, with the same --set overrides, through the train script of its
 `method`: experiments/train_stage1_frozen_text.py (stage1) or train_stage2_clipreid.py (clipreid).
+Ctrl-C is passed on to a training child: it finishes its epoch and saves (the same command
+then resumes it); a second Ctrl-C stops it at once. A --configs pattern that matches nothing
+is an error. With --seeds (or a config's seeds:), a fine-tuned config is trained and
+evaluated once per seed (save_path, log and results name get _seed<N>) and its row holds
+mean ± std over seeds, the std over seeds x splits and a 95% t interval (result_stats.py).
 The table's method column says baseline, stage1 or clipreid (Stage 2); it is written as
 <out>.md and <out>.csv.
 
@@ -22,12 +28,14 @@ image once. Each results JSON counts the images encoded fresh and taken from ear
 import csv
 import glob
 import io
+import signal
 import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 import evaluation
+import result_stats
 from config import ArgumentParser, ConfigError, UserError, atomic_write_text, load_config, run_cli
 from engine import needs_training
 from experiments import run_eval_clip
@@ -54,6 +62,9 @@ def parse_args(argv):
                         help="train the missing checkpoint of each fine-tuned config first")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a key in every config; repeatable")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="N",
+                        help="one model per training seed for each fine-tuned config (own "
+                             "save_path, log and results: <stem>_seed<N>); overrides seeds:")
     parser.add_argument("--out", default="logs/results/summary",
                         help="summary table path without suffix (default: %(default)s)")
     return parser.parse_args(argv)
@@ -64,54 +75,120 @@ def find_configs(patterns):
     for pattern in patterns:
         matches = sorted(glob.glob(pattern))
         if not matches:
-            print(f"note: no config matches {pattern}")
+            raise ConfigError(f"no config matches {pattern}; check the path or glob pattern "
+                              f"given to --configs")
         paths += [Path(p) for p in matches if Path(p) not in paths]
-    if not paths:
-        raise ConfigError(f"no eval config found for {' '.join(patterns)}; pass --configs with "
-                          f"YAML files or glob patterns")
     return paths
 
 
-def train_missing(config_path, config, overrides):
-    """Run the train config matching `config_path` when its checkpoint does not exist yet or
-    its run is unfinished (it then resumes); refused while another process trains it."""
-    if config["variant"] != "finetuned" or not needs_training(config):
+def seed_overrides(config, seed):
+    """Overrides giving `config`'s run with training seed `seed` its own checkpoint, log and
+    results names, derived from the resolved ones: <stem>_seed<N>."""
+    save, log = Path(config["save_path"]), Path(config["log_path"])
+    return [f"seed={seed}", f"name={config['name']}_seed{seed}",
+            f"save_path={save.with_name(f'{save.stem}_seed{seed}{save.suffix}')}",
+            f"log_path={log.with_name(f'{log.stem}_seed{seed}{log.suffix}')}"]
+
+
+def run_child(command):
+    """Run `command` in its own process group -> its exit code. A Ctrl-C (or SIGTERM) here
+    is passed on: the first lets a training finish its epoch and save (then this run stops
+    too), a second stops it at once; the child is never killed for the first."""
+    child = subprocess.Popen(command, process_group=0)
+    stops = []
+
+    def forward(signum, frame):
+        stops.append(signum)
+        if len(stops) > 2:
+            child.kill()
+        else:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stops:
+        raise KeyboardInterrupt
+    return code
+
+
+def train_missing(config_path, config, overrides, seed):
+    """Run the train config matching `config_path` (with training seed `seed`, or its own
+    when None) when its checkpoint does not exist yet or its run is unfinished (it then
+    resumes); refused while another process trains it."""
+    if config["variant"] != "finetuned":
         return
     train_config = config_path.with_name(config_path.name.replace("eval_", "train_", 1))
     if not config_path.name.startswith("eval_") or not train_config.is_file():
+        if Path(config["save_path"]).is_file():
+            return
         raise UserError(f"checkpoint {config['save_path']} is missing and there is no train "
                         f"config {train_config} to make it")
-    method = load_config(train_config, overrides)["method"]
-    if method not in TRAIN_SCRIPTS:
-        raise UserError(f"{train_config} says method: {method}, which no train script here "
-                        f"trains (known: {', '.join(TRAIN_SCRIPTS)}); fix its method:")
-    command = [sys.executable, str(TRAIN_SCRIPTS[method]), "--config", str(train_config)]
+    train = load_config(train_config, overrides)
+    if seed is not None:
+        overrides = overrides + seed_overrides(train, seed)
+        train = load_config(train_config, overrides)
+    if Path(train["save_path"]) != Path(config["save_path"]):
+        raise UserError(f"{train_config} trains {train['save_path']} but {config_path} "
+                        f"evaluates {config['save_path']}: set the same save_path in both")
+    if not needs_training(train):  # the resume state is checked against the train config
+        return
+    if train["method"] not in TRAIN_SCRIPTS:
+        raise UserError(f"{train_config} says method: {train['method']}, which no train script "
+                        f"here trains (known: {', '.join(TRAIN_SCRIPTS)}); fix its method:")
+    command = [sys.executable, str(TRAIN_SCRIPTS[train["method"]]), "--config",
+               str(train_config)]
     for override in overrides:
         command += ["--set", override]
-    print(f"\n=== training {train_config} (checkpoint {config['save_path']} is missing or its "
-          f"run unfinished)", flush=True)
-    code = subprocess.run(command).returncode
+    print(f"\n=== training {train_config}" + ("" if seed is None else f" with seed {seed}")
+          + f" (checkpoint {config['save_path']} is missing or its run unfinished)", flush=True)
+    code = run_child(command)
     if code != 0:
         raise UserError(f"training with {train_config} exited with code {code}")
     if not Path(config["save_path"]).is_file():
         raise UserError(f"training with {train_config} wrote no checkpoint at "
-                        f"{config['save_path']}: the two configs' save_path differ")
+                        f"{config['save_path']}")
+
+
+def run_seed(config_path, args, store, seed):
+    """Train (with --train) and evaluate one model of `config_path` -> its results dict."""
+    overrides = list(args.overrides)
+    if seed is not None:
+        overrides += seed_overrides(load_config(config_path, overrides), seed)
+    config = load_config(config_path, overrides)
+    if args.train:
+        train_missing(config_path, config, list(args.overrides), seed)
+    print(f"\n=== evaluating {config_path}" + ("" if seed is None else f" (seed {seed})"),
+          flush=True)
+    return run_eval_clip.evaluate_config(config, store)
 
 
 def run_one(config_path, args, store):
-    """Evaluate one config (training it first with --train) -> summary row. `store` carries
-    features across configs: an image is encoded once per model in this run."""
+    """Evaluate one config (training it first with --train; one model per seed for a
+    fine-tuned config with seeds) -> summary row. `store` carries features across configs:
+    an image is encoded once per model in this run."""
     config = load_config(config_path, args.overrides)
-    if args.train:
-        train_missing(config_path, config, args.overrides)
-    print(f"\n=== evaluating {config_path}", flush=True)
-    result = run_eval_clip.evaluate_config(config, store)
+    seeds = args.seeds if args.seeds is not None else config["seeds"]
+    if seeds is not None and any(not isinstance(s, int) for s in seeds):
+        raise UserError(f"seeds must be whole numbers, got {seeds}; fix seeds: or --seeds")
+    seeds = sorted(set(seeds)) if seeds and config["variant"] == "finetuned" else [None]
+    results = [run_seed(config_path, args, store, seed) for seed in seeds]
+    result = results[0]
     row = {"config": str(config_path), "model": config["model"], "dataset": result["dataset"],
            "variant": config["variant"], "flip": result["flip"],
            "rerank": "yes" if result["rerank"] else "no", "splits": result["num_splits"],
+           "seeds": "" if seeds == [None] else " ".join(map(str, seeds)),
            "method": "baseline" if config["variant"] == "baseline" else config["method"]}
     for key, _ in METRIC_COLUMNS:
-        row[key], row[f"{key}_std"] = result["mean"].get(key), result["std"].get(key)
+        stats = result_stats.summarise_runs(results, key) or {}
+        if len(results) == 1:  # the results file's own mean and std
+            stats.update(mean=result["mean"].get(key), std=result["std"].get(key))
+        for suffix, name in (("", "mean"), ("_std", "std"), ("_std_seeds_splits", "std_all"),
+                             ("_ci_lo", "lo"), ("_ci_hi", "hi")):
+            row[key + suffix] = stats.get(name)
     return row
 
 
@@ -122,20 +199,36 @@ def sort_key(row):
     return row["dataset"], row["model"], rank, row["config"]
 
 
+def metric_cell(row, key):
+    """mean ± std [lo, hi]; with seeds mean ± std over seeds (± std over seeds x splits)."""
+    if row[key] is None:
+        return "n/a"
+    cell = f"{row[key]:.2f}"
+    if row[f"{key}_std"] is not None:
+        cell += f" ± {row[f'{key}_std']:.2f}"
+    if row[f"{key}_std_seeds_splits"] is not None:
+        cell += f" (± {row[f'{key}_std_seeds_splits']:.2f})"
+    if row[f"{key}_ci_lo"] is not None:
+        cell += f" [{row[f'{key}_ci_lo']:.2f}, {row[f'{key}_ci_hi']:.2f}]"
+    return cell
+
+
 def markdown_table(rows, failures):
-    lines = ["| config | method | model | dataset | variant | flip | rerank | splits | "
+    lines = ["| config | method | model | dataset | variant | flip | rerank | splits | seeds | "
              + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
-             "|---" * (8 + len(METRIC_COLUMNS)) + "|"]
+             "|---" * (9 + len(METRIC_COLUMNS)) + "|"]
     for row in rows:
         cells = [row["config"], row["method"], row["model"], row["dataset"], row["variant"],
-                 row["flip"], row["rerank"], str(row["splits"])]
-        cells += ["n/a" if row[key] is None else f"{row[key]:.2f}" + (
-            "" if row[f"{key}_std"] is None else f" ± {row[f'{key}_std']:.2f}")
-            for key, _ in METRIC_COLUMNS]
+                 row["flip"], row["rerank"], str(row["splits"]), row["seeds"] or "-"]
+        cells += [metric_cell(row, key) for key, _ in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     if rows:
-        text += ("\nmean ± std over the splits (sample std, ddof=1), percent. mAP: "
+        text += ("\nmean ± std [95% interval], percent. One model (seeds -): std over its "
+                 "splits (sample std, ddof=1). Several seeds: mean over seeds x splits ± std "
+                 "of the seeds' means (training variance) (± std over all seeds x splits). "
+                 "Interval: Student-t 95% interval of the mean over the splits (over all seeds "
+                 "x splits with seeds). mAP: "
                  "uninterpolated (torchreid / fast-reid); mAP (trapezoid): the MBA-Net / "
                  "CLIP-HandID rule. flip: sum is the published hand tables' test-time flip. "
                  "EER and TAR@FAR: verification over all query x gallery pairs. Cllr (bits, "
@@ -147,8 +240,10 @@ def markdown_table(rows, failures):
 
 
 def csv_table(rows):
-    fields = ["config", "method", "model", "dataset", "variant", "flip", "rerank", "splits"]
-    fields += [name for key, _ in METRIC_COLUMNS for name in (key, f"{key}_std")]
+    fields = ["config", "method", "model", "dataset", "variant", "flip", "rerank", "splits",
+              "seeds"]
+    fields += [key + suffix for key, _ in METRIC_COLUMNS
+               for suffix in ("", "_std", "_std_seeds_splits", "_ci_lo", "_ci_hi")]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

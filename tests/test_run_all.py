@@ -1,13 +1,21 @@
 """run_all_finetuned_stage1.py: the batch runner over eval configs, --train, failures."""
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 import run_all_finetuned_stage1
 from config import load_config
+from runtime import check_not_running
 from experiments import run_eval_clip
-from conftest import ROOT, run_script
+from conftest import ONE_THREAD, ROOT, run_script
 from test_evaluation import save_tiny_checkpoint
 
 SCRIPT = "run_all_finetuned_stage1.py"
@@ -117,3 +125,83 @@ def test_an_image_is_encoded_once_per_model_across_configs(prepared_11k, tmp_pat
     table = (tmp_path / "summary.md").read_text()
     assert "| flip | rerank |" in table and "| sum | no |" in table
     assert "mAP (trapezoid) | EER | TAR@FAR=1e-3 |" in table
+
+
+def start_batch(folder, *extra):
+    """run_all --train --seeds 0 1 on the tiny experiment in `folder`, in its own process
+    group (a terminal's Ctrl-C goes to the whole group), one thread."""
+    command = [sys.executable, str(ROOT / SCRIPT), "--configs", str(folder / "eval_tiny.yml"),
+               "--train", "--seeds", "0", "1", "--set", "num_splits=1", "--set", "epochs=3",
+               "--set", "save_every=1", "--set", f"results_dir={folder / 'results'}",
+               "--out", str(folder / "summary"), *extra]
+    log = open(folder / f"batch{len(list(folder.glob('batch*.out')))}.out", "w")
+    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            text=True, env=ONE_THREAD, start_new_session=True), Path(log.name)
+
+
+def wait_for_epoch(folder, seed, epochs, proc):
+    metrics = folder / f"logs/train_seed{seed}_metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < epochs:
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_under_train_saves_and_the_same_command_resumes(prepared_11k, tmp_path):
+    """SIGINT to the runner's process group mid-training: the child finishes its epoch and
+    saves, seed 1 is not started; the same command resumes seed 0 (it says so; its resume
+    state is checked against train_tiny.yml, whose lr and warmup differ from the eval
+    config's), then trains seed 1, and seed 0 ends with the checkpoint of an uninterrupted
+    run."""
+    write_experiment(tmp_path, prepared_11k)
+    proc, out = start_batch(tmp_path)
+    wait_for_epoch(tmp_path, 0, 1, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=240) == 130
+    text = out.read_text()
+    assert "interrupted" in text
+    state = torch.load(tmp_path / "tiny_seed0.resume.pth", weights_only=True)
+    assert not state["finished"] and 1 <= state["epoch"] < 3
+    assert not (tmp_path / "tiny_seed1.pth").exists()
+
+    proc, out = start_batch(tmp_path)
+    assert proc.wait(timeout=400) == 0, out.read_text()[-3000:]
+    text = out.read_text()
+    assert f"resuming after epoch {state['epoch']}" in text
+    assert text.count("=== training") == 2 and "with seed 1" in text
+    reference = tmp_path / "reference.pth"
+    subprocess.run([sys.executable, str(ROOT / "experiments/train_stage1_frozen_text.py"),
+                    "--config", str(tmp_path / "train_tiny.yml"), "--set", "epochs=3",
+                    "--set", "seed=0", "--set", f"save_path={reference}", "--set",
+                    f"log_path={tmp_path / 'logs/reference.log'}"], cwd=ROOT, env=ONE_THREAD,
+                   check=True, capture_output=True)
+    ours = torch.load(tmp_path / "tiny_seed0.pth", weights_only=True)
+    theirs = torch.load(reference, weights_only=True)
+    assert ours["epoch"] == theirs["epoch"]
+    assert all(torch.equal(ours["clip_state_dict"][k], theirs["clip_state_dict"][k])
+               for k in theirs["clip_state_dict"])
+
+
+def test_second_ctrl_c_stops_at_once(prepared_11k, tmp_path):
+    write_experiment(tmp_path, prepared_11k)
+    proc, out = start_batch(tmp_path, "--set", "epochs=40")
+    wait_for_epoch(tmp_path, 0, 1, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while "stopping after this epoch" not in out.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-2000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+    check_not_running(tmp_path / "tiny_seed0.pth")  # the training child is gone too
+    assert not torch.load(tmp_path / "tiny_seed0.resume.pth", weights_only=True)["finished"]
+
+
+def test_a_configs_pattern_that_matches_nothing_is_an_error(tmp_path):
+    proc = run_script(SCRIPT, "--configs", "configs/nosuch.yml", "--out", tmp_path / "s",
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: no config matches configs/nosuch.yml; check the path or glob pattern given to "
+        "--configs"]
+    assert not (tmp_path / "s.md").exists()
