@@ -38,6 +38,7 @@ import evaluation
 import result_stats
 from config import ArgumentParser, ConfigError, UserError, atomic_write_text, load_config, run_cli
 from engine import needs_training
+from runtime import check_not_running
 from experiments import run_eval_clip
 
 ROOT = Path(__file__).resolve().parent
@@ -123,6 +124,7 @@ def train_missing(config_path, config, overrides, seed):
         return
     train_config = config_path.with_name(config_path.name.replace("eval_", "train_", 1))
     if not config_path.name.startswith("eval_") or not train_config.is_file():
+        check_not_running(config["save_path"])  # never evaluate a run while it trains
         if Path(config["save_path"]).is_file():
             return
         raise UserError(f"checkpoint {config['save_path']} is missing and there is no train "
