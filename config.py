@@ -175,6 +175,14 @@ SCHEMA = {
     "neck_feat": _opt(str, "before", "Stage-2 retrieval feature: the two image features "
                                      "before or after their BNNeck BN, concatenated",
                       choices=("before", "after")),
+    # CLIP-HandID (method clip_handid; prompt_template holds the placeholder word)
+    "placeholder": _opt(str, "sks", "CLIP-HandID: the word of prompt_template (one token) "
+                                    "whose embedding the image's pseudo-word replaces"),
+    "inversion": _opt(str, "learned", "CLIP-HandID pseudo-word: learned (the paper: the "
+                                      "inversion network's token, trained through the frozen "
+                                      "text tower) or released (the released code: the token's "
+                                      "mean over its dimensions, no gradient)",
+                      choices=("learned", "released")),
     # outputs
     "save_path": _opt(str, None, "checkpoint file (default: saved_models/<name>.pth)"),
     "log_path": _opt(str, None, "human log file; metrics and plots go beside it "

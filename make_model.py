@@ -622,17 +622,24 @@ class PromptLearner(nn.Module):
 
     def forward(self, clip_model, labels):
         """Text features (projected, not normalised) of the identities `labels`."""
-        cast_dtype = clip_model.transformer.get_cast_dtype()
-        tokens = self.tokens.expand(len(labels), -1)
-        x = clip_model.token_embedding(tokens).to(cast_dtype)
-        x = x.index_copy(1, self.positions, self.context[labels].to(cast_dtype))
-        x = x + clip_model.positional_embedding.to(cast_dtype)
-        x = clip_model.ln_final(clip_model.transformer(x, attn_mask=clip_model.attn_mask))
-        x = text_global_pool(x, tokens, clip_model.text_pool_type,
-                             eos_token_id=getattr(clip_model, "text_eos_id", None))
-        if isinstance(clip_model.text_projection, nn.Linear):
-            return clip_model.text_projection(x)
-        return x @ clip_model.text_projection
+        return encode_tokens_with(clip_model, self.tokens.expand(len(labels), -1),
+                                  self.positions, self.context[labels])
+
+
+def encode_tokens_with(clip_model, tokens, positions, inserted):
+    """Text features (projected, not normalised) of the token ids `tokens` [B, context]
+    whose embeddings at `positions` are replaced by `inserted` [B, len(positions), width];
+    gradients flow into `inserted` through the (frozen) text tower."""
+    cast_dtype = clip_model.transformer.get_cast_dtype()
+    x = clip_model.token_embedding(tokens).to(cast_dtype)
+    x = x.index_copy(1, positions, inserted.to(cast_dtype))
+    x = x + clip_model.positional_embedding.to(cast_dtype)
+    x = clip_model.ln_final(clip_model.transformer(x, attn_mask=clip_model.attn_mask))
+    x = text_global_pool(x, tokens, clip_model.text_pool_type,
+                         eos_token_id=getattr(clip_model, "text_eos_id", None))
+    if isinstance(clip_model.text_projection, nn.Linear):
+        return clip_model.text_projection(x)
+    return x @ clip_model.text_projection
 
 
 def _unsupported_encoder(visual):
@@ -743,3 +750,63 @@ def read_prompts(path, identity_names):
 KNOWN_METHODS["clipreid"] = "python experiments/train_stage2_clipreid.py --config <train config>"
 MODULE_KINDS["prompt_learner"] = PromptLearner
 FEATURE_KINDS["clipreid"] = _clipreid_embedding
+
+
+# ---------------------------------------------------------------- CLIP-HandID
+# CLIP-HandID (Baisa et al., IPTA 2025) maps each image's projected feature through an
+# inversion network to a pseudo-word that replaces the placeholder of one fixed prompt. Its
+# retrieval feature is the clipreid kind after the BN; the inversion network lives here so
+# that a checkpoint is rebuilt without the trainer.
+
+def placeholder_prompt(arch, template, placeholder):
+    """-> (token ids of `template` [context_length], position of `placeholder` in it);
+    ConfigError unless the placeholder is one token that occurs exactly once."""
+    tokenizer = open_clip.get_tokenizer(arch)
+    word = tokenizer([placeholder])[0]
+    ids = word[(word != 0) & (word != word[0])][:-1]  # without start, end and padding
+    if len(ids) != 1:
+        raise ConfigError(f"placeholder: {placeholder!r} is {len(ids)} tokens for the "
+                          f"{arch} tokenizer; choose a word that is one token, e.g. 'sks'")
+    tokens = tokenizer([template])[0]
+    positions = (tokens == ids[0]).nonzero().flatten()
+    if len(positions) != 1 or tokens[-1] != 0:
+        raise ConfigError(f"prompt_template: {template!r} holds the placeholder {placeholder!r} "
+                          f"{len(positions)} times (as a token, within the context); write it "
+                          f"once as a word, e.g. 'A photo of a {placeholder} hand'")
+    return tokens, positions
+
+
+class InversionNetwork(nn.Module):
+    """Image feature -> one pseudo-word token: (Linear-LayerNorm-GELU-Dropout) twice with a
+    hidden width of 4 x embed_dim, a Linear to the token width and a final LayerNorm."""
+
+    def __init__(self, embed_dim, width, dropout=0.5):
+        super().__init__()
+        hidden = 4 * embed_dim
+        layers = []
+        for fan_in in (embed_dim, hidden):
+            layers += [nn.Linear(fan_in, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                       nn.Dropout(dropout)]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, width), nn.LayerNorm(width))
+
+    def forward(self, features):
+        return self.net(features)
+
+
+def clip_handid_module_specs(config, clip_model, num_classes):
+    """CLIP-HandID's modules: the inversion network and a BNNeck on each image feature."""
+    check_text_tower(clip_model, config)
+    pre_dim, proj_dim = image_pair_dims(clip_model.visual)
+    return {"inversion": {"kind": "inversion_network", "embed_dim": int(proj_dim),
+                          "width": clip_model.token_embedding.embedding_dim},
+            "neck": classifier_spec("bnneck", pre_dim, num_classes),
+            "neck_proj": classifier_spec("bnneck", proj_dim, num_classes)}
+
+
+def clip_handid_feature():
+    """The concatenated BN features of both heads (1280-d for ViT-B/16, 3072-d for RN50)."""
+    return {"kind": "clipreid", "neck_feat": "after", "modules": ["neck", "neck_proj"]}
+
+
+KNOWN_METHODS["clip_handid"] = "python experiments/train_clip_handid.py --config <train config>"
+MODULE_KINDS["inversion_network"] = InversionNetwork

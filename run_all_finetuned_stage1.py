@@ -10,8 +10,9 @@ plots land in the config's results_dir). A failing config is reported with a one
 and the rest still run; the exit code is 1 if any failed. With --train, a fine-tuned eval
 config whose checkpoint is missing first runs its train config (eval_X.yml -> train_X.yml in
 the same folder) in a subprocess, with the same --set overrides, through the train script of its
-`method`: experiments/train_stage1_frozen_text.py (stage1) or train_stage2_clipreid.py (clipreid).
-The table's method column says baseline, stage1 or clipreid (Stage 2); it is written as
+`method`: experiments/train_stage1_frozen_text.py (stage1), train_stage2_clipreid.py (clipreid)
+or train_clip_handid.py (clip_handid). The table's method column says baseline, stage1,
+clipreid (Stage 2) or clip_handid; it is written as
 <out>.md and <out>.csv.
 
 Features are shared across the configs of one invocation: an image is encoded once per model
@@ -35,10 +36,12 @@ from experiments import run_eval_clip
 ROOT = Path(__file__).resolve().parent
 # config `method` -> the script that trains it
 TRAIN_SCRIPTS = {"stage1": ROOT / "experiments/train_stage1_frozen_text.py",
-                 "clipreid": ROOT / "experiments/train_stage2_clipreid.py"}
+                 "clipreid": ROOT / "experiments/train_stage2_clipreid.py",
+                 "clip_handid": ROOT / "experiments/train_clip_handid.py"}
 DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
                    "configs/finetuning_stage1_frozen_text/eval_*.yml",
-                   "configs/finetuning_stage2_clipreid/eval_*.yml"]
+                   "configs/finetuning_stage2_clipreid/eval_*.yml",
+                   "configs/finetuning_clip_handid/eval_*.yml"]
 METRIC_COLUMNS = (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"),
                   ("mAP", "mAP"), ("mAP_trapezoid", "mAP (trapezoid)"), ("eer", "EER"),
                   ("tar_at_far_1e-3", "TAR@FAR=1e-3"))
