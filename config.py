@@ -125,7 +125,8 @@ SCHEMA = {
                                    "config)", choices=("clip", "half", "imagenet")),
     # training engine (every method)
     "method": _opt(str, "stage1", "training method that wrote the checkpoint: stage1 "
-                                  "(cross-entropy, text tower frozen) or clipreid (Stage 2)"),
+                                  "(cross-entropy, text tower frozen), clipreid (Stage 2) or "
+                                  "clip_handid (CLIP-HandID)"),
     "sampler": _opt(str, "random", "train batches: random, or pk (batch_size / num_instances "
                                    "identities with num_instances images each)",
                     choices=("random", "pk")),

@@ -1,6 +1,6 @@
 """CLIP-HandID on the tiny model and synthetic 11k: what trains in each inversion mode, the
 prompt's text features, the shipped recipe's per-epoch lr, the checkpoint and its evaluation,
-run_all with all four methods, exact resume after kill -9, and bad input."""
+run_all with all four methods, exact resume after kill -9, torchrun on gloo, and bad input."""
 import csv
 import json
 import re
@@ -17,7 +17,7 @@ import make_model
 import run_all_finetuned_stage1
 from build_dataloader import get_train_val_loaders
 from config import ConfigError, UserError, load_config
-from conftest import ONE_THREAD, ROOT, run_script, write_config
+from conftest import ONE_THREAD, ROOT, run_script, run_torchrun, write_config
 from engine import Engine, lr_factor, metrics_path, resume_path
 from experiments import run_eval_clip
 from experiments.train_clip_handid import main
@@ -222,6 +222,14 @@ def test_kill_9_resumes_bit_identically(make_config, tmp_path):
                for k, v in theirs["clip_state_dict"].items())
     for name, module in theirs["modules"].items():
         assert all(torch.equal(ours["modules"][name][k], v) for k, v in module.items()), name
+
+
+def test_torchrun_with_two_gloo_processes(make_config, tmp_path):
+    config = handid_config(make_config, epochs=1, batch_size=8)
+    run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))
+    assert "2 process(es)" in Path(config["log_path"]).read_text()
+    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    assert ckpt["epoch"] == 1 and ckpt["method"] == "clip_handid"
 
 
 @pytest.mark.parametrize("overrides, message", [
