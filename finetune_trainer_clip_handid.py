@@ -86,13 +86,15 @@ class ClipHandId(Method):
 
     def text_features(self, model, image_features):
         """The prompt's text feature for each projected image feature (see `inversion`)."""
-        token = model.extras["inversion"](image_features)
-        tokens = self.tokens.to(token.device).expand(len(token), -1)
-        positions = self.positions.to(token.device)
+        device = image_features.device
+        tokens = self.tokens.to(device).expand(len(image_features), -1)
+        positions = self.positions.to(device)
         if self.config["inversion"] == "learned":
+            token = model.extras["inversion"](image_features)
             return make_model.encode_tokens_with(model.clip_model, tokens, positions,
                                                  token[:, None])
         with torch.no_grad():
+            token = model.extras["inversion"](image_features)
             mean = token.mean(dim=1, keepdim=True).expand_as(token)
             return make_model.encode_tokens_with(model.clip_model, tokens, positions,
                                                  mean[:, None])
