@@ -184,6 +184,9 @@ SCHEMA = {
                                       "text tower) or released (the released code: the token's "
                                       "mean over its dimensions, no gradient)",
                       choices=("learned", "released")),
+    "interaction_network": _opt(bool, False, "CLIP-HandID: the interaction network (text over "
+                                             "image attention, per sample) with a third head "
+                                             "and a third part of the retrieval feature"),
     # outputs
     "save_path": _opt(str, None, "checkpoint file (default: saved_models/<name>.pth)"),
     "log_path": _opt(str, None, "human log file; metrics and plots go beside it "

@@ -17,10 +17,14 @@ the released code's behaviour: the token's mean over its dimensions, broadcast i
 dimension of the placeholder, without gradient; the inversion network then never trains and,
 its final LayerNorm making that mean ~0, every image gets the same text feature.
 
+interaction_network: true adds CLIP-HandID's interaction network (make_model.
+InteractionNetwork, per sample) on the text and projected image features, a third BNNeck on
+its output and a third cross-entropy term.
+
 Train accuracy and model selection use the projected head's logits. Retrieval feature (in
-the checkpoint, so evaluation needs no method code): both BN features concatenated.
+the checkpoint, so evaluation needs no method code): both BN features concatenated (and the
+third head's with interaction_network).
 """
-import torch
 from torch import nn
 
 import losses
@@ -42,18 +46,18 @@ class ClipHandId(Method):
 
     def __init__(self, config, clip_model, identity_names):
         super().__init__(config, identity_names)
-        tokens, positions = make_model.placeholder_prompt(
+        self.prompt = make_model.placeholder_prompt(
             make_model.resolve_backbone(config)[0], config["prompt_template"],
             config["placeholder"])
         make_model.freeze_text_tower(clip_model)
         self.specs = make_model.clip_handid_module_specs(config, clip_model,
                                                          len(identity_names))
         extras = {name: make_model.build_module(spec) for name, spec in self.specs.items()}
-        for head in HEADS:
+        self.heads = HEADS + (("neck_fused",) if config["interaction_network"] else ())
+        for head in self.heads:
             make_model.init_classifier(extras[head], config["classifier_init_std"])
         self.model = make_model.HandIdModel(clip_model, extras=extras,
-                                            feature=make_model.clip_handid_feature())
-        self.tokens, self.positions = tokens, positions
+                                            feature=make_model.clip_handid_feature(config))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
 
     def module_specs(self):
@@ -67,8 +71,8 @@ class ClipHandId(Method):
         if name.startswith("extras.inversion."):
             return self.config["inversion"] == "learned"
         # The BNNecks' BN bias stays frozen (BNNeck, Luo et al. 2019).
-        return name.startswith("clip_model.visual.") or (
-            name.startswith(tuple(f"extras.{head}." for head in HEADS))
+        return name.startswith(("clip_model.visual.", "extras.interaction.")) or (
+            name.startswith(tuple(f"extras.{head}." for head in self.heads))
             and not name.endswith(".bn.bias"))
 
     def start_phase(self, phase, train_loader, device):
@@ -78,7 +82,7 @@ class ClipHandId(Method):
 
     def param_groups(self, phase):
         config, extras = self.config, self.model.extras
-        others = nn.ModuleList([extras[name] for name in ("inversion", *HEADS)])
+        others = nn.ModuleList([extras[name] for name in extras])
         return (config_groups(config, "image_encoder", self.model.clip_model.visual,
                               config["lr"], config["weight_decay"])
                 + config_groups(config, "others", others, config["lr"] * config["head_lr_mult"],
@@ -86,29 +90,23 @@ class ClipHandId(Method):
 
     def text_features(self, model, image_features):
         """The prompt's text feature for each projected image feature (see `inversion`)."""
-        device = image_features.device
-        tokens = self.tokens.to(device).expand(len(image_features), -1)
-        positions = self.positions.to(device)
-        if self.config["inversion"] == "learned":
-            token = model.extras["inversion"](image_features)
-            return make_model.encode_tokens_with(model.clip_model, tokens, positions,
-                                                 token[:, None])
-        with torch.no_grad():
-            token = model.extras["inversion"](image_features)
-            mean = token.mean(dim=1, keepdim=True).expand_as(token)
-            return make_model.encode_tokens_with(model.clip_model, tokens, positions,
-                                                 mean[:, None])
+        return make_model.pseudo_word_text(model.clip_model, model.extras["inversion"],
+                                           image_features, self.prompt,
+                                           self.config["inversion"])
 
     def forward(self, model, inputs):
         pre, proj = make_model.encode_image_pair(model.clip_model.visual, inputs)
-        neck, neck_proj = (model.extras[head] for head in HEADS)
-        return neck(pre), neck_proj(proj), proj, self.text_features(model, proj)
+        text = self.text_features(model, proj)
+        logits = [model.extras["neck"](pre), model.extras["neck_proj"](proj)]
+        if "interaction" in model.extras:
+            logits.append(model.extras["neck_fused"](model.extras["interaction"](text, proj)))
+        return logits, proj, text
 
     def loss(self, phase, outputs, labels):
-        logits, logits_proj, image, text = outputs
-        return {"id": self.criterion(logits, labels) + self.criterion(logits_proj, labels),
+        logits, image, text = outputs
+        return {"id": sum(self.criterion(head, labels) for head in logits),
                 "i2t": losses.image_text_contrastive(image, text, labels, labels),
-                "t2i": losses.image_text_contrastive(text, image, labels, labels)}, logits_proj
+                "t2i": losses.image_text_contrastive(text, image, labels, labels)}, logits[1]
 
     def classify(self, model, images):
         """Identity logits of the projected feature's head (CLIP-HandID selects by them)."""

@@ -793,20 +793,83 @@ class InversionNetwork(nn.Module):
         return self.net(features)
 
 
+class InteractionNetwork(nn.Module):
+    """CLIP-HandID's optional interaction network, per sample: cross-attention of the text
+    feature over the image feature, then self-attention -> Linear -> self-attention ->
+    Linear. Each sample is its own sequence (one token), so a sample's output never depends
+    on the rest of its batch; over one key an attention is its value projection."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self1 = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.fc1 = nn.Linear(dim, dim)
+        self.self2 = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, text, image):
+        query, key = text[:, None], image[:, None].to(text.dtype)
+        x = self.cross(query, key, key, need_weights=False)[0]
+        x = self.fc1(self.self1(x, x, x, need_weights=False)[0])
+        x = self.fc2(self.self2(x, x, x, need_weights=False)[0])
+        return x[:, 0]
+
+
+def pseudo_word_text(clip_model, inversion, image_features, prompt, mode):
+    """CLIP-HandID's text feature per projected image feature. `prompt`: (token ids,
+    placeholder position) of placeholder_prompt; mode learned: the inversion network's token
+    in the placeholder, gradients flowing into it; released: the token's mean over its
+    dimensions in every dimension, without gradient (the released code)."""
+    tokens, positions = (t.to(image_features.device) for t in prompt)
+    tokens = tokens.expand(len(image_features), -1)
+    if mode == "learned":
+        token = inversion(image_features)
+        return encode_tokens_with(clip_model, tokens, positions, token[:, None])
+    with torch.no_grad():
+        token = inversion(image_features)
+        mean = token.mean(dim=1, keepdim=True).expand_as(token)
+        return encode_tokens_with(clip_model, tokens, positions, mean[:, None])
+
+
 def clip_handid_module_specs(config, clip_model, num_classes):
-    """CLIP-HandID's modules: the inversion network and a BNNeck on each image feature."""
+    """CLIP-HandID's modules: the inversion network and a BNNeck on each image feature;
+    with interaction_network, the interaction network and a third BNNeck on its output."""
     check_text_tower(clip_model, config)
     pre_dim, proj_dim = image_pair_dims(clip_model.visual)
-    return {"inversion": {"kind": "inversion_network", "embed_dim": int(proj_dim),
-                          "width": clip_model.token_embedding.embedding_dim},
-            "neck": classifier_spec("bnneck", pre_dim, num_classes),
-            "neck_proj": classifier_spec("bnneck", proj_dim, num_classes)}
+    specs = {"inversion": {"kind": "inversion_network", "embed_dim": int(proj_dim),
+                           "width": clip_model.token_embedding.embedding_dim},
+             "neck": classifier_spec("bnneck", pre_dim, num_classes),
+             "neck_proj": classifier_spec("bnneck", proj_dim, num_classes)}
+    if config["interaction_network"]:
+        specs["interaction"] = {"kind": "interaction_network", "dim": int(proj_dim),
+                                "heads": max(1, int(proj_dim) // 64)}
+        specs["neck_fused"] = classifier_spec("bnneck", proj_dim, num_classes)
+    return specs
 
 
-def clip_handid_feature():
-    """The concatenated BN features of both heads (1280-d for ViT-B/16, 3072-d for RN50)."""
-    return {"kind": "clipreid", "neck_feat": "after", "modules": ["neck", "neck_proj"]}
+def clip_handid_feature(config):
+    """The concatenated BN features of both heads (1280-d for ViT-B/16, 3072-d for RN50);
+    with interaction_network also the third head's (the text feature of the prompt)."""
+    if not config["interaction_network"]:
+        return {"kind": "clipreid", "neck_feat": "after", "modules": ["neck", "neck_proj"]}
+    return {"kind": "clip_handid", "arch": resolve_backbone(config)[0],
+            "template": config["prompt_template"], "placeholder": config["placeholder"],
+            "inversion": config["inversion"], "modules": ["neck", "neck_proj", "neck_fused"]}
+
+
+def _clip_handid_embedding(model, images):
+    """The three BN features of a CLIP-HandID model with its interaction network."""
+    feature, extras = model.feature, model.extras
+    pre, proj = encode_image_pair(model.clip_model.visual, images)
+    prompt = placeholder_prompt(feature["arch"], feature["template"], feature["placeholder"])
+    text = pseudo_word_text(model.clip_model, extras["inversion"], proj, prompt,
+                            feature["inversion"])
+    fused = extras["interaction"](text, proj)
+    return torch.cat([extras["neck"].bn(pre), extras["neck_proj"].bn(proj),
+                      extras["neck_fused"].bn(fused)], dim=1)
 
 
 KNOWN_METHODS["clip_handid"] = "python experiments/train_clip_handid.py --config <train config>"
 MODULE_KINDS["inversion_network"] = InversionNetwork
+MODULE_KINDS["interaction_network"] = InteractionNetwork
+FEATURE_KINDS["clip_handid"] = _clip_handid_embedding

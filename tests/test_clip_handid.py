@@ -252,3 +252,28 @@ def test_bad_settings_are_one_line_errors(make_config, tmp_path, overrides, mess
         return
     with pytest.raises(ConfigError, match=re.escape(message)):
         main(["--config", path])
+
+
+def test_interaction_network_is_per_sample_and_its_feature_evaluates(make_config):
+    config = handid_config(make_config, interaction_network=True, epochs=1)
+    method, initial, final = train_in_process(config)
+    assert changed(initial, final, "extras.interaction.")
+    assert changed(initial, final, "extras.neck_fused.") >= {"extras.neck_fused.fc.weight"}
+    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    model.eval()
+    assert ckpt["feature"]["kind"] == "clip_handid"
+    torch.manual_seed(2)
+    batch, others = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        features = model.features(batch)
+        mixed = model.features(torch.cat([batch[:1], others[1:]]))
+        alone = model.features(batch[:1])
+    assert features.shape == (4, 128 + 64 + 64)
+    # A sample's feature never depends on the rest of its batch.
+    assert torch.allclose(features[0], mixed[0], atol=1e-5)
+    assert torch.allclose(features[0], alone[0], atol=1e-5)
+    with torch.no_grad():
+        pre, proj = make_model.encode_image_pair(model.clip_model.visual, batch)
+    assert torch.allclose(features[:, :128], model.extras["neck"].bn(pre), atol=1e-5)
+    result = run_eval_clip.evaluate_config({**config, "variant": "finetuned", "num_splits": 1})
+    assert result["checkpoint"]["feature"]["kind"] == "clip_handid"
