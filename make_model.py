@@ -12,6 +12,7 @@ training and for evaluation alike.
 """
 import contextlib
 import difflib
+import functools
 import logging
 import os
 import re
@@ -755,9 +756,11 @@ FEATURE_KINDS["clipreid"] = _clipreid_embedding
 # ---------------------------------------------------------------- CLIP-HandID
 # CLIP-HandID (Baisa et al., IPTA 2025) maps each image's projected feature through an
 # inversion network to a pseudo-word that replaces the placeholder of one fixed prompt. Its
-# retrieval feature is the clipreid kind after the BN; the inversion network lives here so
-# that a checkpoint is rebuilt without the trainer.
+# retrieval feature is the clipreid kind after the BN (with the interaction network: the
+# clip_handid kind, which also runs the text tower); its modules live here so that a
+# checkpoint is rebuilt without the trainer.
 
+@functools.lru_cache(maxsize=8)
 def placeholder_prompt(arch, template, placeholder):
     """-> (token ids of `template` [context_length], position of `placeholder` in it);
     ConfigError unless the placeholder is one token that occurs exactly once."""
