@@ -125,7 +125,8 @@ SCHEMA = {
                                    "config)", choices=("clip", "half", "imagenet")),
     # training engine (every method)
     "method": _opt(str, "stage1", "training method that wrote the checkpoint: stage1 "
-                                  "(cross-entropy, text tower frozen) or clipreid (Stage 2)"),
+                                  "(cross-entropy, text tower frozen), clipreid (Stage 2) or "
+                                  "clip_handid (CLIP-HandID)"),
     "sampler": _opt(str, "random", "train batches: random, or pk (batch_size / num_instances "
                                    "identities with num_instances images each)",
                     choices=("random", "pk")),
@@ -179,6 +180,17 @@ SCHEMA = {
     "neck_feat": _opt(str, "before", "Stage-2 retrieval feature: the two image features "
                                      "before or after their BNNeck BN, concatenated",
                       choices=("before", "after")),
+    # CLIP-HandID (method clip_handid; prompt_template holds the placeholder word)
+    "placeholder": _opt(str, "sks", "CLIP-HandID: the word of prompt_template (one token) "
+                                    "whose embedding the image's pseudo-word replaces"),
+    "inversion": _opt(str, "learned", "CLIP-HandID pseudo-word: learned (the paper: the "
+                                      "inversion network's token, trained through the frozen "
+                                      "text tower) or released (the released code: the token's "
+                                      "mean over its dimensions, no gradient)",
+                      choices=("learned", "released")),
+    "interaction_network": _opt(bool, False, "CLIP-HandID: the interaction network (text over "
+                                             "image attention, per sample) with a third head "
+                                             "and a third part of the retrieval feature"),
     # outputs
     "save_path": _opt(str, None, "checkpoint file (default: saved_models/<name>.pth)"),
     "log_path": _opt(str, None, "human log file; metrics and plots go beside it "

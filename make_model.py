@@ -12,6 +12,7 @@ training and for evaluation alike.
 """
 import contextlib
 import difflib
+import functools
 import logging
 import os
 import re
@@ -622,17 +623,24 @@ class PromptLearner(nn.Module):
 
     def forward(self, clip_model, labels):
         """Text features (projected, not normalised) of the identities `labels`."""
-        cast_dtype = clip_model.transformer.get_cast_dtype()
-        tokens = self.tokens.expand(len(labels), -1)
-        x = clip_model.token_embedding(tokens).to(cast_dtype)
-        x = x.index_copy(1, self.positions, self.context[labels].to(cast_dtype))
-        x = x + clip_model.positional_embedding.to(cast_dtype)
-        x = clip_model.ln_final(clip_model.transformer(x, attn_mask=clip_model.attn_mask))
-        x = text_global_pool(x, tokens, clip_model.text_pool_type,
-                             eos_token_id=getattr(clip_model, "text_eos_id", None))
-        if isinstance(clip_model.text_projection, nn.Linear):
-            return clip_model.text_projection(x)
-        return x @ clip_model.text_projection
+        return encode_tokens_with(clip_model, self.tokens.expand(len(labels), -1),
+                                  self.positions, self.context[labels])
+
+
+def encode_tokens_with(clip_model, tokens, positions, inserted):
+    """Text features (projected, not normalised) of the token ids `tokens` [B, context]
+    whose embeddings at `positions` are replaced by `inserted` [B, len(positions), width];
+    gradients flow into `inserted` through the (frozen) text tower."""
+    cast_dtype = clip_model.transformer.get_cast_dtype()
+    x = clip_model.token_embedding(tokens).to(cast_dtype)
+    x = x.index_copy(1, positions, inserted.to(cast_dtype))
+    x = x + clip_model.positional_embedding.to(cast_dtype)
+    x = clip_model.ln_final(clip_model.transformer(x, attn_mask=clip_model.attn_mask))
+    x = text_global_pool(x, tokens, clip_model.text_pool_type,
+                         eos_token_id=getattr(clip_model, "text_eos_id", None))
+    if isinstance(clip_model.text_projection, nn.Linear):
+        return clip_model.text_projection(x)
+    return x @ clip_model.text_projection
 
 
 def _unsupported_encoder(visual):
@@ -743,3 +751,128 @@ def read_prompts(path, identity_names):
 KNOWN_METHODS["clipreid"] = "python experiments/train_stage2_clipreid.py --config <train config>"
 MODULE_KINDS["prompt_learner"] = PromptLearner
 FEATURE_KINDS["clipreid"] = _clipreid_embedding
+
+
+# ---------------------------------------------------------------- CLIP-HandID
+# CLIP-HandID (Baisa et al., IPTA 2025) maps each image's projected feature through an
+# inversion network to a pseudo-word that replaces the placeholder of one fixed prompt. Its
+# retrieval feature is the clipreid kind after the BN (with the interaction network: the
+# clip_handid kind, which also runs the text tower); its modules live here so that a
+# checkpoint is rebuilt without the trainer.
+
+@functools.lru_cache(maxsize=8)
+def placeholder_prompt(arch, template, placeholder):
+    """-> (token ids of `template` [context_length], position of `placeholder` in it);
+    ConfigError unless the placeholder is one token that occurs exactly once."""
+    tokenizer = open_clip.get_tokenizer(arch)
+    word = tokenizer([placeholder])[0]
+    ids = word[(word != 0) & (word != word[0])][:-1]  # without start, end and padding
+    if len(ids) != 1:
+        raise ConfigError(f"placeholder: {placeholder!r} is {len(ids)} tokens for the "
+                          f"{arch} tokenizer; choose a word that is one token, e.g. 'sks'")
+    tokens = tokenizer([template])[0]
+    positions = (tokens == ids[0]).nonzero().flatten()
+    if len(positions) != 1 or tokens[-1] != 0:
+        raise ConfigError(f"prompt_template: {template!r} holds the placeholder {placeholder!r} "
+                          f"{len(positions)} times (as a token, within the context); write it "
+                          f"once as a word, e.g. 'A photo of a {placeholder} hand'")
+    return tokens, positions
+
+
+class InversionNetwork(nn.Module):
+    """Image feature -> one pseudo-word token: (Linear-LayerNorm-GELU-Dropout) twice with a
+    hidden width of 4 x embed_dim, a Linear to the token width and a final LayerNorm."""
+
+    def __init__(self, embed_dim, width, dropout=0.5):
+        super().__init__()
+        hidden = 4 * embed_dim
+        layers = []
+        for fan_in in (embed_dim, hidden):
+            layers += [nn.Linear(fan_in, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                       nn.Dropout(dropout)]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, width), nn.LayerNorm(width))
+
+    def forward(self, features):
+        return self.net(features)
+
+
+class InteractionNetwork(nn.Module):
+    """CLIP-HandID's optional interaction network, per sample: cross-attention of the text
+    feature over the image feature, then self-attention -> Linear -> self-attention ->
+    Linear. Each sample is its own sequence (one token), so a sample's output never depends
+    on the rest of its batch; over one key an attention is its value projection."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self1 = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.fc1 = nn.Linear(dim, dim)
+        self.self2 = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, text, image):
+        query, key = text[:, None], image[:, None].to(text.dtype)
+        x = self.cross(query, key, key, need_weights=False)[0]
+        x = self.fc1(self.self1(x, x, x, need_weights=False)[0])
+        x = self.fc2(self.self2(x, x, x, need_weights=False)[0])
+        return x[:, 0]
+
+
+def pseudo_word_text(clip_model, inversion, image_features, prompt, mode):
+    """CLIP-HandID's text feature per projected image feature. `prompt`: (token ids,
+    placeholder position) of placeholder_prompt; mode learned: the inversion network's token
+    in the placeholder, gradients flowing into it; released: the token's mean over its
+    dimensions in every dimension, without gradient (the released code)."""
+    tokens, positions = (t.to(image_features.device) for t in prompt)
+    tokens = tokens.expand(len(image_features), -1)
+    if mode == "learned":
+        token = inversion(image_features)
+        return encode_tokens_with(clip_model, tokens, positions, token[:, None])
+    with torch.no_grad():
+        token = inversion(image_features)
+        mean = token.mean(dim=1, keepdim=True).expand_as(token)
+        return encode_tokens_with(clip_model, tokens, positions, mean[:, None])
+
+
+def clip_handid_module_specs(config, clip_model, num_classes):
+    """CLIP-HandID's modules: the inversion network and a BNNeck on each image feature;
+    with interaction_network, the interaction network and a third BNNeck on its output."""
+    check_text_tower(clip_model, config)
+    pre_dim, proj_dim = image_pair_dims(clip_model.visual)
+    specs = {"inversion": {"kind": "inversion_network", "embed_dim": int(proj_dim),
+                           "width": clip_model.token_embedding.embedding_dim},
+             "neck": classifier_spec("bnneck", pre_dim, num_classes),
+             "neck_proj": classifier_spec("bnneck", proj_dim, num_classes)}
+    if config["interaction_network"]:
+        specs["interaction"] = {"kind": "interaction_network", "dim": int(proj_dim),
+                                "heads": max(1, int(proj_dim) // 64)}
+        specs["neck_fused"] = classifier_spec("bnneck", proj_dim, num_classes)
+    return specs
+
+
+def clip_handid_feature(config):
+    """The concatenated BN features of both heads (1280-d for ViT-B/16, 3072-d for RN50);
+    with interaction_network also the third head's (the text feature of the prompt)."""
+    if not config["interaction_network"]:
+        return {"kind": "clipreid", "neck_feat": "after", "modules": ["neck", "neck_proj"]}
+    return {"kind": "clip_handid", "arch": resolve_backbone(config)[0],
+            "template": config["prompt_template"], "placeholder": config["placeholder"],
+            "inversion": config["inversion"], "modules": ["neck", "neck_proj", "neck_fused"]}
+
+
+def _clip_handid_embedding(model, images):
+    """The three BN features of a CLIP-HandID model with its interaction network."""
+    feature, extras = model.feature, model.extras
+    pre, proj = encode_image_pair(model.clip_model.visual, images)
+    prompt = placeholder_prompt(feature["arch"], feature["template"], feature["placeholder"])
+    text = pseudo_word_text(model.clip_model, extras["inversion"], proj, prompt,
+                            feature["inversion"])
+    fused = extras["interaction"](text, proj)
+    return torch.cat([extras["neck"].bn(pre), extras["neck_proj"].bn(proj),
+                      extras["neck_fused"].bn(fused)], dim=1)
+
+
+KNOWN_METHODS["clip_handid"] = "python experiments/train_clip_handid.py --config <train config>"
+MODULE_KINDS["inversion_network"] = InversionNetwork
+MODULE_KINDS["interaction_network"] = InteractionNetwork
+FEATURE_KINDS["clip_handid"] = _clip_handid_embedding

@@ -11,14 +11,14 @@ plots land in the config's results_dir). A failing config is reported with a one
 and the rest still run; the exit code is 1 if any failed. With --train, a fine-tuned eval
 config whose checkpoint is missing first runs its train config (eval_X.yml -> train_X.yml in
 the same folder) in a subprocess, with the same --set overrides, through the train script of its
-`method`: experiments/train_stage1_frozen_text.py (stage1) or train_stage2_clipreid.py (clipreid).
+`method`: experiments/train_stage1_frozen_text.py (stage1), train_stage2_clipreid.py (clipreid)
+or train_clip_handid.py (clip_handid).
 Ctrl-C is passed on to a training child: it finishes its epoch and saves (the same command
 then resumes it); a second Ctrl-C stops it at once. A --configs pattern that matches nothing
 is an error. With --seeds (or a config's seeds:), a fine-tuned config is trained and
 evaluated once per seed (save_path, log and results name get _seed<N>) and its row holds
 mean ± std over seeds, the std over seeds x splits and a 95% t interval (result_stats.py).
-The table's method column says baseline, stage1 or clipreid (Stage 2); it is written as
-<out>.md and <out>.csv.
+The table's method column says baseline, stage1, clipreid (Stage 2) or clip_handid; it is written as <out>.md and <out>.csv.
 
 Features are shared across the configs of one invocation: an image is encoded once per model
 (backbone and weights, or checkpoint file; flip rule, precision), so a backbone's baseline on
@@ -44,12 +44,14 @@ from experiments import run_eval_clip
 ROOT = Path(__file__).resolve().parent
 # config `method` -> the script that trains it
 TRAIN_SCRIPTS = {"stage1": ROOT / "experiments/train_stage1_frozen_text.py",
-                 "clipreid": ROOT / "experiments/train_stage2_clipreid.py"}
+                 "clipreid": ROOT / "experiments/train_stage2_clipreid.py",
+                 "clip_handid": ROOT / "experiments/train_clip_handid.py"}
 DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
                    # the default recipe (CLIP-ReID's), not the named _seed/_clipfh recipes
                    "configs/finetuning_stage1_frozen_text/eval_*_[lr].yml",
                    "configs/finetuning_stage1_frozen_text/eval_*_hd.yml",
-                   "configs/finetuning_stage2_clipreid/eval_*.yml"]
+                   "configs/finetuning_stage2_clipreid/eval_*.yml",
+                   "configs/finetuning_clip_handid/eval_*.yml"]
 METRIC_COLUMNS = (("rank1", "rank-1"), ("rank5", "rank-5"), ("rank10", "rank-10"),
                   ("mAP", "mAP"), ("mAP_trapezoid", "mAP (trapezoid)"), ("eer", "EER"),
                   ("tar_at_far_1e-3", "TAR@FAR=1e-3"), ("cllr", "Cllr"))
