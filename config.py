@@ -16,6 +16,11 @@ from pathlib import Path
 
 import yaml
 
+# CPU runs: OpenMP worker threads that spin while they wait take the cores from everything
+# else on a busy machine (a 2-core CPU run was 4x slower). libgomp reads this when torch
+# loads, so every entry point imports config before torch; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ASPECTS = ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l")
 DATASETS = ("11k", "hd", "folder")
 # data_dir of each dataset when the config leaves it out (the prepare scripts' --out default)
@@ -147,6 +152,9 @@ SCHEMA = {
     "save_path": _opt(str, None, "checkpoint file (default: saved_models/<name>.pth)"),
     "log_path": _opt(str, None, "human log file; metrics and plots go beside it "
                                 "(default: logs/<name>.log)"),
+    # live training curves (run_log.py)
+    "tensorboard": _opt(bool, True, "write TensorBoard events of the per-epoch metrics to "
+                                    "<log stem>_tensorboard/ beside the log"),
     # evaluation
     "num_splits": _opt(int, 10, "query/gallery splits to evaluate", low=1),
     "gallery": _opt(str, "all", "11k gallery: all (gallery{i}_all, the published protocol) or "

@@ -26,13 +26,14 @@ import os
 import time
 from dataclasses import dataclass
 
+from config import ConfigError, UserError, dataset_dir, prepare_command  # first: see config
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from build_dataloader import eval_loader, list_split
-from config import ConfigError, UserError, dataset_dir, prepare_command
 from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
                           compute_verification_metrics, rerank_k_reciprocal)
 from runtime import resolve_precision

@@ -22,17 +22,17 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "datasets"))
+# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from config import (UserError, atomic_write, load_config, make_parser,  # noqa: E402
+                    run_cli)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import evaluation  # noqa: E402
 import split_protocol  # noqa: E402  (its image check, shared with the prepare scripts)
 from build_dataloader import IMAGE_SUFFIXES, eval_loader  # noqa: E402
-from config import (UserError, atomic_write, load_config, make_parser,  # noqa: E402
-                    run_cli)
 from experiments.run_eval_clip import load_model  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 from make_model import preprocess_spec  # noqa: E402

@@ -22,12 +22,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
 from config import (UserError, atomic_write, atomic_write_text, load_config,  # noqa: E402
                     make_parser, run_cli)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from experiments import extract_features as fx  # noqa: E402
 from experiments.run_eval_clip import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR,  # noqa: E402
                                        keep_previous, save_ranking_grid)
