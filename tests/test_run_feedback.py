@@ -68,3 +68,21 @@ def first_heavy_import(path):
 def test_every_entry_script_loads_config_before_torch():
     for script in [*(ROOT / "experiments").glob("*.py"), ROOT / "run_all_finetuned_stage1.py"]:
         assert first_heavy_import(script) == "config", script.name
+
+
+def test_an_override_of_what_the_run_is_gets_its_own_names():
+    from config import load_config
+    for config in ("configs/finetuning_stage1_frozen_text/train_vitb16_hd.yml",
+                   "configs/finetuning_stage2_clipreid/train_vitb16_11k_dorsal_r.yml"):
+        own = load_config(ROOT / config)
+        tiny = load_config(ROOT / config, ["model=tiny"])
+        assert tiny["save_path"] != own["save_path"] and tiny["log_path"] != own["log_path"]
+        assert tiny["name"] != own["name"]
+        # the eval twin of the same override finds the same checkpoint
+        twin = load_config(ROOT / config.replace("/train_", "/eval_"), ["model=tiny"])
+        assert twin["save_path"] == tiny["save_path"]
+        explicit = load_config(ROOT / config, ["model=tiny", "save_path=x.pth"])
+        assert explicit["save_path"] == "x.pth"
+    hd = "configs/finetuning_stage1_frozen_text/train_vitb16_hd.yml"
+    mine = load_config(ROOT / hd, ["dataset=folder", "data_dir=datasets/my_hands"])
+    assert mine["save_path"] != load_config(ROOT / hd)["save_path"]
