@@ -16,6 +16,11 @@ from pathlib import Path
 
 import yaml
 
+# CPU runs: OpenMP worker threads that spin while they wait take the cores from everything
+# else on a busy machine (a 2-core CPU run was 4x slower). libgomp reads this when torch
+# loads, so every entry point imports config before torch; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ASPECTS = ("dorsal_r", "dorsal_l", "palmar_r", "palmar_l")
 DATASETS = ("11k", "hd", "folder")
 # data_dir of each dataset when the config leaves it out (the prepare scripts' --out default)
@@ -195,6 +200,9 @@ SCHEMA = {
     "save_path": _opt(str, None, "checkpoint file (default: saved_models/<name>.pth)"),
     "log_path": _opt(str, None, "human log file; metrics and plots go beside it "
                                 "(default: logs/<name>.log)"),
+    # live training curves (run_log.py)
+    "tensorboard": _opt(bool, True, "write TensorBoard events of the per-epoch metrics to "
+                                    "<log stem>_tensorboard/ beside the log"),
     # evaluation
     "num_splits": _opt(int, 10, "query/gallery splits to evaluate", low=1),
     "gallery": _opt(str, "all", "11k gallery: all (gallery{i}_all, the published protocol) or "
@@ -326,6 +334,8 @@ def load_config(path=None, overrides=()):
             if key not in SCHEMA:
                 raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key)}")
             config[key] = _check_value(key, value, where)
+    _rename_overridden_run(config, dict(sources[0][1]) if path is not None else {},
+                           {key for key, _ in sources[-1][1]})
     if config["name"] is None:
         config["name"] = Path(path).stem if path is not None else "experiment"
     if config["data_dir"] is None:
@@ -335,6 +345,30 @@ def load_config(path=None, overrides=()):
     if config["log_path"] is None:
         config["log_path"] = f"logs/{config['name']}.log"
     return config
+
+
+# Keys that say which run a config is: a --set that changes one makes another run.
+RUN_IDENTITY_KEYS = ("method", "model", "dataset", "data_dir", "aspect")
+
+
+def _rename_overridden_run(config, from_file, set_keys):
+    """A --set of a RUN_IDENTITY_KEYS key makes another run than the file's: its name,
+    save_path and log_path (where the file names them and --set does not) get a suffix saying
+    what changed, so it never shares (or is refused as) the file's own run. The same --set on
+    the train and the eval config gives both the same names."""
+    changed = [key for key in RUN_IDENTITY_KEYS
+               if key in set_keys and config[key] != from_file.get(key, SCHEMA[key]["default"])]
+    if not changed:
+        return
+    def slug(value):  # a data_dir counts by its folder name
+        return "".join(c if c.isalnum() or c in ".-" else "-" for c in Path(str(value)).name)
+    suffix = "__" + "_".join(f"{key}-{slug(config[key])}" for key in changed)
+    for key in ("name", "save_path", "log_path"):
+        if key in set_keys or key not in from_file or config[key] is None:
+            continue
+        value = Path(config[key])
+        config[key] = str(value.with_name(value.stem + suffix + value.suffix)) \
+            if key != "name" else config[key] + suffix
 
 
 def dataset_dir(config):

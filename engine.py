@@ -24,7 +24,10 @@ Files a run writes (every write atomic: a kill mid-write leaves the previous fil
                                save_path is refused, naming the first.
   log_path                     human log, appended across runs and resumes
   <log stem>_metrics.jsonl     one JSON line per epoch (see METRIC_DOCS in README)
-  <log stem>_curve.png         loss terms, accuracy and selection signals per epoch
+  <log stem>_curve.png         loss terms, accuracy and selection signals per epoch, the
+                               selected epoch and phase starts marked; rewritten at every save
+                               point and at the end
+  <log stem>_tensorboard/      TensorBoard events of the same per-epoch metrics (tensorboard:)
 
 Work lost to a kill -9 is at most `save_every` epochs or `save_every_minutes` minutes (plus the
 epoch running then). The first Ctrl-C or SIGTERM lets the running epoch finish, writes the
@@ -45,6 +48,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -57,7 +61,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from matplotlib.figure import Figure
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -69,6 +72,7 @@ from build_dataloader import (device_augment, get_train_val_loaders, set_loader_
 from config import (SCHEMA, ConfigError, UserError, atomic_write, atomic_write_text,
                     make_parser)
 from reid_metrics import compute_reid_metrics
+from run_log import TensorBoardLog, plot_curves
 from runtime import (PRECISION_NAMES, autocast, check_not_running, configure_backends,
                      epoch_seed, init_distributed, is_main_process, rank_and_world,
                      resolve_precision, run_lock, seed_everything)
@@ -81,7 +85,7 @@ NON_TRAINING_KEYS = {"name", "data_dir", "num_workers", "cache_images", "device"
                      "log_path", "variant", "num_splits", "gallery", "flip", "ap_mode",
                      "max_rank", "eval_batch_size", "results_dir", "plots", "plot_queries",
                      "save_every", "save_every_minutes", "open_set", "rerank", "rerank_k1",
-                     "rerank_k2", "rerank_lambda", "seeds",
+                     "rerank_k2", "rerank_lambda", "seeds", "tensorboard",
                      "likelihood_ratio", "lr_calibrator", "calibration_data"}
 # Parameter names (split at '.' and '_') that get no weight decay even when not 1-D.
 NO_DECAY_NAME = re.compile(r"(^|[._])(bias|norm|ln|bn|positional|\w*embedding)\w*", re.I)
@@ -202,6 +206,25 @@ def epoch_lr_factor(t, phase):
         cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / phase.epochs)))
         return phase.min_lr_factor + (1.0 - phase.min_lr_factor) * cosine
     return phase.lr_gamma ** sum(t >= milestone for milestone in phase.lr_steps)
+
+
+def schedule_warnings(phases):
+    """Schedules that cannot do what they say: a warmup as long as the phase (the lr never
+    reaches its set value) or a step that lies beyond the phase's last epoch. -> [str]."""
+    found = []
+    for phase in phases:
+        where = f"phase {phase.name}: " if len(phases) > 1 else ""
+        if phase.epochs and phase.warmup_epochs >= phase.epochs:
+            found.append(f"{where}warmup of {phase.warmup_epochs} epochs >= the "
+                         f"{phase.epochs} training epochs: the lr never reaches its set value "
+                         f"(it peaks at {lr_factor(phase.epochs - 1, 1, phase):.3g} x lr); "
+                         f"lower the warmup or train longer")
+        late = [m for m in phase.lr_steps if m >= phase.epochs]
+        if phase.scheduler == "step" and late:
+            found.append(f"{where}lr step(s) at epoch {', '.join(map(str, late))} lie beyond "
+                         f"the last epoch ({phase.epochs}) and never apply; move them "
+                         f"below it")
+    return found
 
 
 # ---------------------------------------------------------------- methods
@@ -414,6 +437,7 @@ class Engine:
         self.last_save = time.monotonic()
         self.frozen_digest = _digest(self._frozen_state())
         self.optimizer = self.scheduler = self.net = None
+        self.tensorboard = None
 
     # ------------------------------------------------------------ public
 
@@ -427,6 +451,9 @@ class Engine:
                 state = read_resume_state(self.config, self.overwrite)
                 self._restore(state)
                 self._log_start()
+                if self.is_main and self.config["tensorboard"]:
+                    self.tensorboard = TensorBoardLog(self.config["log_path"],
+                                                      self.epochs_done + 1)
                 first = 0
                 for index, phase in enumerate(self.phases):
                     if self.epochs_done < first + phase.epochs and not self.stopped_early:
@@ -450,6 +477,8 @@ class Engine:
             raise
         finally:
             restore_signals()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             for handler in handlers:
                 log.removeHandler(handler)
                 handler.close()
@@ -519,6 +548,8 @@ class Engine:
             atomic_write_text(metrics_path(self.config),
                               "".join(json.dumps(r) + "\n" for r in self.history))
             self._log_epoch(phase, row, epoch_in_phase)
+            if self.tensorboard is not None:
+                self.tensorboard.add(row)
         self.epochs_done = epoch
         if self.distributed:
             dist.barrier()  # no rank starts the next epoch before the files are written
@@ -676,7 +707,8 @@ class Engine:
         return value >= best if HIGHER_IS_BETTER[self.selection] else value <= best
 
     def _end_epoch(self, phase, row, signals, stop):
-        """Rank 0: model selection and save points. -> seconds spent writing."""
+        """Rank 0: model selection and save points. -> seconds spent writing files (0 when
+        nothing was written)."""
         epoch = row["epoch"]
         row["best"] = False
         if phase.selects and self._improves(signals):
@@ -692,13 +724,15 @@ class Engine:
         save_point = (stop or last or epoch % self.config["save_every"] == 0
                       or (self.config["save_every_minutes"] > 0 and time.monotonic()
                           - self.last_save >= 60 * self.config["save_every_minutes"]))
+        if not save_point:
+            if self.best_unsaved == "live":
+                # Keep the best epoch's trained weights until the next save point writes them.
+                self.best_unsaved = {k: v.detach().to("cpu", copy=True)
+                                     for k, v in self._trained_state().items()}
+            return 0.0
         started = time.perf_counter()
-        if save_point:
-            self._save(epoch, finished=last)
-        elif self.best_unsaved == "live":
-            # Keep the best epoch's trained weights until the next save point writes them.
-            self.best_unsaved = {k: v.detach().to("cpu", copy=True)
-                                 for k, v in self._trained_state().items()}
+        self._save(epoch, finished=last)
+        atomic_write(curve_path(self.config), self._plot_curves)
         return time.perf_counter() - started
 
     def _early_stop(self, epoch):
@@ -737,7 +771,7 @@ class Engine:
                 **self.best["signals"]}
 
     def _finish(self):
-        atomic_write(curve_path(self.config), self._plot_curves)
+        # The last epoch is a save point: the checkpoint and the curve are on disk.
         if self.stopped_early:
             log.info(self.stopped_early)
         log.info(f"done: best {self._best_text()}; checkpoint {self.config['save_path']}; "
@@ -894,6 +928,11 @@ class Engine:
                  f"identities, {len(self.train_loader)} steps per epoch per process; phases: "
                  f"{phases}; selection: {self.selection or 'last epoch (no val/)'}; "
                  f"never trained (not in resume states): {frozen} values")
+        for warning in schedule_warnings(self.phases):
+            log.warning(warning)
+        if self.device.type == "cpu":
+            log.info(f"CPU: {torch.get_num_threads()} threads, OMP_WAIT_POLICY "
+                     f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
     def _best_text(self):
         best = self.best
@@ -922,40 +961,13 @@ class Engine:
             parts.append(f"(best {self._best_text()})")
         parts.append(f"lr {row['lr']:.3e}  {row['images_per_s']:.1f} img/s  data "
                      f"{100 * row['data_time_fraction']:.0f}%  {row['epoch_time']:.1f} s")
-        if row["checkpoint_seconds"] > 0.001:
+        if row["checkpoint_seconds"] > 0:
             parts.append(f"saved in {row['checkpoint_seconds']:.2f} s")
         log.info("  ".join(parts) + ("  * best" if row["best"] else ""))
 
     def _plot_curves(self, handle):
-        epochs = [row["epoch"] for row in self.history]
-        figure = Figure(figsize=(15, 4))
-        loss_axes, acc_axes, val_axes = figure.subplots(1, 3)
-        terms = [k for k in self.history[-1] if k.startswith("loss_")] if self.history else []
-        loss_axes.plot(epochs, [row["train_loss"] for row in self.history], marker="o",
-                       label="total")
-        for term in terms if len(terms) > 1 else []:
-            loss_axes.plot(epochs, [row.get(term) for row in self.history], marker=".",
-                           label=term[5:])
-        loss_axes.set(xlabel="epoch", ylabel="loss", title="training loss")
-        loss_axes.legend()
-        for key, label in (("train_acc", "train"), ("val_acc", "val")):
-            if any(row.get(key) is not None for row in self.history):
-                acc_axes.plot(epochs, [row.get(key) for row in self.history], marker="o",
-                              label=label)
-        acc_axes.set(xlabel="epoch", ylabel="top-1 accuracy (%)", ylim=(0, 100),
-                     title="identity accuracy")
-        acc_axes.legend()
-        for key, label in (("val_loss", "val loss"), ("val_map", "val mAP (%)")):
-            if any(row.get(key) is not None for row in self.history):
-                val_axes.plot(epochs, [row.get(key) for row in self.history], marker="o",
-                              label=label)
-        val_axes.set(xlabel="epoch", title=f"selection signals (selection: "
-                                           f"{self.selection or 'last epoch'})")
-        if val_axes.lines:
-            val_axes.legend()
-        figure.suptitle(self.config["name"])
-        figure.tight_layout()
-        figure.savefig(handle, format="png", dpi=100)
+        plot_curves(handle, self.history, self.phases, self.best["epoch"], self.selection,
+                    self.config["name"])
 
     def _is_resnet(self):
         return not hasattr(self.model.clip_model.visual, "transformer")

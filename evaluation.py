@@ -27,6 +27,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from config import ConfigError, UserError, dataset_dir, prepare_command  # first: see config
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,6 @@ from tqdm import tqdm
 
 import likelihood_ratio
 from build_dataloader import eval_loader, list_split
-from config import ConfigError, UserError, dataset_dir, prepare_command
 from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
                           compute_verification_metrics, rerank_k_reciprocal)
 from runtime import resolve_precision

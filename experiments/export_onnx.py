@@ -20,12 +20,12 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluation  # noqa: E402
+# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
 from config import UserError, atomic_write, load_config, make_parser, run_cli  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+import evaluation  # noqa: E402
 from experiments import extract_features as fx  # noqa: E402
 from feature_encoder import describe_model, load_model  # noqa: E402
 from make_model import preprocess_spec  # noqa: E402

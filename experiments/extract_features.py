@@ -21,15 +21,15 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "datasets"))
-import split_protocol  # noqa: E402  (its image check, shared with the prepare scripts)
-from build_dataloader import IMAGE_SUFFIXES  # noqa: E402
+# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
 from config import (UserError, atomic_write, load_config, make_parser,  # noqa: E402
                     run_cli)
+import numpy as np  # noqa: E402
+import split_protocol  # noqa: E402  (its image check, shared with the prepare scripts)
+from build_dataloader import IMAGE_SUFFIXES  # noqa: E402
 from feature_encoder import Encoder  # noqa: E402
 
 EXPORT_COMMAND = "python experiments/extract_features.py --config <eval config>"

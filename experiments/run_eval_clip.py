@@ -29,14 +29,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from config import atomic_write, atomic_write_json, load_config, make_parser, run_cli  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import evaluation  # noqa: E402
 import likelihood_ratio  # noqa: E402
 from feature_encoder import load_model  # noqa: E402
-from config import atomic_write, atomic_write_json, load_config, make_parser, run_cli  # noqa: E402
 from reid_metrics import genuine_impostor_scores  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 

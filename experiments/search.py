@@ -27,12 +27,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import likelihood_ratio  # noqa: E402
+# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
 from config import (UserError, atomic_write, atomic_write_text, load_config,  # noqa: E402
                     make_parser, run_cli)
+import numpy as np  # noqa: E402
+import likelihood_ratio  # noqa: E402
 from experiments import extract_features as fx  # noqa: E402
 from gallery_search import DEFAULT_CHUNK_SIZE, check_chunk_size, top_k  # noqa: E402
 from experiments.run_eval_clip import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR,  # noqa: E402

@@ -1,0 +1,88 @@
+"""What a run tells its user while it runs: the CPU wait policy, schedule warnings, the
+curves and the TensorBoard events (run_log.py)."""
+import ast
+import os
+import subprocess
+import sys
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import DEMO_TRAIN_CONFIG, ROOT
+
+TRAIN = ROOT / "experiments/train_stage1_frozen_text.py"
+
+
+def train(data_dir, tmp_path, *sets, env=None):
+    args = {"data_dir": data_dir, "save_path": tmp_path / "m.pth",
+            "log_path": tmp_path / "logs/run.log", "num_workers": 0, "epochs": 2,
+            "warmup_epochs": 1, "save_every": 1}
+    args.update(dict(s.split("=", 1) for s in sets))
+    command = [sys.executable, str(TRAIN), "--config", str(DEMO_TRAIN_CONFIG)]
+    for key, value in args.items():
+        command += ["--set", f"{key}={value}"]
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    environment.update(env or {})
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_a_cpu_run_waits_passively_writes_tensorboard_and_warns_of_a_long_warmup(
+        prepared_11k, tmp_path):
+    proc = train(prepared_11k, tmp_path, "warmup_epochs=2")
+    assert "OMP_WAIT_POLICY PASSIVE" in proc.stderr
+    assert "warmup of 2 epochs >= the 2 training epochs" in proc.stderr
+    events = EventAccumulator(str(tmp_path / "logs/run_tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("loss/total", "loss/ce", "lr", "speed/images_per_s", "val/loss"):
+        assert tag in tags, tags
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2]
+    assert (tmp_path / "logs/run_curve.png").stat().st_size > 0
+
+
+def test_a_wait_policy_the_user_set_is_kept_and_tensorboard_can_be_off(prepared_11k, tmp_path):
+    proc = train(prepared_11k, tmp_path, "epochs=1", "warmup_epochs=0", "tensorboard=false",
+                 env={"OMP_WAIT_POLICY": "ACTIVE"})
+    assert "OMP_WAIT_POLICY ACTIVE" in proc.stderr
+    assert "warmup of" not in proc.stderr
+    assert not (tmp_path / "logs/run_tensorboard").exists()
+
+
+def first_heavy_import(path):
+    """The first module a file imports that is not the standard library (followed into the
+    project's own modules): config must come before torch for OMP_WAIT_POLICY to apply."""
+    for node in ast.parse(path.read_text()).body:
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        for name in names:
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names:
+                continue
+            own = ROOT / f"{name.replace('.', '/')}.py"
+            return first_heavy_import(own) if own.is_file() and top != "config" else top
+    return None
+
+
+def test_every_entry_script_loads_config_before_torch():
+    for script in [*(ROOT / "experiments").glob("*.py"), ROOT / "run_all_finetuned_stage1.py"]:
+        assert first_heavy_import(script) == "config", script.name
+
+
+def test_an_override_of_what_the_run_is_gets_its_own_names():
+    from config import load_config
+    for config in ("configs/finetuning_stage1_frozen_text/train_vitb16_hd.yml",
+                   "configs/finetuning_stage2_clipreid/train_vitb16_11k_dorsal_r.yml"):
+        own = load_config(ROOT / config)
+        tiny = load_config(ROOT / config, ["model=tiny"])
+        assert tiny["save_path"] != own["save_path"] and tiny["log_path"] != own["log_path"]
+        assert tiny["name"] != own["name"]
+        # the eval twin of the same override finds the same checkpoint
+        twin = load_config(ROOT / config.replace("/train_", "/eval_"), ["model=tiny"])
+        assert twin["save_path"] == tiny["save_path"]
+        explicit = load_config(ROOT / config, ["model=tiny", "save_path=x.pth"])
+        assert explicit["save_path"] == "x.pth"
+    hd = "configs/finetuning_stage1_frozen_text/train_vitb16_hd.yml"
+    mine = load_config(ROOT / hd, ["dataset=folder", "data_dir=datasets/my_hands"])
+    assert mine["save_path"] != load_config(ROOT / hd)["save_path"]
