@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import result_stats  # noqa: E402
+# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
 from config import ArgumentParser, UserError, atomic_write_text, run_cli  # noqa: E402
+import result_stats  # noqa: E402
 
 
 def read_result(path):
