@@ -25,6 +25,13 @@ def run_script(script, *args, cwd=ROOT, check=True, timeout=600, env=None):
     return proc
 
 
+def results_json(results_dir, config_path, sets):
+    """The results JSON run_eval_clip writes for `config_path` with `--set` arguments `sets`
+    (["--set", "key=value", ...]): named after the resolved config's name and variant."""
+    config = load_config(config_path, [value for value in sets if value != "--set"])
+    return Path(results_dir) / f"{config['name']}_{config['variant']}.json"
+
+
 def make_synthetic(tmp_path_factory, raw_format):
     """A small synthetic raw dataset (few subjects, 160x120 images) in 11k or HD format."""
     out = tmp_path_factory.mktemp(f"raw_{raw_format}")

@@ -11,7 +11,7 @@ import likelihood_ratio
 import make_model
 from build_dataloader import list_split
 from config import UserError, load_config, run_cli
-from conftest import DEMO_TRAIN_CONFIG, run_script
+from conftest import DEMO_TRAIN_CONFIG, results_json, run_script
 from experiments import calibrate, compare, run_eval_clip, search
 
 EVAL_CONFIG = "configs/demo/eval_tiny_11k_dorsal_r.yml"
@@ -141,7 +141,7 @@ def printed_llr(text):
 def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path, capsys):
     sets, work = trained
     ok(run_eval_clip, capsys, "--config", EVAL_CONFIG, *sets, "--set", "likelihood_ratio=true")
-    result = json.loads((work / "results/demo_tiny_11k_dorsal_r_finetuned.json").read_text())
+    result = json.loads(results_json(work / "results", EVAL_CONFIG, sets).read_text())
     mean, std = result["mean"], result["std"]
     assert mean["cllr"] < 1 and mean["misleading_same"] < 50
     assert mean["misleading_different"] < 50 and std["cllr"] is not None
@@ -150,7 +150,8 @@ def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path
         for fold in row["lr_folds"]:
             assert not set(fold["calibration_persons"]) & set(fold["reported_persons"])
         assert np.isfinite([row["max_log10_lr"], row["min_log10_lr"]]).all()
-    assert (work / "results/demo_tiny_11k_dorsal_r_finetuned_lr.png").stat().st_size > 10000
+    plot = results_json(work / "results", EVAL_CONFIG, sets).with_suffix("")
+    assert plot.with_name(plot.name + "_lr.png").stat().st_size > 10000
     header = (work / "results/results.csv").read_text().splitlines()[0].split(",")
     assert {"cllr", "cllr_std", "misleading_same", "max_log10_lr"} <= set(header)
 
@@ -231,7 +232,7 @@ def test_calibration_data_calibrates_the_evaluation(trained, prepared_11k, tmp_p
                        "--set", "likelihood_ratio=true", "--set", f"calibration_data={data}",
                        "--set", f"results_dir={results}", "--set", "plots=false")
     assert code == 0 and "warning" not in err, err
-    result = json.loads((results / "demo_tiny_11k_dorsal_r_finetuned.json").read_text())
+    result = json.loads(results_json(results, EVAL_CONFIG, sets).read_text())
     calibration = result["likelihood_ratio"]["calibration"]
     assert str(data) in calibration["data"] and calibration["persons"] == 5
     assert result["per_split"][0]["lr_folds"] is None

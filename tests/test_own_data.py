@@ -16,7 +16,7 @@ import evaluation
 import run_all_finetuned_stage1
 from build_dataloader import decode_image
 from config import ConfigError, UserError, load_config
-from conftest import DEMO_TRAIN_CONFIG, ROOT, run_script
+from conftest import DEMO_TRAIN_CONFIG, ROOT, results_json, run_script
 from experiments import export_onnx, extract_features, search
 from experiments.run_eval_clip import load_model
 
@@ -163,7 +163,7 @@ def test_training_evaluation_and_run_all_work_with_a_folder_dataset(own_override
                        "--out", work / "summary")
     table = (work / "summary.md").read_text()
     assert "| folder | finetuned | sum | no | 2 |" in table, printed
-    result = json.loads((work / "results/demo_tiny_11k_dorsal_r_finetuned.json").read_text())
+    result = json.loads(results_json(work / "results", EVAL_CONFIG, sets).read_text())
     assert result["dataset"] == "folder" and result["gallery"] == "gallery{i}"
 
 
