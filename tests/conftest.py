@@ -3,6 +3,7 @@ prepared by the project's own prepare scripts, and configs pointing at them."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,23 @@ def run_torchrun(script, config_file, processes=2):
                           env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def kill_when(script, config_file, condition, what):
+    """Start `script --config config_file` (training) in a subprocess, SIGKILL it as soon as
+    `condition()` holds."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--config", config_file],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ONE_THREAD)
+    deadline = time.monotonic() + 120
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before {what}:\n"
+                                 f"{proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate(timeout=60)
 
 
 def write_config(config, path):

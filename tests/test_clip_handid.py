@@ -4,9 +4,6 @@ run_all with all four methods, exact resume after kill -9, torchrun on gloo, and
 import csv
 import json
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +14,7 @@ import make_model
 import run_all_finetuned_stage1
 from build_dataloader import get_train_val_loaders
 from config import ConfigError, UserError, load_config
-from conftest import ONE_THREAD, ROOT, run_script, run_torchrun, write_config
+from conftest import ROOT, kill_when, run_script, run_torchrun, write_config
 from engine import Engine, lr_factor, metrics_path, resume_path
 from experiments import run_eval_clip
 from experiments.train_clip_handid import main
@@ -187,29 +184,13 @@ def test_run_all_trains_it_and_tables_all_four_methods(make_config, tmp_path, ca
             run_eval_clip.evaluate_config(wrong)
 
 
-def kill_when(config_file, condition, what):
-    """Start training in a subprocess, SIGKILL it as soon as `condition()` holds."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / TRAIN), "--config", config_file],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ONE_THREAD)
-    deadline = time.monotonic() + 120
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited ({proc.returncode}) before {what}:\n"
-                                 f"{proc.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-    proc.kill()
-    proc.communicate(timeout=60)
-
-
 def test_kill_9_resumes_bit_identically(make_config, tmp_path):
     reference = handid_config(make_config, epochs=4, save_path=str(tmp_path / "ref/m.pth"),
                               log_path=str(tmp_path / "ref/train.log"))
     main(["--config", write_config(reference, tmp_path / "ref.yml")])
     config = handid_config(make_config, epochs=4)
     config_file = write_config(config, tmp_path / "run.yml")
-    kill_when(config_file, lambda: metric_lines(config) >= 1, "an epoch")
+    kill_when(TRAIN, config_file, lambda: metric_lines(config) >= 1, "an epoch")
     state = torch.load(resume_path(config), weights_only=True)
     assert 1 <= state["epoch"] < 4 and not state["finished"]
     main(["--config", config_file])

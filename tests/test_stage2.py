@@ -5,9 +5,6 @@ methods, and bad input."""
 import csv
 import json
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from open_clip.modified_resnet import ModifiedResNet
 import make_model
 from build_dataloader import get_train_val_loaders
 from config import ConfigError, UserError, load_config
-from conftest import ONE_THREAD, ROOT, run_script, run_torchrun, write_config
+from conftest import ROOT, kill_when, run_script, run_torchrun, write_config
 from engine import Engine, metrics_path, resume_path
 import run_all_finetuned_stage1
 from experiments import run_eval_clip
@@ -191,22 +188,6 @@ def metric_lines(config):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def kill_when(config_file, condition, what):
-    """Start training in a subprocess, SIGKILL it as soon as `condition()` holds."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / TRAIN), "--config", config_file],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ONE_THREAD)
-    deadline = time.monotonic() + 120
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited ({proc.returncode}) before {what}:\n"
-                                 f"{proc.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-    proc.kill()
-    proc.communicate(timeout=60)
-
-
 def test_kill_9_in_each_phase_resumes_bit_identically(make_config, tmp_path):
     # Under the shipped recipe's CLIP-ReID mechanisms (per-epoch lr, bias lr x2, decay on all
     # tensors, classifier init, pixel erasing, the last epoch kept, three triplet features).
@@ -219,10 +200,10 @@ def test_kill_9_in_each_phase_resumes_bit_identically(make_config, tmp_path):
 
     config = stage2_config(make_config, tmp_path, **settings)
     config_file = write_config(config, tmp_path / "run.yml")
-    kill_when(config_file, lambda: metric_lines(config) >= 1, "a phase-1 epoch")
+    kill_when(TRAIN, config_file, lambda: metric_lines(config) >= 1, "a phase-1 epoch")
     state = torch.load(resume_path(config), weights_only=True)
     assert state["phase"] == 0 and 1 <= state["epoch"] < 4, "killed outside phase 1"
-    kill_when(config_file, lambda: metric_lines(config) >= 5, "a phase-2 epoch")
+    kill_when(TRAIN, config_file, lambda: metric_lines(config) >= 5, "a phase-2 epoch")
     state = torch.load(resume_path(config), weights_only=True)
     assert state["phase"] == 1 and 5 <= state["epoch"] < 7 and not state["finished"]
 
