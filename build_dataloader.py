@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from config import ConfigError, UserError, dataset_dir, prepare_command
+from config import dataset_dir, prepare_command
+from errors import ConfigError, UserError
 from make_model import preprocess_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")

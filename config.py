@@ -1,20 +1,17 @@
-"""Config schema, YAML loading with validation and `--set` overrides, and the CLI plumbing
-every script shares: one-line errors with a non-zero exit code, atomic file writes.
+"""Config schema, YAML loading with validation and `--set` overrides, and the argument parser
+every script shares (--config, --set; its errors are ConfigErrors).
 
 All experiments read one flat dict. Keys, types, defaults and allowed values live in SCHEMA;
 README.md documents them. A bad key, type or value raises ConfigError (exit code 2).
 """
 import argparse
 import difflib
-import errno
-import json
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from errors import ConfigError
 
 # CPU runs: OpenMP worker threads that spin while they wait take the cores from everything
 # else on a busy machine (a 2-core CPU run was 4x slower). libgomp reads this when torch
@@ -26,19 +23,6 @@ DATASETS = ("11k", "hd", "folder")
 # data_dir of each dataset when the config leaves it out (the prepare scripts' --out default)
 DEFAULT_DATA_DIRS = {"11k": "datasets/11khands", "hd": "datasets/HD", "folder": "datasets/folder"}
 PREPARE_SCRIPTS = {"11k": "prepare_11k.py", "hd": "prepare_hd.py", "folder": "prepare_folder.py"}
-
-
-class UserError(Exception):
-    """Bad input the user can fix (missing data, corrupt file, wrong checkpoint).
-
-    The message is one line naming the problem and the fix; scripts exit with `exit_code`.
-    """
-    exit_code = 1
-
-
-class ConfigError(UserError):
-    """A bad config file, key, type, value or command-line argument."""
-    exit_code = 2
 
 
 def _opt(kind, default, help, choices=None, low=None, nullable=False, aliases=None):
@@ -403,105 +387,3 @@ def make_parser(description, default_config=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key; repeatable")
     return parser
-
-
-# errno values of a write that failed for lack of room or permission to write.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}
-
-
-def run_cli(main):
-    """Run main(); a UserError, or a write that failed for lack of space or permission
-    anywhere in the script (e.g. linking a prepared dataset), becomes one line on stderr and a
-    non-zero exit code, no traceback."""
-    try:
-        result = main()
-    except OSError as err:
-        if err.errno not in WRITE_ERRNOS:
-            raise
-        print(f"error: {write_error(err.filename or 'a file', err)}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(result or 0)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class _WriteRecorder:
-    """A binary file wrapper that remembers the OSError of a failed write: torch.save turns it
-    into a RuntimeError ('unexpected pos ...') that no longer says the disk is full."""
-
-    def __init__(self, handle):
-        self.handle, self.error = handle, None
-
-    def write(self, data):
-        try:
-            return self.handle.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def __getattr__(self, name):  # seek, tell, read, ...: the file's own
-        return getattr(self.handle, name)
-
-
-def write_error(path, err):
-    """UserError for a failed write of `path`: the reason, the free space, the fix."""
-    folder = Path(path).parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        free = f"{shutil.disk_usage(folder).free / 2 ** 30:.2f} GiB free on {folder}"
-    except OSError:
-        free = "free space unknown"
-    reason = err.strerror or str(err) if isinstance(err, OSError) else str(err)
-    return UserError(f"cannot write {path}: {reason} ({free}); free space or write to "
-                     f"another folder or disk; the previous complete file, if any, is intact")
-
-
-def atomic_write(path, write):
-    """Call write(binary_file) on a temp file in the same folder, then rename it over `path`:
-    a kill mid-write never leaves a partial file. torch.save(obj, f) is a valid `write`.
-    A failed write (disk full, quota, read-only or missing folder) is a UserError naming the
-    file and the free space; the previous file stays as it was."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            recorder = _WriteRecorder(handle)
-            try:
-                write(recorder)
-            except RuntimeError:
-                if recorder.error is None:
-                    raise
-                raise recorder.error from None
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise write_error(path, err) from None
-    except BaseException:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text):
-    atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -69,8 +69,9 @@ import losses
 import make_model
 from build_dataloader import (device_augment, get_train_val_loaders, set_loader_epoch,
                               train_gallery_loader)
-from config import (SCHEMA, ConfigError, UserError, atomic_write, atomic_write_text,
-                    make_parser)
+from config import make_parser, SCHEMA
+from errors import ConfigError, UserError
+from atomic_files import atomic_write, atomic_write_text
 from reid_metrics import compute_reid_metrics
 from run_log import TensorBoardLog, plot_curves
 from runtime import (PRECISION_NAMES, autocast, check_not_running, configure_backends,

@@ -27,7 +27,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from config import ConfigError, UserError, dataset_dir, prepare_command  # first: see config
+from config import dataset_dir, prepare_command
+from errors import ConfigError, UserError
 
 import numpy as np
 import torch

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import losses
 import make_model
 from build_dataloader import train_gallery_loader
-from config import ConfigError
+from errors import ConfigError
 from engine import Method, Phase, config_groups, decay_groups
 from runtime import rank_and_world
 

@@ -16,7 +16,7 @@ keys) plus queries x k x 16 bytes, independent of the gallery size.
 """
 import torch
 
-from config import UserError
+from errors import UserError
 
 DEFAULT_CHUNK_SIZE = 16384
 _LOW = (1 << 32) - 1

@@ -33,7 +33,8 @@ from lir.algorithms.kde import KDECalibrator
 from lir.algorithms.logistic_regression import LogitCalibrator
 from lir.data.models import LLRData
 
-from config import UserError, atomic_write
+from errors import UserError
+from atomic_files import atomic_write
 
 # logistic: lir's LogitCalibrator (scikit-learn's class-balanced LogisticRegression, its
 # default L2 penalty C=1), solved by Newton steps: the same optimum as the default lbfgs, in

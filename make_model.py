@@ -28,7 +28,8 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
-from config import ConfigError, UserError, atomic_write
+from errors import ConfigError, UserError
+from atomic_files import atomic_write
 
 CHECKPOINT_FORMAT = "clip-handid"
 CHECKPOINT_VERSION = 2

@@ -14,7 +14,7 @@ stable argsort.
 import numpy as np
 import torch
 
-from config import UserError
+from errors import UserError
 from score_counts import verification_thresholds
 
 # Default chunk: as many query rows as fit in ~4M similarity entries, so each per-chunk

@@ -11,7 +11,7 @@ from collections import defaultdict
 import numpy as np
 from scipy import stats
 
-from config import UserError
+from errors import UserError
 
 LEVEL = 0.95
 # Metrics a paired comparison reports: rank-1 and both AP rules.

@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
 import make_model  # noqa: E402
-from config import atomic_write, atomic_write_text, load_config  # noqa: E402
+from config import load_config  # noqa: E402
+from atomic_files import atomic_write, atomic_write_text  # noqa: E402
 from finetune_trainer_stage1 import FinetuneTrainerStage1  # noqa: E402
 
 NUM_CLASSES = 8

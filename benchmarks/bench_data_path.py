@@ -30,7 +30,8 @@ from PIL import Image  # noqa: E402
 
 from build_dataloader import (device_augment, eval_loader, get_train_val_loaders,  # noqa: E402
                               list_split, set_loader_epoch)
-from config import atomic_write_text, load_config  # noqa: E402
+from config import load_config  # noqa: E402
+from atomic_files import atomic_write_text  # noqa: E402
 from make_model import HandIdModel, build_model, preprocess_spec  # noqa: E402
 from synthetic_data import prepare_synthetic_11k  # noqa: E402
 

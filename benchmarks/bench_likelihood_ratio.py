@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from config import atomic_write_text, load_config  # noqa: E402
+from config import load_config  # noqa: E402
+from atomic_files import atomic_write_text  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from make_model import HandIdModel, build_model  # noqa: E402
 from synthetic_data import prepare_synthetic_11k  # noqa: E402

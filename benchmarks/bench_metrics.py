@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from config import UserError, atomic_write_text, run_cli  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
+from atomic_files import atomic_write_text  # noqa: E402
 from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,  # noqa: E402
                           compute_verification_metrics, rerank_k_reciprocal)
 

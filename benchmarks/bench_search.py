@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from config import UserError, atomic_write_text, run_cli  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
+from atomic_files import atomic_write_text  # noqa: E402
 from gallery_search import top_k  # noqa: E402
 
 DIM, K = 512, 10

@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
-from config import atomic_write_text, load_config, parse_override, run_cli  # noqa: E402
+from config import load_config, parse_override  # noqa: E402
+from errors import run_cli  # noqa: E402
+from atomic_files import atomic_write_text  # noqa: E402
 from finetune_trainer_stage1 import FinetuneTrainerStage1  # noqa: E402
 from make_model import build_model, preprocess_spec  # noqa: E402
 from runtime import configure_backends  # noqa: E402

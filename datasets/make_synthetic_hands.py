@@ -30,8 +30,9 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from config import (ArgumentParser, ConfigError, UserError, atomic_write_json,  # noqa: E402
-                    atomic_write_text, run_cli)
+from config import ArgumentParser  # noqa: E402
+from errors import ConfigError, run_cli, UserError  # noqa: E402
+from atomic_files import atomic_write_json, atomic_write_text  # noqa: E402
 
 # HandInfo.csv aspectOfHand -> id threshold of the published protocol (id <= T: train identity)
 ASPECTS_11K = {"dorsal right": 1050, "dorsal left": 1037, "palmar right": 1051,

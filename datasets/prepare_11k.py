@@ -13,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import split_protocol  # noqa: E402  (beside this script)
-from config import ASPECTS, UserError, run_cli  # noqa: E402
+from config import ASPECTS  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
 
 DOWNLOAD = "download Hands.zip and HandInfo.csv from https://sites.google.com/view/11khands"
 ASPECT_OF_HAND = {"dorsal right": "dorsal_r", "dorsal left": "dorsal_l",

@@ -22,7 +22,8 @@ from pathlib import Path, PurePosixPath
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import split_protocol  # noqa: E402  (beside this script)
-from config import DEFAULT_DATA_DIRS, UserError, run_cli  # noqa: E402
+from config import DEFAULT_DATA_DIRS  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
 
 FOLDER = "train_val_test_split"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # what the loaders read

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import split_protocol  # noqa: E402  (beside this script)
-from config import UserError, run_cli  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
 
 DOWNLOAD = ("download the original images of the HD dataset from "
             "http://www4.comp.polyu.edu.hk/~csajaykr/knuckleV2.htm")

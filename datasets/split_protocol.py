@@ -22,7 +22,9 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from config import ArgumentParser, UserError, atomic_write, atomic_write_json
+from config import ArgumentParser
+from errors import UserError
+from atomic_files import atomic_write, atomic_write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "splits.json"

@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluation  # noqa: E402
 import likelihood_ratio  # noqa: E402
-from config import UserError, load_config, make_parser, run_cli  # noqa: E402
+from config import load_config, make_parser  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
 from feature_encoder import Encoder  # noqa: E402
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import ArgumentParser, UserError, atomic_write_text, run_cli  # noqa: E402
+from config import ArgumentParser  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
+from atomic_files import atomic_write_text  # noqa: E402
 import result_stats  # noqa: E402
 
 

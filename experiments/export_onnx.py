@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import UserError, atomic_write, load_config, make_parser, run_cli  # noqa: E402
+from config import load_config, make_parser  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
+from atomic_files import atomic_write  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 import evaluation  # noqa: E402

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "datasets"))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import (UserError, atomic_write, load_config, make_parser,  # noqa: E402
-                    run_cli)
+from config import load_config, make_parser  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
+from atomic_files import atomic_write  # noqa: E402
 import numpy as np  # noqa: E402
 import split_protocol  # noqa: E402  (its image check, shared with the prepare scripts)
 from build_dataloader import IMAGE_SUFFIXES  # noqa: E402

@@ -29,8 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import (UserError, atomic_write, atomic_write_text, load_config,  # noqa: E402
-                    make_parser, run_cli)
+from config import load_config, make_parser  # noqa: E402
+from errors import run_cli, UserError  # noqa: E402
+from atomic_files import atomic_write, atomic_write_text  # noqa: E402
 import numpy as np  # noqa: E402
 import likelihood_ratio  # noqa: E402
 from experiments import extract_features as fx  # noqa: E402

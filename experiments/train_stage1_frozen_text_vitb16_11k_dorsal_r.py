@@ -5,7 +5,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from config import run_cli  # noqa: E402
+from config import load_config  # noqa: E402,F401  (first: OMP_WAIT_POLICY before torch)
+from errors import run_cli  # noqa: E402
 from experiments.train_stage1_frozen_text import main  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs/finetuning_stage1_frozen_text/train_vitb16_11k_dorsal_r.yml"

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, run_cli  # noqa: E402
+from config import load_config  # noqa: E402
+from errors import run_cli  # noqa: E402
 import make_model  # noqa: E402
 from engine import check_method, report, run_training, training_parser  # noqa: E402
 from finetune_trainer_stage2 import ClipReid, check_config  # noqa: E402

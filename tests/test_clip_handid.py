@@ -13,7 +13,8 @@ import torch
 import make_model
 import run_all_finetuned_stage1
 from build_dataloader import get_train_val_loaders
-from config import ConfigError, UserError, load_config
+from config import load_config
+from errors import ConfigError, UserError
 from conftest import ROOT, kill_when, run_script, run_torchrun, write_config
 from engine import Engine, lr_factor, metrics_path, resume_path
 from experiments import run_eval_clip

@@ -10,7 +10,8 @@ from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
 import make_model
-from config import ConfigError, load_config
+from config import load_config
+from errors import ConfigError
 from engine import Phase, decay_groups, lr_factor, metrics_path
 from finetune_trainer_stage1 import FinetuneTrainerStage1
 from finetune_trainer_stage2 import ClipReid

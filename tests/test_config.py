@@ -1,7 +1,8 @@
 """Config schema: defaults, validation errors (one line, exit code 2), --set overrides."""
 import pytest
 
-from config import SCHEMA, ConfigError, dataset_dir, load_config, make_parser, parse_override
+from config import dataset_dir, load_config, make_parser, parse_override, SCHEMA
+from errors import ConfigError
 from conftest import ROOT, run_script
 
 

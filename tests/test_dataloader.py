@@ -6,7 +6,8 @@ import torch
 
 from build_dataloader import (decode_image, eval_loader, get_train_val_loaders, list_split,
                               set_loader_epoch)
-from config import UserError, dataset_dir
+from config import dataset_dir
+from errors import UserError
 
 
 def test_train_val_loaders_use_sorted_identity_names(make_config):

@@ -2,7 +2,6 @@
 (ties improve, as the selection rule has them), keeps the best epoch's checkpoint, says why,
 stops at the same epoch after a kill -9 and resume, and refuses what it cannot wait for."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import make_model
-from config import ConfigError
+from errors import ConfigError
 from conftest import ONE_THREAD, ROOT, run_torchrun, write_config
 from build_dataloader import get_train_val_loaders
 from engine import Engine, metrics_path, resume_path

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import evaluation
 import make_model
 from build_dataloader import IdentityBatchSampler, get_train_val_loaders, set_loader_epoch
-from config import ConfigError, UserError, atomic_write
+from errors import ConfigError, UserError
+from atomic_files import atomic_write
 from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_script, write_config
 from engine import Engine, Method, Phase, metrics_path, resume_path
 from losses import batch_hard_triplet

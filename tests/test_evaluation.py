@@ -12,7 +12,8 @@ from PIL import Image
 import evaluation
 import make_model
 from build_dataloader import eval_loader, list_split
-from config import ConfigError, UserError, load_config
+from config import load_config
+from errors import ConfigError, UserError
 from conftest import run_script
 from reid_metrics import compute_reid_metrics, compute_verification_metrics, rerank_k_reciprocal
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import UserError
+from errors import UserError
 from gallery_search import top_k
 
 

@@ -10,7 +10,8 @@ import pytest
 import likelihood_ratio
 import make_model
 from build_dataloader import list_split
-from config import UserError, load_config, run_cli
+from config import load_config
+from errors import run_cli, UserError
 from conftest import DEMO_TRAIN_CONFIG, results_json, run_script
 from experiments import calibrate, compare, run_eval_clip, search
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import make_model
-from config import ConfigError, UserError, load_config
+from config import load_config
+from errors import ConfigError, UserError
 from make_model import (BNNeck, HandIdModel, build_model, load_checkpoint, preprocess_spec,
                         resolve_backbone, save_checkpoint)
 

@@ -15,7 +15,8 @@ from PIL import Image, ImageOps
 import evaluation
 import run_all_finetuned_stage1
 from build_dataloader import decode_image
-from config import ConfigError, UserError, load_config
+from config import load_config
+from errors import ConfigError, UserError
 from conftest import DEMO_TRAIN_CONFIG, ROOT, results_json, run_script
 from experiments import export_onnx, extract_features, search
 from experiments.run_eval_clip import load_model

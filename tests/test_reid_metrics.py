@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reid_metrics
-from config import UserError
+from errors import UserError
 from reid_metrics import (MetricInputError, compute_open_set_metrics, compute_reid_metrics,
                           compute_verification_metrics, rerank_k_reciprocal)
 

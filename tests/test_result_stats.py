@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 import result_stats
-from config import UserError
+from errors import UserError
 from conftest import run_script
 from experiments import compare_results
 from test_run_all import SCRIPT, write_experiment

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from open_clip.modified_resnet import ModifiedResNet
 
 import make_model
 from build_dataloader import get_train_val_loaders
-from config import ConfigError, UserError, load_config
-from conftest import ROOT, kill_when, run_script, run_torchrun, write_config
+from config import load_config
+from errors import ConfigError, UserError
+from conftest import ROOT, kill_when, run_torchrun, write_config
 from engine import Engine, metrics_path, resume_path
 import run_all_finetuned_stage1
 from experiments import run_eval_clip

@@ -15,7 +15,8 @@ import torch
 
 import make_model
 from build_dataloader import get_train_val_loaders
-from config import ConfigError, UserError, load_config
+from config import load_config
+from errors import ConfigError, UserError
 from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_torchrun, write_config
 from experiments.train_stage1_frozen_text import main
 from engine import Phase, lr_factor, metrics_path, read_resume_state, resume_path
