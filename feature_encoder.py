@@ -11,6 +11,7 @@ import json
 import torch
 
 import evaluation
+import checkpoint_format
 import make_model
 from build_dataloader import eval_loader
 from runtime import resolve_device
@@ -24,7 +25,7 @@ def load_model(config):
         torch.manual_seed(config["seed"])
         clip_model, classifier = make_model.build_model(config, num_classes=None)
         return make_model.HandIdModel(clip_model, classifier), None
-    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
     info = {"path": str(config["save_path"]), "method": ckpt["method"], "epoch": ckpt["epoch"],
             "selection": ckpt["selection"], "val_accuracy": ckpt["selection"].get("val_accuracy"),
             "feature": ckpt["feature"], "backbone": ckpt["backbone"],

@@ -29,7 +29,7 @@ from torch import nn
 
 import losses
 import make_model
-from engine import Method, Phase, config_groups
+from method import Method, Phase, config_groups
 
 HEADS = ("neck", "neck_proj")
 
@@ -42,7 +42,12 @@ def check_config(config):
 
 class ClipHandId(Method):
     name = "clip_handid"
-    train_command = make_model.KNOWN_METHODS["clip_handid"]
+    @classmethod
+    def build(cls, config, identity_names, num_classes):
+        clip_model, _ = make_model.build_model(config)
+        return cls(config, clip_model, identity_names)
+
+    check_config = staticmethod(check_config)
 
     def __init__(self, config, clip_model, identity_names):
         super().__init__(config, identity_names)

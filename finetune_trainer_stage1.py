@@ -1,5 +1,5 @@
 """Stage 1: fine-tune the CLIP image encoder and an identity head with cross-entropy while the
-text tower stays frozen; a method of the training engine (engine.py).
+text tower stays frozen; a method (method.py) of the training engine (engine.py).
 
 One phase of `epochs`: AdamW over the image encoder (lr) and the head (lr x head_lr_mult),
 no weight decay on norms, biases and embeddings; identity cross-entropy with label smoothing,
@@ -11,12 +11,17 @@ is the engine's; see engine.py for the files a run writes.
 from torch import nn
 
 import make_model
-from engine import Engine, Method, config_groups
+from engine import Engine
+from method import Method, config_groups
 
 
 class Stage1(Method):
     name = "stage1"
-    train_command = make_model.KNOWN_METHODS["stage1"]
+
+    @classmethod
+    def build(cls, config, identity_names, num_classes):
+        clip_model, classifier = make_model.build_model(config, num_classes)
+        return cls(config, clip_model, identity_names, classifier)
 
     def __init__(self, config, clip_model, identity_names, classifier=None):
         super().__init__(config, identity_names)

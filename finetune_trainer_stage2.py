@@ -30,11 +30,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+import checkpoint_format
 import losses
 import make_model
+import method_registry
 from build_dataloader import train_gallery_loader
-from errors import ConfigError
-from engine import Method, Phase, config_groups, decay_groups
+from errors import ConfigError, UserError
+from method import Method, Phase, config_groups, decay_groups
 from runtime import rank_and_world
 
 PROMPTS, IMAGE_ENCODER = "prompts", "image_encoder"
@@ -49,13 +51,33 @@ def check_config(config):
                           "to a clipreid checkpoint to take them from, or prompt_epochs: >= 1")
 
 
+def read_prompts(path, identity_names):
+    """-> (spec, state) of the learned prompts in the Stage-2 checkpoint `path`, which must
+    have been trained on `identity_names` (what prompt_epochs: 0 starts phase 2 from)."""
+    ckpt = checkpoint_format.read_checkpoint(path, method_registry.train_command("clipreid"))
+    if "prompt_learner" not in ckpt["modules"]:
+        raise UserError(f"prompt_checkpoint: {path} holds no learned prompts (it is a "
+                        f"{ckpt['method']} checkpoint); point it at a clipreid checkpoint, or "
+                        f"set prompt_epochs: to at least 1 to learn them")
+    if ckpt["identity_names"] != list(identity_names):
+        raise UserError(f"prompt_checkpoint: {path} learned prompts for other identities than "
+                        f"train/ holds now; point it at a checkpoint of this dataset, or set "
+                        f"prompt_epochs: to at least 1")
+    return ckpt["module_specs"]["prompt_learner"], ckpt["modules"]["prompt_learner"]
+
+
 def _ratio(value, lr):
     return value / lr if lr > 0 else 0.0
 
 
 class ClipReid(Method):
     name = "clipreid"
-    train_command = make_model.KNOWN_METHODS["clipreid"]
+    @classmethod
+    def build(cls, config, identity_names, num_classes):
+        clip_model, _ = make_model.build_model(config)
+        return cls(config, clip_model, identity_names)
+
+    check_config = staticmethod(check_config)
 
     def __init__(self, config, clip_model, identity_names):
         super().__init__(config, identity_names)
@@ -68,7 +90,7 @@ class ClipReid(Method):
         for head in HEADS:
             make_model.init_classifier(extras[head], config["classifier_init_std"])
         if config["prompt_epochs"] == 0:
-            spec, state = make_model.read_prompts(config["prompt_checkpoint"], identity_names)
+            spec, state = read_prompts(config["prompt_checkpoint"], identity_names)
             if spec != self.specs["prompt_learner"]:
                 raise ConfigError(f"prompt_checkpoint: {config['prompt_checkpoint']} learned "
                                   f"its prompts with template {spec['template']!r} on "

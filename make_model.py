@@ -1,5 +1,6 @@
-"""The CLIP backbone (open_clip_torch), the identity head, text-tower freezing, and the Stage-1
-checkpoint format.
+"""The CLIP backbone (open_clip_torch), the identity heads, text-tower freezing, and the model
+parts of each method (modules and retrieval features that evaluation rebuilds; each method is
+declared in method_registry beside them). The checkpoint format is checkpoint_format.py.
 
 `model:` names a backbone: the documents' short names (vitb16 -> ViT-B-16 with OpenAI weights,
 ...), any open_clip `architecture:pretrained_tag`, or `tiny`, a small random-initialised CLIP
@@ -28,18 +29,8 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
+import method_registry
 from errors import ConfigError, UserError
-from atomic_files import atomic_write
-
-CHECKPOINT_FORMAT = "clip-handid"
-CHECKPOINT_VERSION = 2
-# Stage-1 checkpoints of the first release: read and converted on load.
-LEGACY_FORMAT, LEGACY_VERSION = "clip-handid-stage1", 1
-CHECKPOINT_KEYS = ("method", "config", "backbone", "quick_gelu", "image_size", "embed_dim",
-                   "clip_state_dict", "modules", "module_specs", "feature", "identity_names",
-                   "epoch", "selection")
-LEGACY_KEYS = ("config", "backbone", "quick_gelu", "image_size", "embed_dim", "clip_state_dict",
-               "classifier_state_dict", "head", "identity_names", "epoch", "val_accuracy")
 
 # The project's small CLIP for tests and the demo, registered with open_clip by its file stem.
 TINY_CONFIG = Path(__file__).resolve().parent / "configs/model/handid_tiny.json"
@@ -57,18 +48,6 @@ SHORT_NAMES = {
 }
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-# Training methods whose checkpoints this code reads -> the command that trains one.
-KNOWN_METHODS = {
-    "stage1": "python experiments/train_stage1_frozen_text.py --config <train config>",
-}
-TRAIN_COMMAND = KNOWN_METHODS["stage1"]
-
-
-def register_method(name, train_command):
-    """Make checkpoints of a new training method readable (engine.Method subclasses do this)."""
-    KNOWN_METHODS.setdefault(name, train_command)
-
-
 # ---------------------------------------------------------------- names and preprocessing
 
 def _is_path(pretrained):
@@ -131,12 +110,12 @@ def _weights_cfg(config):
     return open_clip.get_pretrained_cfg(arch, pretrained)
 
 
-def _quick_gelu(config):
+def quick_gelu(config):
     # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use nn.GELU.
     return bool(_weights_cfg(config).get("quick_gelu", False))
 
 
-def _image_size(config, arch):
+def image_size(config, arch):
     if config["image_size"] is not None:
         return config["image_size"]
     size = open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
@@ -160,10 +139,14 @@ def preprocess_spec(config):
     own = (cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
            cfg.get("std", open_clip.OPENAI_DATASET_STD))
     mean, std = NORMALIZE_STATS.get(config["normalize"], own)
-    return {"image_size": _image_size(config, arch), "mean": tuple(mean), "std": tuple(std)}
+    return {"image_size": image_size(config, arch), "mean": tuple(mean), "std": tuple(std)}
 
 
 # ---------------------------------------------------------------- building
+
+method_registry.declare("stage1",
+                        "python experiments/train_stage1_frozen_text.py --config <train config>")
+
 
 class BNNeck(nn.Module):
     """BatchNorm1d with a frozen bias, then a bias-free linear classifier (Luo et al., BNNeck).
@@ -231,7 +214,7 @@ def _torchscript_state_dict(path, model):
 
 
 @contextlib.contextmanager
-def _weights_follow():
+def weights_follow():
     """Silence open_clip's 'initialized randomly' warning for a model whose weights we load next."""
     logging.disable(logging.WARNING)
     try:
@@ -240,7 +223,7 @@ def _weights_follow():
         logging.disable(logging.NOTSET)
 
 
-def _create(config, weights=None):
+def create_clip(config, weights=None):
     """The architecture of `config` in fp32 on CPU, random-initialised or with the local file
     `weights` loaded strictly (position embeddings resized to image_size)."""
     arch, _ = resolve_backbone(config)
@@ -249,11 +232,11 @@ def _create(config, weights=None):
                         f"local {arch} weights file, an open_clip tag, or none)")
     jit_archive = weights is not None and _is_torchscript(weights)
     try:
-        with _weights_follow() if jit_archive else contextlib.nullcontext():
+        with weights_follow() if jit_archive else contextlib.nullcontext():
             model = open_clip.create_model(
                 arch, pretrained=None if jit_archive else weights, precision="fp32",
-                device="cpu", jit=False, force_quick_gelu=_quick_gelu(config),
-                force_image_size=_image_size(config, arch))
+                device="cpu", jit=False, force_quick_gelu=quick_gelu(config),
+                force_image_size=image_size(config, arch))
         if jit_archive:
             model.load_state_dict(_torchscript_state_dict(weights, model), strict=True)
     except Exception as err:
@@ -321,11 +304,11 @@ def build_model(config, num_classes=None, freeze_text=True):
     and the identity head (None when num_classes is None, e.g. for the baseline)."""
     arch, pretrained = resolve_backbone(config)
     if _is_path(pretrained):
-        clip_model = _create(config, pretrained)
+        clip_model = create_clip(config, pretrained)
     elif pretrained.lower() != "none":
-        clip_model = _create(config, _download(arch, pretrained))
+        clip_model = create_clip(config, _download(arch, pretrained))
     else:
-        clip_model = _create(config)
+        clip_model = create_clip(config)
     if freeze_text:
         freeze_text_tower(clip_model)
     classifier = None
@@ -397,176 +380,6 @@ class HandIdModel(nn.Module):
             return None, features
         fc = classifier.fc if isinstance(classifier, BNNeck) else classifier
         return fc(features), features
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, model, config, identity_names, epoch, method="stage1",
-                    module_specs=None, selection=None, state=None):
-    """Write a checkpoint atomically (a kill mid-write leaves the old file): the full CLIP
-    state_dict, every extra module's state by name with how to rebuild it (module_specs;
-    default: Stage 1's classifier), the retrieval feature, the resolved config, the identity
-    names, the epoch and the selection record ({"metric", "value", per-signal values}).
-    `state` (a HandIdModel state_dict) replaces the model's current weights, e.g. those of an
-    earlier best epoch."""
-    arch, pretrained = resolve_backbone(config)
-    state = model.state_dict() if state is None else state
-    if module_specs is None:
-        module_specs = {} if model.classifier is None else {"classifier": classifier_spec(
-            config["head"], embed_dim(config), len(identity_names))}
-    obj = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "method": method,
-        "config": dict(config),
-        "backbone": f"{arch}/{pretrained}",
-        "quick_gelu": _quick_gelu(config),
-        "image_size": _image_size(config, arch),
-        "embed_dim": embed_dim(config),
-        "clip_state_dict": _substate(state, "clip_model."),
-        "modules": {name: _substate(state, f"extras.{name}.") for name in model.extras},
-        "module_specs": module_specs,
-        "feature": dict(model.feature),
-        "identity_names": list(identity_names),
-        "epoch": int(epoch),
-        "selection": selection or {},
-    }
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _substate(state, prefix):
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _from_legacy(ckpt):
-    """A first-release Stage-1 checkpoint in today's layout."""
-    head, state = ckpt["head"], ckpt["classifier_state_dict"]
-    has_head = state is not None
-    return {**ckpt, "method": "stage1",
-            "modules": {"classifier": state} if has_head else {},
-            "module_specs": {"classifier": classifier_spec(
-                head, ckpt["embed_dim"], len(ckpt["identity_names"]))} if has_head else {},
-            "feature": {"kind": "bn", "module": "classifier"} if head == "bnneck" and has_head
-            else {"kind": "embedding"},
-            "selection": {"metric": "val_accuracy", "value": ckpt["val_accuracy"],
-                          "val_accuracy": ckpt["val_accuracy"]}}
-
-
-def _read_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}; train first: {TRAIN_COMMAND} "
-                        f"(or set save_path: to an existing checkpoint)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read checkpoint {path}: corrupt, truncated or not a torch file "
-                        f"({type(err).__name__}); delete it and train again: "
-                        f"{TRAIN_COMMAND}") from None
-    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if found not in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
-        raise UserError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (found {found!r}); "
-                        f"point save_path: at a checkpoint written by this project's training")
-    version = CHECKPOINT_VERSION if found == CHECKPOINT_FORMAT else LEGACY_VERSION
-    if ckpt.get("format_version") != version:
-        raise UserError(f"{path} has {found} format version {ckpt.get('format_version')!r}, "
-                        f"this code reads version {version}; retrain with this code: "
-                        f"{TRAIN_COMMAND}")
-    absent = [key for key in (CHECKPOINT_KEYS if found == CHECKPOINT_FORMAT else LEGACY_KEYS)
-              if key not in ckpt]
-    if absent:
-        raise UserError(f"{path} is an incomplete {found} checkpoint (no "
-                        f"{', '.join(absent)}); retrain: {TRAIN_COMMAND}")
-    return ckpt if found == CHECKPOINT_FORMAT else _from_legacy(ckpt)
-
-
-def _check_matches_config(path, ckpt, config):
-    trained, method = ckpt["config"], ckpt["method"]
-    if method not in KNOWN_METHODS:
-        raise UserError(f"{path} was written by the training method {method!r}, which this "
-                        f"code does not know (known: {', '.join(KNOWN_METHODS)}); evaluate it "
-                        f"with the code that trained it")
-    if method != config["method"]:
-        raise UserError(f"{path} was trained by method {method!r} but the config says method: "
-                        f"{config['method']}; set method: {method}, or point save_path: at a "
-                        f"{config['method']} checkpoint ({KNOWN_METHODS.get(config['method'], 'train one first')})")
-    arch, pretrained = resolve_backbone(config)
-    if ckpt["backbone"].split("/", 1)[0] != arch or ckpt["quick_gelu"] != _quick_gelu(config):
-        raise UserError(f"{path} holds a {ckpt['backbone']} model (model: {trained['model']}) "
-                        f"but the config says model: {config['model']} ({arch}/{pretrained}); "
-                        f"set model: {trained['model']} or point save_path: at a matching "
-                        f"checkpoint")
-    for key in ("dataset", "aspect") if config["dataset"] == "11k" else ("dataset",):
-        if trained.get(key) != config[key]:
-            raise UserError(f"{path} was trained on {key} {trained.get(key)!r} but the config "
-                            f"says {key}: {config[key]}; point save_path: at the checkpoint "
-                            f"of {config[key]} or set {key}: {trained.get(key)}")
-    if ckpt["image_size"] != _image_size(config, arch):
-        raise UserError(f"{path} was trained at image_size {ckpt['image_size']} but the config "
-                        f"gives {_image_size(config, arch)}; set image_size: "
-                        f"{ckpt['image_size']}")
-    if trained.get("normalize", "clip") != config["normalize"]:
-        raise UserError(f"{path} was trained with normalize: {trained.get('normalize', 'clip')} "
-                        f"but the config says normalize: {config['normalize']}; set normalize: "
-                        f"{trained.get('normalize', 'clip')}")
-    if method == "stage1" and trained.get("head", "linear") != config["head"]:
-        raise UserError(f"{path} has a {trained.get('head')} head but the config says head: "
-                        f"{config['head']}; set head: {trained.get('head')}")
-
-
-def _check_modules(path, ckpt):
-    """Every module the feature or the specs name is there and of a kind this code builds."""
-    specs, states = ckpt["module_specs"], ckpt["modules"]
-    needed = [ckpt["feature"].get("module")] + list(ckpt["feature"].get("modules", []))
-    for name in [n for n in needed if n] + list(specs):
-        if name not in specs or name not in states:
-            raise UserError(f"{path} is a {ckpt['method']} checkpoint without its module "
-                            f"{name!r}; it is incomplete: retrain it "
-                            f"({KNOWN_METHODS[ckpt['method']]})")
-    unknown = sorted({spec["kind"] for spec in specs.values()} - set(MODULE_KINDS))
-    if unknown or ckpt["feature"].get("kind") not in FEATURE_KINDS:
-        what = f"module kind {unknown[0]!r}" if unknown else \
-            f"feature {ckpt['feature'].get('kind')!r}"
-        raise UserError(f"{path} uses a {what} that this code does not know; evaluate it with "
-                        f"the code that trained it")
-
-
-def _load_strict(module, state_dict, path, what):
-    expected = module.state_dict()
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    resized = [k for k in expected.keys() & state_dict.keys()
-               if expected[k].shape != state_dict[k].shape]
-    if missing or unexpected or resized:
-        example = sorted(missing or unexpected or resized)[0]
-        raise UserError(f"{path}: {what} weights do not fit the configured model "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(resized)} "
-                        f"with another shape, e.g. '{example}'); use the config it was "
-                        f"trained with or retrain: {TRAIN_COMMAND}")
-    module.load_state_dict(state_dict, strict=True)
-
-
-def load_checkpoint(path, config, device="cpu", freeze_text=True):
-    """-> (HandIdModel, ckpt) from a checkpoint of any known method, checked against `config`
-    (method, backbone, dataset, aspect, image size, head) and loaded strictly; the model
-    computes the checkpoint's retrieval feature. No weights are downloaded: the architecture
-    is built random-initialised, then overwritten."""
-    ckpt = _read_checkpoint(path)
-    _check_matches_config(path, ckpt, config)
-    _check_modules(path, ckpt)
-    # The network the checkpoint trained (layer4's stride is the checkpoint's, not the config's).
-    built = {**config, "resnet_last_stride": ckpt["config"].get("resnet_last_stride", 2)}
-    with _weights_follow():
-        clip_model = _create(built)
-    _load_strict(clip_model, ckpt["clip_state_dict"], path, "CLIP")
-    if freeze_text:
-        freeze_text_tower(clip_model)
-    extras = {}
-    for name, spec in ckpt["module_specs"].items():
-        extras[name] = build_module(spec)
-        _load_strict(extras[name], ckpt["modules"][name], path, name)
-    model = HandIdModel(clip_model, extras=extras, feature=ckpt["feature"])
-    return model.to(device), ckpt
 
 
 # ---------------------------------------------------------------- stage 2 (CLIP-ReID)
@@ -734,22 +547,8 @@ def _clipreid_embedding(model, images):
     return torch.cat([pre, proj], dim=1)
 
 
-def read_prompts(path, identity_names):
-    """-> (spec, state) of the learned prompts in the Stage-2 checkpoint `path`, which must
-    have been trained on `identity_names` (what prompt_epochs: 0 starts phase 2 from)."""
-    ckpt = _read_checkpoint(path)
-    if "prompt_learner" not in ckpt["modules"]:
-        raise UserError(f"prompt_checkpoint: {path} holds no learned prompts (it is a "
-                        f"{ckpt['method']} checkpoint); point it at a clipreid checkpoint, or "
-                        f"set prompt_epochs: to at least 1 to learn them")
-    if ckpt["identity_names"] != list(identity_names):
-        raise UserError(f"prompt_checkpoint: {path} learned prompts for other identities than "
-                        f"train/ holds now; point it at a checkpoint of this dataset, or set "
-                        f"prompt_epochs: to at least 1")
-    return ckpt["module_specs"]["prompt_learner"], ckpt["modules"]["prompt_learner"]
-
-
-KNOWN_METHODS["clipreid"] = "python experiments/train_stage2_clipreid.py --config <train config>"
+method_registry.declare("clipreid",
+                        "python experiments/train_stage2_clipreid.py --config <train config>")
 MODULE_KINDS["prompt_learner"] = PromptLearner
 FEATURE_KINDS["clipreid"] = _clipreid_embedding
 
@@ -873,7 +672,8 @@ def _clip_handid_embedding(model, images):
                       extras["neck_fused"].bn(fused)], dim=1)
 
 
-KNOWN_METHODS["clip_handid"] = "python experiments/train_clip_handid.py --config <train config>"
+method_registry.declare("clip_handid",
+                        "python experiments/train_clip_handid.py --config <train config>")
 MODULE_KINDS["inversion_network"] = InversionNetwork
 MODULE_KINDS["interaction_network"] = InteractionNetwork
 FEATURE_KINDS["clip_handid"] = _clip_handid_embedding

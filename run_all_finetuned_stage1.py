@@ -39,7 +39,7 @@ import result_stats
 from config import ArgumentParser, load_config
 from errors import ConfigError, run_cli, UserError
 from atomic_files import atomic_write_text
-from engine import needs_training
+from checkpointing import needs_training
 from runtime import check_not_running
 from experiments import run_eval_clip
 

@@ -1,10 +1,26 @@
-"""What a training run shows while it runs, beside its human log and metrics JSONL: the
-curves PNG (rewritten at every save point) and TensorBoard event files (one point per epoch).
-The engine calls both from rank 0 with its per-epoch metric rows.
+"""What a training run shows while it runs. Rank 0 writes (the other ranks stay silent):
+  log_path                     human log, appended across runs and resumes
+  <log stem>_metrics.jsonl     one JSON line per epoch
+  <log stem>_curve.png         loss terms, accuracy and selection signals per epoch, the
+                               selected epoch and phase starts marked; rewritten at every save
+                               point and at the end
+  <log stem>_tensorboard/      TensorBoard events of the same per-epoch metrics (tensorboard:)
+A tracker writer (TensorBoardLog is one) plugs in at RunLog.epoch, which gets every row.
 """
+import json
+import logging
+import os
+import sys
 from pathlib import Path
 
+import torch
+import yaml
 from matplotlib.figure import Figure
+
+from atomic_files import atomic_write, atomic_write_text
+from runtime import PRECISION_NAMES
+
+log = logging.getLogger("handid.train")
 
 # Scalars written to TensorBoard per epoch, besides every loss_<term>; tag -> row key.
 TENSORBOARD_SCALARS = {"loss/total": "train_loss", "accuracy/train": "train_acc",
@@ -12,6 +28,16 @@ TENSORBOARD_SCALARS = {"loss/total": "train_loss", "accuracy/train": "train_acc"
                        "lr": "lr", "speed/images_per_s": "images_per_s",
                        "speed/data_time_fraction": "data_time_fraction",
                        "speed/epoch_seconds": "epoch_time"}
+
+
+def metrics_path(config):
+    path = Path(config["log_path"])
+    return path.with_name(f"{path.stem}_metrics.jsonl")
+
+
+def curve_path(config):
+    path = Path(config["log_path"])
+    return path.with_name(f"{path.stem}_curve.png")
 
 
 def tensorboard_dir(log_path):
@@ -83,3 +109,108 @@ def plot_curves(handle, history, phases, best_epoch, selection, name):
     figure.suptitle(name)
     figure.tight_layout()
     figure.savefig(handle, format="png", dpi=100)
+
+
+class RunLog:
+    """The log lines, metrics JSONL, curves and tracker of one run on one rank (only rank 0
+    writes). open() before the run, close() after it, also when it fails."""
+
+    def __init__(self, config, phases, is_main):
+        self.config, self.phases, self.is_main = config, phases, is_main
+        self.total_epochs = sum(phase.epochs for phase in phases)
+        self.handlers, self.tensorboard = [], None
+
+    def open(self):
+        """File + console handlers on rank 0; other ranks stay silent."""
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        if not self.is_main:
+            self.handlers = [logging.NullHandler()]
+        else:
+            Path(self.config["log_path"]).parent.mkdir(parents=True, exist_ok=True)
+            self.handlers = [logging.FileHandler(self.config["log_path"], encoding="utf-8"),
+                             logging.StreamHandler(sys.stderr)]
+            formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                          "%Y-%m-%d %H:%M:%S")
+            for handler in self.handlers:
+                handler.setFormatter(formatter)
+        for handler in self.handlers:
+            log.addHandler(handler)
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        for handler in self.handlers:
+            log.removeHandler(handler)
+            handler.close()
+
+    def start(self, method, start, device, world_size, amp_dtype, steps_per_epoch, selection,
+              frozen_values, warnings, first_epoch):
+        """The run's first lines: what trains, from where, on what; then the tracker."""
+        if not self.is_main:
+            return
+        log.info(f"{method.name} training of {self.config['name']}: {start}")
+        log.info("resolved config:\n" + yaml.safe_dump(dict(self.config), sort_keys=False))
+        phases = ", ".join(f"{p.name} {p.epochs} epochs" for p in self.phases)
+        log.info(f"device {device}, {world_size} process(es), precision "
+                 f"{PRECISION_NAMES[amp_dtype]}, {len(method.identity_names)} identities, "
+                 f"{steps_per_epoch} steps per epoch per process; phases: {phases}; "
+                 f"selection: {selection or 'last epoch (no val/)'}; never trained (not in "
+                 f"resume states): {frozen_values} values")
+        for warning in warnings:
+            log.warning(warning)
+        if device.type == "cpu":
+            log.info(f"CPU: {torch.get_num_threads()} threads, OMP_WAIT_POLICY "
+                     f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+        if self.config["tensorboard"]:
+            self.tensorboard = TensorBoardLog(self.config["log_path"], first_epoch)
+
+    def phase(self, phase, steps_per_epoch, groups):
+        """A phase's first line (methods with several phases): its optimizer groups."""
+        if not self.is_main or len(self.phases) == 1:
+            return
+        described = ", ".join(f"{g['name']} ({sum(p.numel() for p in g['params'])} params, lr "
+                              f"{g['initial_lr']:.2e}, wd {g['weight_decay']})" for g in groups)
+        log.info(f"phase {phase.name}: {phase.epochs} epochs, {steps_per_epoch} steps per "
+                 f"epoch; optimizer {described}")
+
+    def epoch(self, phase, row, epoch_in_phase, history, best):
+        """After an epoch: its log line, the metrics JSONL (all of `history`), the tracker."""
+        if not self.is_main:
+            return
+        atomic_write_text(metrics_path(self.config),
+                          "".join(json.dumps(r) + "\n" for r in history))
+        where = (f"epoch {row['epoch']}/{self.total_epochs}" if len(self.phases) == 1 else
+                 f"{phase.name} epoch {epoch_in_phase}/{phase.epochs} "
+                 f"({row['epoch']}/{self.total_epochs})")
+        terms = [k for k in row if k.startswith("loss_")]
+        parts = [f"{where}  loss {row['train_loss']:.4f}"
+                 + (" (" + ", ".join(f"{k[5:]} {row[k]:.4f}" for k in terms) + ")"
+                    if len(terms) > 1 else "")]
+        if row["train_acc"] is not None:
+            parts.append(f"train acc {row['train_acc']:.2f}%")
+        if phase.selects:
+            for key, label, fmt in (("val_acc", "val acc", "{:.2f}%"),
+                                    ("val_loss", "val loss", "{:.4f}"),
+                                    ("val_map", "val mAP", "{:.2f}")):
+                if row[key] is not None:
+                    parts.append(f"{label} {fmt.format(row[key])}")
+            parts.append(f"(best {best.describe()})")
+        parts.append(f"lr {row['lr']:.3e}  {row['images_per_s']:.1f} img/s  data "
+                     f"{100 * row['data_time_fraction']:.0f}%  {row['epoch_time']:.1f} s")
+        if row["checkpoint_seconds"] > 0:
+            parts.append(f"saved in {row['checkpoint_seconds']:.2f} s")
+        log.info("  ".join(parts) + ("  * best" if row["best"] else ""))
+        if self.tensorboard is not None:
+            self.tensorboard.add(row)
+
+    def curve(self, history, best, selection):
+        atomic_write(curve_path(self.config), lambda handle: plot_curves(
+            handle, history, self.phases, best.epoch, selection, self.config["name"]))
+
+    def finish(self, stopped_early, best):
+        # The last epoch is a save point: the checkpoint and the curve are on disk.
+        if stopped_early:
+            log.info(stopped_early)
+        log.info(f"done: best {best.describe()}; checkpoint {self.config['save_path']}; "
+                 f"curve {curve_path(self.config)}")

@@ -1,13 +1,15 @@
 """What every entry point shares at run time: the device, the precision and its autocast,
-torchrun / DistributedDataParallel setup, seeding, per-epoch seeds, GPU math settings, and the
-lock that keeps two runs from writing the same checkpoint.
+torchrun / DistributedDataParallel setup, seeding, per-epoch seeds, GPU math settings, the
+lock that keeps two runs from writing the same checkpoint, and the graceful stop on Ctrl-C.
 """
 import contextlib
 import fcntl
 import os
 import random
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -163,3 +165,35 @@ def check_not_running(save_path):
     with open(path, "a+") as handle:
         _acquire(handle, save_path)
         fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- graceful stop
+
+class GracefulStop:
+    """Within `with`: the first Ctrl-C / SIGTERM (a scheduler's stop, torchrun's shutdown)
+    while `active` (inside a training epoch) sets `requested`, for the run to stop after the
+    epoch; a second one, or one while not active, raises KeyboardInterrupt at once. Handlers
+    are only set from the main thread; the old ones come back on exit."""
+
+    def __init__(self, announce=True):
+        self.announce, self.requested, self.active = announce, False, False
+        self.previous = {}
+
+    def _request(self, signum, frame):
+        if self.requested or not self.active:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print(f"\nstopping after this epoch (it is saved then); "
+                  f"{signal.Signals(signum).name} again stops at once", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._request)
+                             for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        return False

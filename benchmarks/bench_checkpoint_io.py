@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 
+import checkpoint_format  # noqa: E402
 import make_model  # noqa: E402
 from config import load_config  # noqa: E402
 from atomic_files import atomic_write, atomic_write_text  # noqa: E402
@@ -84,7 +85,7 @@ def old_scheme(trainer, summary, folder):
         before, started = written_bytes(), time.perf_counter()
         if best is None or row["val_acc"] >= best:
             best = row["val_acc"]
-            make_model.save_checkpoint(folder / "old.pth", model, config,
+            checkpoint_format.save_checkpoint(folder / "old.pth", model, config,
                                        trainer.method.identity_names, row["epoch"])
         state = {"format": "clip-handid-stage1-resume", "format_version": 1,
                  "config": dict(config), "history": summary["history"], "epoch": row["epoch"],

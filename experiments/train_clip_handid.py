@@ -17,26 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config  # noqa: E402
+import config  # noqa: E402,F401
 from errors import run_cli  # noqa: E402
-import make_model  # noqa: E402
-from engine import check_method, report, run_training, training_parser  # noqa: E402
-from finetune_trainer_clip_handid import ClipHandId, check_config  # noqa: E402
-
-
-def build_method(config, identity_names, num_classes):
-    clip_model, _ = make_model.build_model(config)
-    return ClipHandId(config, clip_model, identity_names)
-
-
-def main(argv=None):
-    args = training_parser(__doc__.splitlines()[0]).parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    check_method(config, ClipHandId.name)
-    check_config(config)
-    report(run_training(build_method, config, args.overwrite))
-    return 0
-
+from train_entry import train_main  # noqa: E402
+from finetune_trainer_clip_handid import ClipHandId  # noqa: E402
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: train_main(ClipHandId, __doc__))

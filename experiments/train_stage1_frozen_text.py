@@ -15,25 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config  # noqa: E402
+import config  # noqa: E402,F401
 from errors import run_cli  # noqa: E402
-import make_model  # noqa: E402
-from engine import check_method, report, run_training, training_parser  # noqa: E402
+from train_entry import train_main  # noqa: E402
 from finetune_trainer_stage1 import Stage1  # noqa: E402
 
-
-def build_method(config, identity_names, num_classes):
-    clip_model, classifier = make_model.build_model(config, num_classes)
-    return Stage1(config, clip_model, identity_names, classifier)
-
-
-def main(argv=None, default_config=None):
-    args = training_parser(__doc__.splitlines()[0], default_config).parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    check_method(config, Stage1.name)
-    report(run_training(build_method, config, args.overwrite))
-    return 0
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: train_main(Stage1, __doc__))

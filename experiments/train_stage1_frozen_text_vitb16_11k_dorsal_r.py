@@ -5,11 +5,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from config import load_config  # noqa: E402,F401  (first: OMP_WAIT_POLICY before torch)
+# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+import config  # noqa: E402,F401
 from errors import run_cli  # noqa: E402
-from experiments.train_stage1_frozen_text import main  # noqa: E402
+from train_entry import train_main  # noqa: E402
+from finetune_trainer_stage1 import Stage1  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs/finetuning_stage1_frozen_text/train_vitb16_11k_dorsal_r.yml"
 
 if __name__ == "__main__":
-    run_cli(lambda: main(default_config=str(DEFAULT_CONFIG)))
+    run_cli(lambda: train_main(Stage1, __doc__, default_config=str(DEFAULT_CONFIG)))

@@ -10,19 +10,29 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint_format
 import make_model
 import run_all_finetuned_stage1
 from build_dataloader import get_train_val_loaders
 from config import load_config
 from errors import ConfigError, UserError
 from conftest import ROOT, kill_when, run_script, run_torchrun, write_config
-from engine import Engine, lr_factor, metrics_path, resume_path
+from engine import Engine
+from method import lr_factor
+from run_log import metrics_path
+from checkpointing import resume_path
 from experiments import run_eval_clip
-from experiments.train_clip_handid import main
 from finetune_trainer_clip_handid import ClipHandId
+from train_entry import train_main
 from runtime import seed_everything
 from test_evaluation import save_tiny_checkpoint
 from test_stage2 import changed, clone, learned, metric_lines
+
+
+def main(argv):
+    """The ClipHandId train script's main()."""
+    return train_main(ClipHandId, '', argv)
+
 
 TRAIN = "experiments/train_clip_handid.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,7 +94,7 @@ def test_what_trains_and_the_text_features_of_each_inversion(make_config, invers
     assert {"loss_id", "loss_i2t", "loss_t2i"} <= set(rows[0]) and "loss_triplet" not in rows[0]
 
     # The checkpoint rebuilds without method code: both BN features concatenated.
-    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
     assert ckpt["method"] == "clip_handid" and set(ckpt["modules"]) == {
         "inversion", "neck", "neck_proj"}
     images = torch.randn(3, 3, 64, 64)
@@ -210,7 +220,7 @@ def test_torchrun_with_two_gloo_processes(make_config, tmp_path):
     config = handid_config(make_config, epochs=1, batch_size=8)
     run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))
     assert "2 process(es)" in Path(config["log_path"]).read_text()
-    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
     assert ckpt["epoch"] == 1 and ckpt["method"] == "clip_handid"
 
 
@@ -241,7 +251,7 @@ def test_interaction_network_is_per_sample_and_its_feature_evaluates(make_config
     method, initial, final = train_in_process(config)
     assert changed(initial, final, "extras.interaction.")
     assert changed(initial, final, "extras.neck_fused.") >= {"extras.neck_fused.fc.weight"}
-    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
     model.eval()
     assert ckpt["feature"]["kind"] == "clip_handid"
     torch.manual_seed(2)

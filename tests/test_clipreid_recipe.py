@@ -9,10 +9,12 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
+import checkpoint_format
 import make_model
 from config import load_config
 from errors import ConfigError
-from engine import Phase, decay_groups, lr_factor, metrics_path
+from method import Phase, decay_groups, lr_factor
+from run_log import metrics_path
 from finetune_trainer_stage1 import FinetuneTrainerStage1
 from finetune_trainer_stage2 import ClipReid
 from test_trainer import build
@@ -213,9 +215,13 @@ def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make
 
 
 def test_intermediate_layer_out_of_range_is_a_config_error(make_config, tmp_path):
-    # A ConfigError: the entry script prints it as one line and exits 2 (config.run_cli).
+    # A ConfigError: the entry script prints it as one line and exits 2 (errors.run_cli).
     from conftest import write_config
-    from experiments.train_stage2_clipreid import main
+    from finetune_trainer_stage2 import ClipReid
+    from train_entry import train_main
+
+    def main(argv):
+        return train_main(ClipReid, '', argv)
 
     config = make_config(method="clipreid", triplet_intermediate_layer=2)
     with pytest.raises(ConfigError, match=r"triplet_intermediate_layer: 2 is out of range; "
@@ -233,18 +239,18 @@ def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config,
         0.485, 0.456, 0.406)
     save_tiny_checkpoint(make_config(), tmp_path / "m.pth")
     with pytest.raises(make_model.UserError, match="trained with normalize: clip"):
-        make_model.load_checkpoint(tmp_path / "m.pth", make_config(normalize="half"))
+        checkpoint_format.load_checkpoint(tmp_path / "m.pth", make_config(normalize="half"))
 
 
 def test_a_stride_1_resnet_checkpoint_is_rebuilt_with_its_own_stride(make_config, tmp_path):
     config = make_config(model="rn50", pretrained="none", image_size=64, resnet_last_stride=1)
     clip_model, classifier = make_model.build_model(config, num_classes=3)
     assert clip_model.visual.attnpool.positional_embedding.shape[0] == 1 + 4 * 4
-    make_model.save_checkpoint(tmp_path / "rn.pth", make_model.HandIdModel(clip_model,
+    checkpoint_format.save_checkpoint(tmp_path / "rn.pth", make_model.HandIdModel(clip_model,
                                                                           classifier),
                                config, ["a", "b", "c"], epoch=1)
     # The eval config need not repeat the key: the network is the checkpoint's.
-    model, _ = make_model.load_checkpoint(tmp_path / "rn.pth",
+    model, _ = checkpoint_format.load_checkpoint(tmp_path / "rn.pth",
                                           make_config(model="rn50", image_size=64))
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

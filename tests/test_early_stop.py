@@ -10,13 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
-import make_model
+import checkpoint_format
 from errors import ConfigError
 from conftest import ONE_THREAD, ROOT, run_torchrun, write_config
 from build_dataloader import get_train_val_loaders
-from engine import Engine, metrics_path, resume_path
-from experiments.train_stage1_frozen_text import main
+import engine
+from engine import Engine
+from run_log import metrics_path
+from checkpointing import resume_path
+from finetune_trainer_stage1 import Stage1
+from train_entry import train_main
 from test_engine import HeadThenAll, toy_engine
+
+
+def main(argv):
+    """The Stage1 train script's main()."""
+    return train_main(Stage1, '', argv)
+
 
 TRAIN = "experiments/train_stage1_frozen_text.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,11 +39,13 @@ def test_stops_after_patience_epochs_without_improvement_and_keeps_the_best(make
     losses = iter([1.0, 0.5, 0.5, 0.7, 0.9, 0.1, 0.1, 0.1])
     snapshots = {}
 
-    def scripted_validate(self):
-        snapshots[len(self.history) + 1] = {k: v.clone() for k, v in self._trained_state().items()}
+    def scripted_signals(method, model, *args):
+        # Called after each validated epoch (2, 3, ...): keep that epoch's trained weights.
+        snapshots[len(snapshots) + 2] = {k: v.clone() for k, v in model.state_dict().items()
+                                         if not method.is_frozen(k)}
         return {"val_loss": next(losses), "val_accuracy": 0.0}
 
-    monkeypatch.setattr(Engine, "_validate", scripted_validate)
+    monkeypatch.setattr(engine, "validation_signals", scripted_signals)
     config = make_config(method="toy_head_then_all", sampler="pk", num_instances=2,
                          batch_size=8, epochs=8, lr=1e-3, early_stop_patience=2, save_every=5)
     summary = toy_engine(config).train()
@@ -47,7 +59,7 @@ def test_stops_after_patience_epochs_without_improvement_and_keeps_the_best(make
     assert torch.load(resume_path(config), weights_only=True)["finished"]
     checkpoint = torch.load(config["save_path"], weights_only=True)
     assert checkpoint["epoch"] == 4
-    model, _ = make_model.load_checkpoint(config["save_path"], config)
+    model, _ = checkpoint_format.load_checkpoint(config["save_path"], config)
     kept = {k: v for k, v in model.state_dict().items() if k in snapshots[4]}
     assert kept.keys() == snapshots[4].keys()
     assert all(torch.equal(kept[k], snapshots[4][k]) for k in kept)

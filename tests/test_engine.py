@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 
 import evaluation
+import checkpoint_format
 import make_model
 from build_dataloader import IdentityBatchSampler, get_train_val_loaders, set_loader_epoch
 from errors import ConfigError, UserError
 from atomic_files import atomic_write
 from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_script, write_config
-from engine import Engine, Method, Phase, metrics_path, resume_path
+from engine import Engine
+from method import Method, Phase
+from run_log import metrics_path
+from checkpointing import resume_path
 from losses import batch_hard_triplet
 from runtime import check_not_running, run_lock, seed_everything
 
@@ -115,20 +119,28 @@ def test_a_new_method_trains_resumes_exactly_and_evaluates(make_config, tmp_path
     assert all(torch.equal(ours["modules"]["neck"][k], theirs["modules"]["neck"][k])
                for k in ours["modules"]["neck"])
 
-    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
     assert ckpt["feature"] == {"kind": "bn", "module": "neck"}
     report = evaluation.evaluate(model, config, torch.device("cpu")).report
     assert 0 < report["mean"]["mAP"] <= 100 and report["num_splits"] == 3
 
 
+class HeadOnly(HeadThenAll):
+    """The toy method's first phase alone."""
+    name = "toy_head_only"
+
+    def phases(self):
+        return super().phases()[:1]
+
+
 def test_phase_one_trains_the_head_only(make_config):
     config = make_config(method="toy_head_then_all", epochs=1, batch_size=8, lr=1e-3)
-    engine = toy_engine(config)
-    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
-    engine.phases = engine.phases[:1]
-    engine.total_epochs = 1
-    engine.train()
-    after = engine.model.state_dict()
+    seed_everything(config["seed"])
+    train_loader, val_loader, _ = get_train_val_loaders(config)
+    method = HeadOnly(config, train_loader.dataset.classes)
+    before = {k: v.clone() for k, v in method.model.state_dict().items()}
+    Engine(method, train_loader, config, "cpu", val_loader).train()
+    after = method.model.state_dict()
     changed = {k.split(".")[0] for k in after if not torch.equal(before[k], after[k])}
     assert changed == {"extras"}
 
@@ -255,7 +267,7 @@ def limited_file_size(limit):
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path):
     target = tmp_path / "model.pth"
     target.write_bytes(b"complete earlier checkpoint")
-    code = ("import torch, sys; sys.path.insert(0, '.'); from config import atomic_write, run_cli;"
+    code = ("import torch, sys; sys.path.insert(0, '.'); from atomic_files import atomic_write; from errors import run_cli;"
             f"run_cli(lambda: atomic_write({str(target)!r}, lambda f: torch.save("
             "torch.zeros(1_000_000), f)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -331,7 +343,7 @@ def test_unknown_method_and_missing_module_are_one_line_errors(make_config, tmp_
     config = make_config()
     clip_model, classifier = make_model.build_model(config, num_classes=13)
     path = tmp_path / "model.pth"
-    make_model.save_checkpoint(path, make_model.HandIdModel(clip_model, classifier), config,
+    checkpoint_format.save_checkpoint(path, make_model.HandIdModel(clip_model, classifier), config,
                                [str(i) for i in range(13)], epoch=1, method="someone_elses")
     config_file = write_config(make_config(save_path=str(path)), tmp_path / "eval.yml")
     proc = run_script(EVAL, "--config", config_file, check=False)
@@ -363,7 +375,7 @@ def test_a_first_release_checkpoint_still_loads(make_config, tmp_path):
               "identity_names": ["a", "b", "c"], "epoch": 7, "val_accuracy": 50.0}
     path = tmp_path / "old.pth"
     torch.save(legacy, path)
-    model, ckpt = make_model.load_checkpoint(path, config)
+    model, ckpt = checkpoint_format.load_checkpoint(path, config)
     assert ckpt["method"] == "stage1" and ckpt["selection"]["val_accuracy"] == 50.0
     images = torch.randn(4, 3, 64, 64)
     expected = make_model.HandIdModel(clip_model, classifier).eval().features(images)

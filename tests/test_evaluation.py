@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluation
+import checkpoint_format
 import make_model
 from build_dataloader import eval_loader, list_split
 from config import load_config
@@ -195,7 +196,7 @@ def save_tiny_checkpoint(config, path, **changes):
     names = sorted({name for _, name in list_split(config, "train")})
     torch.manual_seed(1)
     clip_model, classifier = make_model.build_model(config, num_classes=len(names))
-    make_model.save_checkpoint(path, make_model.HandIdModel(clip_model, classifier), config,
+    checkpoint_format.save_checkpoint(path, make_model.HandIdModel(clip_model, classifier), config,
                                names, epoch=4, selection={"metric": "val_accuracy",
                                                           "value": 0.625,
                                                           "val_accuracy": 0.625})

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import likelihood_ratio
+import checkpoint_format
 import make_model
 from build_dataloader import list_split
 from config import load_config
@@ -186,7 +187,7 @@ def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path
     config = load_config(DEMO_TRAIN_CONFIG, [s for s in sets if s != "--set"])
     names = sorted({name for _, name in list_split(config, "train")})
     clip_model, classifier = make_model.build_model(config, num_classes=len(names))
-    make_model.save_checkpoint(tmp_path / "other.pth",
+    checkpoint_format.save_checkpoint(tmp_path / "other.pth",
                                make_model.HandIdModel(clip_model, classifier), config, names,
                                epoch=1, selection={"metric": "val_loss", "value": 1.0})
     shutil.copy(calibration_file, tmp_path / "other.calibration.npz")

@@ -12,8 +12,8 @@ import torch
 import make_model
 from config import load_config
 from errors import ConfigError, UserError
-from make_model import (BNNeck, HandIdModel, build_model, load_checkpoint, preprocess_spec,
-                        resolve_backbone, save_checkpoint)
+from checkpoint_format import load_checkpoint, save_checkpoint
+from make_model import BNNeck, HandIdModel, build_model, preprocess_spec, resolve_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,7 +172,8 @@ def test_missing_or_wrong_local_weights_are_user_errors(tmp_path):
 
 def test_unavailable_weights_fail_fast_with_how_to_fix(tmp_path):
     code = textwrap.dedent("""
-        from config import load_config, run_cli
+        from config import load_config
+        from errors import run_cli
         from make_model import build_model
         run_cli(lambda: build_model(load_config(None, [("model", "vitb16")])) and None)
     """)

@@ -8,7 +8,14 @@ import pytest
 from config import load_config
 from conftest import ROOT
 from experiments import run_eval_clip
-from experiments.train_stage1_frozen_text import main as train
+from finetune_trainer_stage1 import Stage1
+from train_entry import train_main
+
+
+def train(argv):
+    """The Stage1 train script's main()."""
+    return train_main(Stage1, '', argv)
+
 
 FOLDER = ROOT / "configs/finetuning_stage1_frozen_text"
 RECIPES = {"seed": {"epochs": 10, "lr": 1e-4, "batch_size": 64, "early_stop_patience": 0},

@@ -11,18 +11,27 @@ import pytest
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 
+import checkpoint_format
 import make_model
 from build_dataloader import get_train_val_loaders
 from config import load_config
 from errors import ConfigError, UserError
 from conftest import ROOT, kill_when, run_torchrun, write_config
-from engine import Engine, metrics_path, resume_path
+from engine import Engine
+from run_log import metrics_path
+from checkpointing import resume_path
 import run_all_finetuned_stage1
 from experiments import run_eval_clip
-from experiments.train_stage2_clipreid import main
 from finetune_trainer_stage2 import ClipReid
+from train_entry import train_main
 from runtime import seed_everything
 from test_evaluation import save_tiny_checkpoint
+
+
+def main(argv):
+    """The ClipReid train script's main()."""
+    return train_main(ClipReid, '', argv)
+
 
 TEMPLATE = "A photo of a X X X X hand."
 TRAIN = "experiments/train_stage2_clipreid.py"
@@ -156,7 +165,7 @@ def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make
                        prompts_done["extras.prompt_learner.context"])
 
     # Evaluation rebuilds the model from the checkpoint alone: the concatenated feature.
-    model, _ = make_model.load_checkpoint(config["save_path"], config)
+    model, _ = checkpoint_format.load_checkpoint(config["save_path"], config)
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         features = model.features(images)
@@ -228,7 +237,7 @@ def test_torchrun_with_two_gloo_processes_runs_both_phases(make_config, tmp_path
     # 52 train images: 26 rows of the feature table per process, 4 batches of up to 8.
     assert "phase prompts: 1 epochs, 4 steps per epoch" in log_text
     assert [phase for _, phase, *_ in learned(config)] == ["prompts", "image_encoder"]
-    model, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
     assert ckpt["epoch"] == 2 and ckpt["method"] == "clipreid"
 
 

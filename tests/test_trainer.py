@@ -13,15 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint_format
 import make_model
 from build_dataloader import get_train_val_loaders
 from config import load_config
 from errors import ConfigError, UserError
 from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_torchrun, write_config
-from experiments.train_stage1_frozen_text import main
-from engine import Phase, lr_factor, metrics_path, read_resume_state, resume_path
+from finetune_trainer_stage1 import Stage1
+from train_entry import train_main
+from method import Phase, lr_factor
+from run_log import metrics_path
+from checkpointing import read_resume_state, resume_path
 from finetune_trainer_stage1 import FinetuneTrainerStage1
 from runtime import seed_everything
+
+
+def main(argv):
+    """The Stage1 train script's main()."""
+    return train_main(Stage1, '', argv)
+
 
 TRAIN = "experiments/train_stage1_frozen_text.py"
 METRIC_KEYS = {"epoch", "phase", "train_loss", "loss_ce", "train_acc", "val_acc", "val_loss",
@@ -82,7 +92,7 @@ def test_training_learns_and_changes_only_the_image_encoder(make_config):
     log_text = Path(config["log_path"]).read_text()
     assert "resolved config" in log_text and "epoch 3/3  loss" in log_text
     best = max(rows, key=lambda r: (r["val_acc"], r["epoch"]))  # ties: the later epoch
-    _, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    _, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
     assert (ckpt["epoch"], ckpt["selection"]["val_accuracy"]) == (best["epoch"], best["val_acc"])
     assert ckpt["identity_names"] == train_loader.dataset.classes
     finished = torch.load(resume_path(config), weights_only=True)
@@ -169,13 +179,13 @@ def test_corrupt_foreign_or_mismatched_state_is_a_clear_error(make_config):
                                     config, "cpu", val_loader)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    assert read_resume_state(make_config(batch_size=8, epochs=2, num_workers=1))["epoch"] == 1
+    assert read_resume_state(make_config(batch_size=8, epochs=2, num_workers=1)).epoch == 1
 
     with pytest.raises(UserError, match=r"other training settings \(lr: 0.001 -> 0.002\); "
                                         r"pass --overwrite"):
         read_resume_state(make_config(batch_size=8, epochs=2, lr=2e-3))
     with pytest.raises(UserError, match="trained on aspect 'dorsal_r'"):
-        make_model.load_checkpoint(config["save_path"], make_config(aspect="palmar_l"))
+        checkpoint_format.load_checkpoint(config["save_path"], make_config(aspect="palmar_l"))
 
     path = resume_path(config)
     data = path.read_bytes()
@@ -208,7 +218,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(make_conf
 def test_torchrun_with_two_gloo_processes_writes_one_checkpoint(make_config, tmp_path):
     config = make_config(batch_size=4, epochs=1, warmup_epochs=0)
     run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))
-    _, ckpt = make_model.load_checkpoint(config["save_path"], config)
+    _, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
     assert ckpt["epoch"] == 1
     log_text = Path(config["log_path"]).read_text()
     # 52 train images: 26 per process, 6 full batches of 4 each.
