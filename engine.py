@@ -1,27 +1,18 @@
 """The training loop every method shares: phases -> epochs -> steps.
 
-A method (method.py; finetune_trainer_stage1.py is the smallest) gives the model, the phases,
-the parameter groups and the loss of a batch. The Engine runs them with mixed precision and
-grad scaling, DistributedDataParallel, gradient clipping, the lr schedule, device-side loss
-sums, the NaN stop and the stop agreed by every rank; at the end of every epoch it calls, in
-this order, its collaborators: selection (selection.py: val signals, the best-epoch rule),
-checkpoints (checkpointing.py: save points, pending best weights, the resume state) and the
-run log (run_log.py: log lines, metrics JSONL, curves, TensorBoard); then every rank waits at
-a barrier. The files a run writes are listed in checkpointing.py and run_log.py.
+A method (method.py; finetune_trainer_stage1.py is the smallest) gives the model, phases,
+parameter groups and the loss of a batch. The Engine runs them with mixed precision, grad
+scaling, DDP, clipping, the lr schedule, device-side loss sums (read every PROGRESS_EVERY
+steps: no host sync per step), the NaN stop and a stop every rank agrees on. After each epoch
+it calls, in this order: selection (selection.py), checkpoints (checkpointing.py: save points,
+pending best, resume state), the run log (run_log.py); then every rank waits at a barrier.
 
-Work lost to a kill -9 is at most `save_every` epochs or `save_every_minutes` minutes (plus the
-epoch running then). The first Ctrl-C or SIGTERM lets the running epoch finish, writes the
-resume state and exits (130); a second one stops at once.
-
-Resume is exact because every epoch's randomness (sampler order, augmentation, loader worker
-seeds) is seeded from (seed, epoch, rank) when the epoch starts: no RNG state has to survive
-an interruption. Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel
-(wrapped anew in each phase, as the trained parameters change); loss terms and accuracy are
-summed over ranks; rank 0 validates, logs and writes the files. Every rank reads the resume
-state, so on several nodes save_path must be on a shared disk.
-
-No host synchronisation per step: loss sums and a non-finite-loss flag stay on the device and
-are read every PROGRESS_EVERY steps (progress bar, NaN stop) and at the end of the epoch.
+Resume is exact: every epoch's randomness (sampler order, augmentation, loader worker seeds)
+is seeded from (seed, epoch, rank) when it starts, so no RNG state is stored. A kill -9 loses
+at most `save_every` epochs or `save_every_minutes` (plus the running epoch); the first Ctrl-C
+or SIGTERM finishes the epoch, saves and exits 130, a second one stops at once. Under torchrun
+rank 0 validates, logs and writes; every rank reads the resume state (on several nodes
+save_path must be on a shared disk); the model is wrapped in DDP anew in each phase.
 """
 import contextlib
 import time
@@ -35,7 +26,7 @@ from tqdm import tqdm
 from build_dataloader import device_augment, set_loader_epoch
 from checkpointing import Checkpointer, ResumeState, read_resume_state, resume_path
 from errors import ConfigError, UserError
-from method import lr_factor, schedule_warnings
+from method import lr_factor, phase_of
 from run_log import RunLog, curve_path, log, metrics_path
 from runtime import (GracefulStop, autocast, epoch_seed, rank_and_world, resolve_precision,
                      run_lock, seed_everything)
@@ -110,14 +101,10 @@ class Engine:
                     self.checkpoints.restore(state, self.scaler)
                     self.selection.restore(state.best)
                     self.epochs_done, self.history = state.epoch, list(state.history)
-                start = (f"resuming after epoch {self.epochs_done} from "
-                         f"{resume_path(self.config)}" if self.epochs_done
-                         else "starting from scratch")
                 self.run_log.start(
-                    self.method, start, self.device, self.world_size, self.amp_dtype,
-                    len(self.train_loader), self.selection.rule,
-                    sum(v.numel() for v in self.checkpoints.frozen_state().values()),
-                    schedule_warnings(self.phases), self.epochs_done + 1)
+                    self.method, self.epochs_done, self.device, self.world_size,
+                    self.amp_dtype, len(self.train_loader), self.selection.rule,
+                    sum(v.numel() for v in self.checkpoints.frozen_state().values()))
                 first = 0
                 for index, phase in enumerate(self.phases):
                     if self.epochs_done < first + phase.epochs and not self.stopped_early:
@@ -352,7 +339,7 @@ class Engine:
         state = ResumeState(
             method=self.method.name, config=dict(self.config),
             identity_names=self.method.identity_names, world_size=self.world_size,
-            iters_per_epoch=self.iters_per_epoch, epoch=epoch, phase=self._phase_of(epoch),
+            iters_per_epoch=self.iters_per_epoch, epoch=epoch, phase=phase_of(self.phases, epoch),
             finished=finished, best=self.selection.best,
             best_written=self.checkpoints.best_written, history=self.history,
             frozen_digest=self.checkpoints.frozen_digest)
@@ -362,13 +349,3 @@ class Engine:
                                                 self.scheduler.state_dict())
             state.scaler = self.scaler.state_dict()
         self.checkpoints.save(state, self.selection.best)
-
-    def _phase_of(self, epoch):
-        """Index of the phase that epoch `epoch` (counted from 1 over all phases) belongs to:
-        the phase whose optimizer a resume state written after that epoch holds."""
-        last = 0
-        for index, phase in enumerate(self.phases):
-            last += phase.epochs
-            if epoch <= last:
-                return index
-        return len(self.phases) - 1

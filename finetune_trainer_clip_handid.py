@@ -72,7 +72,7 @@ class ClipHandId(Method):
         return [Phase.from_config(self.config, optimizer="adam",
                                   warmup_start=self.config["warmup_factor"])]
 
-    def _trains(self, name):
+    def trains(self, name):
         if name.startswith("extras.inversion."):
             return self.config["inversion"] == "learned"
         # The BNNecks' BN bias stays frozen (BNNeck, Luo et al. 2019).
@@ -82,7 +82,7 @@ class ClipHandId(Method):
 
     def start_phase(self, phase, train_loader, device):
         for name, param in self.model.named_parameters():
-            param.requires_grad_(self._trains(name))
+            param.requires_grad_(self.trains(name))
         return train_loader
 
     def param_groups(self, phase):

@@ -119,7 +119,8 @@ class ClipReid(Method):
                                   warmup_start=config["warmup_factor"])
         return [phase for phase in (prompts, image) if phase.epochs > 0]
 
-    def _trains(self, phase, name):
+    def trains(self, phase, name):
+        """Whether the parameter `name` of the model trains in `phase`."""
         if phase.name == PROMPTS:
             return name == "extras.prompt_learner.context"
         # The BNNecks' BN bias stays frozen (BNNeck, Luo et al. 2019).
@@ -130,7 +131,7 @@ class ClipReid(Method):
     def start_phase(self, phase, train_loader, device):
         self.phase = phase.name
         for name, param in self.model.named_parameters():
-            param.requires_grad_(self._trains(phase, name))
+            param.requires_grad_(self.trains(phase, name))
         if phase.name == PROMPTS:
             return self._feature_table_loader(train_loader, device)
         self.text_features = self._all_text_features(device)

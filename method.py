@@ -111,6 +111,16 @@ def epoch_lr_factor(t, phase):
     return phase.lr_gamma ** sum(t >= milestone for milestone in phase.lr_steps)
 
 
+def phase_of(phases, epoch):
+    """Index of the phase that epoch `epoch` (counted from 1 over all phases) belongs to."""
+    last = 0
+    for index, phase in enumerate(phases):
+        last += phase.epochs
+        if epoch <= last:
+            return index
+    return len(phases) - 1
+
+
 def schedule_warnings(phases):
     """Schedules that cannot do what they say: a warmup as long as the phase (the lr never
     reaches its set value) or a step that lies beyond the phase's last epoch. -> [str]."""

@@ -18,6 +18,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from atomic_files import atomic_write, atomic_write_text
+from checkpointing import resume_path
+from method import schedule_warnings
 from runtime import PRECISION_NAMES
 
 log = logging.getLogger("handid.train")
@@ -144,11 +146,14 @@ class RunLog:
             log.removeHandler(handler)
             handler.close()
 
-    def start(self, method, start, device, world_size, amp_dtype, steps_per_epoch, selection,
-              frozen_values, warnings, first_epoch):
-        """The run's first lines: what trains, from where, on what; then the tracker."""
+    def start(self, method, epochs_done, device, world_size, amp_dtype, steps_per_epoch,
+              selection, frozen_values):
+        """The run's first lines: what trains, from where, on what, schedule warnings; then
+        the tracker opens."""
         if not self.is_main:
             return
+        start = (f"resuming after epoch {epochs_done} from {resume_path(self.config)}"
+                 if epochs_done else "starting from scratch")
         log.info(f"{method.name} training of {self.config['name']}: {start}")
         log.info("resolved config:\n" + yaml.safe_dump(dict(self.config), sort_keys=False))
         phases = ", ".join(f"{p.name} {p.epochs} epochs" for p in self.phases)
@@ -157,13 +162,13 @@ class RunLog:
                  f"{steps_per_epoch} steps per epoch per process; phases: {phases}; "
                  f"selection: {selection or 'last epoch (no val/)'}; never trained (not in "
                  f"resume states): {frozen_values} values")
-        for warning in warnings:
+        for warning in schedule_warnings(self.phases):
             log.warning(warning)
         if device.type == "cpu":
             log.info(f"CPU: {torch.get_num_threads()} threads, OMP_WAIT_POLICY "
                      f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")
         if self.config["tensorboard"]:
-            self.tensorboard = TensorBoardLog(self.config["log_path"], first_epoch)
+            self.tensorboard = TensorBoardLog(self.config["log_path"], epochs_done + 1)
 
     def phase(self, phase, steps_per_epoch, groups):
         """A phase's first line (methods with several phases): its optimizer groups."""

@@ -120,7 +120,7 @@ def test_shipped_stage2_recipe_gives_biases_2x_lr_and_decays_everything(make_con
     method = ClipReid(config, clip_model, [f"id{i}" for i in range(40)])
     image_phase = method.phases()[1]
     for name, param in method.model.named_parameters():
-        param.requires_grad_(method._trains(image_phase, name))
+        param.requires_grad_(method.trains(image_phase, name))
     groups = method.param_groups(image_phase)
     names = {id(p): n for n, p in method.model.named_parameters()}
     trained = [p for p in method.model.parameters() if p.requires_grad]
