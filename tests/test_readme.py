@@ -1,6 +1,8 @@
-"""README stays true: every config key is documented with its default, and every command in
-its shell blocks names a script that runs (--help), configs that load and make targets that
-exist. The demo and the other tests run the same commands on synthetic data."""
+"""The README and docs/ stay true: every config key is documented in docs/config.md with its
+default (and no row names a key that does not exist), every command in their shell blocks
+names a script that runs (--help), configs that load and make targets that exist, and every
+relative link points at a file and heading that exist. The demo and the other tests run the
+same commands on synthetic data."""
 import re
 import shlex
 
@@ -9,21 +11,35 @@ import pytest
 from config import SCHEMA, load_config
 from conftest import ROOT, run_script
 
-README = (ROOT / "README.md").read_text()
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = {path.resolve(): path.read_text() for path in [README, *DOCS]}
+KEY_TABLE = ROOT / "docs" / "config.md"
+KEY_ROW = re.compile(r"^\| `([^`]+)` \| `([^`]*)` \|", flags=re.M)
 
 
 def shell_lines():
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    blocks = [block for text in PAGES.values()
+              for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
     lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line]
 
 
+def shown_default(spec):
+    default = spec["default"]
+    return "derived" if default is None else (
+        str(default).lower() if isinstance(default, bool) else str(default))
+
+
 def test_every_config_key_is_documented_with_its_default():
+    text = KEY_TABLE.read_text()
     for key, spec in SCHEMA.items():
-        default = spec["default"]
-        shown = "derived" if default is None else (
-            str(default).lower() if isinstance(default, bool) else str(default))
-        assert f"| `{key}` | `{shown}` |" in README, key
+        assert f"| `{key}` | `{shown_default(spec)}` |" in text, key
+
+
+def test_the_key_table_names_no_stale_key_and_each_key_once():
+    rows = [key for key, _ in KEY_ROW.findall(KEY_TABLE.read_text())]
+    assert sorted(rows) == sorted(SCHEMA)
 
 
 def test_shell_commands_name_real_scripts_configs_and_targets():
@@ -45,6 +61,32 @@ def test_shell_commands_name_real_scripts_configs_and_targets():
     for script in sorted(scripts):
         proc = run_script(script, "--help")
         assert "usage:" in proc.stdout, script
+
+
+def anchor(heading):
+    """GitHub's anchor of a markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_relative_links_point_at_existing_files_and_headings():
+    anchors = {path: {anchor(h) for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+               for path, text in PAGES.items()}
+    for path, text in PAGES.items():
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, fragment = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            assert linked.exists(), f"{path.name}: {target}"
+            if fragment and linked.suffix == ".md":
+                assert fragment in anchors[linked], f"{path.name}: {target}"
+
+
+def test_the_documentation_stands_on_its_own():
+    for path, text in PAGES.items():
+        assert "DESIGN.md" not in text and "../shared" not in text, path.name
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("configs/**/eval_*.yml")))
