@@ -2,7 +2,7 @@
 every script shares (--config, --set; its errors are ConfigErrors).
 
 All experiments read one flat dict. Keys, types, defaults and allowed values live in SCHEMA;
-README.md documents them. A bad key, type or value raises ConfigError (exit code 2).
+docs/config.md documents them. A bad key, type or value raises ConfigError (exit code 2).
 """
 import argparse
 import difflib
