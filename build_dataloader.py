@@ -1,8 +1,8 @@
 """Datasets and loaders over the prepared split folders (see datasets/prepare_*.py).
 
-Every image goes through one decode step, `decode_image` (RGB, squash-resized to the square
-input side with bicubic filtering, uint8), then tensor transforms: augmentation for training,
-only scaling and the backbone's own mean/std normalisation for evaluation.
+Every image goes through one decode step, `decode_image` (RGB, squash-resized to the input
+size, a side or (height, width), with bicubic filtering, uint8), then tensor transforms:
+augmentation for training, only scaling and the backbone's own mean/std normalisation for evaluation.
 
 Fast path (`cache_images: true`): each image is decoded once, with PIL's JPEG draft mode
 (the decoder skips detail that the resize would throw away), and kept in memory as uint8;
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from config import dataset_dir, prepare_command
 from errors import ConfigError, UserError
-from make_model import preprocess_spec
+from make_model import image_hw, preprocess_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -55,25 +55,28 @@ def list_split(config, split_name):
     return items
 
 
-def decode_image(path, side, draft=False):
-    """Image file -> uint8 tensor [3, side, side]; names the file if it cannot be read."""
+def decode_image(path, size, draft=False):
+    """Image file -> uint8 tensor [3, height, width] of `size` (a side or (height, width));
+    names the file if it cannot be read."""
+    height, width = image_hw(size)
     try:
         with Image.open(path) as image:
             if draft:
-                image.draft("RGB", (side, side))
-            image = image.convert("RGB").resize((side, side), Image.BICUBIC)
+                image.draft("RGB", (width, height))
+            image = image.convert("RGB").resize((width, height), Image.BICUBIC)
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise UserError(f"cannot read image {path} ({err}); replace the file or re-run the "
                         "prepare script, which reports and skips unreadable images") from None
     return v2.functional.pil_to_tensor(image)
 
 
-def decode_all(paths, side):
-    """Decode every image once (threads: PIL releases the GIL while decoding) -> uint8 [N,3,S,S]."""
-    cache = torch.empty((len(paths), 3, side, side), dtype=torch.uint8)
+def decode_all(paths, size):
+    """Decode every image once (threads: PIL releases the GIL while decoding) -> uint8
+    [N, 3, height, width]."""
+    cache = torch.empty((len(paths), 3, *image_hw(size)), dtype=torch.uint8)
 
     def fill(index):
-        cache[index] = decode_image(paths[index], side, draft=True)
+        cache[index] = decode_image(paths[index], size, draft=True)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(tqdm(pool.map(fill, range(len(paths))), total=len(paths), desc="caching images",

@@ -117,10 +117,12 @@ def check_matches_config(path, ckpt, config):
             raise UserError(f"{path} was trained on {key} {trained.get(key)!r} but the config "
                             f"says {key}: {config[key]}; point save_path: at the checkpoint "
                             f"of {config[key]} or set {key}: {trained.get(key)}")
-    if ckpt["image_size"] != make_model.image_size(config, arch):
-        raise UserError(f"{path} was trained at image_size {ckpt['image_size']} but the config "
-                        f"gives {make_model.image_size(config, arch)}; set image_size: "
-                        f"{ckpt['image_size']}")
+    if make_model.image_hw(ckpt["image_size"]) != \
+            make_model.image_hw(make_model.image_size(config, arch)):
+        trained_size = make_model.size_text(ckpt["image_size"])
+        raise UserError(f"{path} was trained at image_size {trained_size} but the config "
+                        f"gives {make_model.size_text(make_model.image_size(config, arch))}; "
+                        f"set image_size: {trained_size}")
     if trained.get("normalize", "clip") != config["normalize"]:
         raise UserError(f"{path} was trained with normalize: {trained.get('normalize', 'clip')} "
                         f"but the config says normalize: {config['normalize']}; set normalize: "

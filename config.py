@@ -51,7 +51,9 @@ SCHEMA = {
                                       "(checkpoint at save_path)",
                     choices=("baseline", "finetuned")),
     # data pipeline
-    "image_size": _opt(int, None, "input side in pixels (default: the backbone's)", low=8),
+    "image_size": _opt("size", None, "input side in pixels, or [height, width] (a ViT only; "
+                                     "CLIP-ReID: [256, 128]); default: the backbone's",
+                       low=8),
     "cache_images": _opt(bool, True, "decode and resize every image once and keep it in memory "
                                      "as uint8 (the fast data path)"),
     "num_workers": _opt(int, 2, "data loader worker processes", low=0),
@@ -109,6 +111,10 @@ SCHEMA = {
                                                   "many blocks (before ln_post; CLIP-ReID: "
                                                   "blocks - 1 = 11), ResNet the mean of this "
                                                   "layer (CLIP-ReID: 3); default: off"),
+    "pos_embed_interpolation": _opt(str, "bicubic", "how a ViT's position embedding is "
+                                                    "resized to another image_size: bicubic "
+                                                    "(open_clip's) or bilinear (CLIP-ReID's)",
+                                    choices=("bicubic", "bilinear")),
     "normalize": _opt(str, "clip", "input mean/std: clip (the weights' own), half (0.5/0.5, "
                                    "CLIP-ReID's ViT config) or imagenet (CLIP-ReID's RN50 "
                                    "config)", choices=("clip", "half", "imagenet")),
@@ -246,9 +252,12 @@ def _check_value(key, value, where):
     if value is None:
         if spec["nullable"]:
             return None
-        raise ConfigError(f"{where}: '{key}' must not be empty (expected {kind.__name__})")
+        raise ConfigError(f"{where}: '{key}' must not be empty (expected "
+                          f"{getattr(kind, '__name__', kind)})")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if kind == "size":
+        return _check_size(key, value, spec["min"], where)
     if kind is list:
         ok = isinstance(value, list) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
@@ -265,6 +274,19 @@ def _check_value(key, value, where):
     if spec["min"] is not None and value < spec["min"]:
         raise ConfigError(f"{where}: '{key}' must be >= {spec['min']}, got {value!r}")
     return value
+
+
+def _check_size(key, value, low, where):
+    """An image size: one side (square) or [height, width] of ints >= low; a square pair
+    becomes its side."""
+    sides = value if isinstance(value, list) else [value]
+    if len(sides) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                           for v in sides):
+        raise ConfigError(f"{where}: '{key}' must be a side in pixels or [height, width], got "
+                          f"{value!r}")
+    if min(sides) < low:
+        raise ConfigError(f"{where}: '{key}' must be >= {low} pixels, got {value!r}")
+    return sides[0] if len(set(sides)) == 1 else list(sides)
 
 
 def parse_override(text):

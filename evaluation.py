@@ -127,7 +127,9 @@ def model_identity(config, device):
         pretrained = config["pretrained"]
         weights = _file_identity(pretrained) if pretrained and os.path.isfile(pretrained) \
             else pretrained
-        model = ("baseline", config["model"], weights, config["image_size"], config["seed"])
+        size = config["image_size"]
+        model = ("baseline", config["model"], weights,
+                 tuple(size) if isinstance(size, list) else size, config["seed"])
     else:
         model = ("finetuned",) + _file_identity(config["save_path"])
     return model + (config["flip"], config["amp"], str(device))

@@ -116,8 +116,18 @@ def quick_gelu(config):
 
 
 def image_size(config, arch):
+    """The input size: one side (square) or (height, width); a ResNet takes square inputs
+    only (its attention pool's grid is square here)."""
     if config["image_size"] is not None:
-        return config["image_size"]
+        size = config["image_size"]
+        if isinstance(size, int):
+            return size
+        if isinstance(open_clip.get_model_config(arch)["vision_cfg"].get("layers"),
+                      (list, tuple)):  # a ResNet's layers are a list of block counts
+            raise ConfigError(f"image_size: {size} is not square, and model: {arch} is a "
+                              f"ResNet, which takes square inputs here; set image_size: "
+                              f"<side>, or use a ViT backbone for [height, width]")
+        return tuple(size)
     size = open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
@@ -201,16 +211,14 @@ def _is_torchscript(path):
         return any(name.endswith("constants.pkl") for name in archive.namelist())
 
 
-def _torchscript_state_dict(path, model):
-    """fp32 state dict of an OpenAI TorchScript archive (fp16 inside), position embeddings
-    resized to the model's image size, the archive's non-weight entries dropped."""
+def _torchscript_state_dict(path):
+    """fp32 state dict of an OpenAI TorchScript archive (fp16 inside), the archive's
+    non-weight entries dropped."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still needed
         archive = torch.jit.load(str(path), map_location="cpu")
-    state = {k: v.float() for k, v in archive.state_dict().items()
-             if k not in ("input_resolution", "context_length", "vocab_size")}
-    resize_pos_embed(state, model)
-    return state
+    return {k: v.float() for k, v in archive.state_dict().items()
+            if k not in ("input_resolution", "context_length", "vocab_size")}
 
 
 @contextlib.contextmanager
@@ -231,14 +239,25 @@ def create_clip(config, weights=None):
         raise UserError(f"pretrained: weights file not found: {weights} (give the path of a "
                         f"local {arch} weights file, an open_clip tag, or none)")
     jit_archive = weights is not None and _is_torchscript(weights)
+    # bilinear: the weights are read at their own size, then their position embedding is
+    # resized as CLIP-ReID does (F.interpolate bilinear, no antialiasing).
+    bilinear = config["pos_embed_interpolation"] == "bilinear"
+    settings = dict(precision="fp32", device="cpu", jit=False,
+                    force_quick_gelu=quick_gelu(config))
     try:
-        with weights_follow() if jit_archive else contextlib.nullcontext():
-            model = open_clip.create_model(
-                arch, pretrained=None if jit_archive else weights, precision="fp32",
-                device="cpu", jit=False, force_quick_gelu=quick_gelu(config),
-                force_image_size=image_size(config, arch))
+        state = None
         if jit_archive:
-            model.load_state_dict(_torchscript_state_dict(weights, model), strict=True)
+            state = _torchscript_state_dict(weights)
+        elif weights is not None and bilinear:
+            state = open_clip.create_model(arch, pretrained=weights, **settings).state_dict()
+        with weights_follow() if state is not None else contextlib.nullcontext():
+            model = open_clip.create_model(
+                arch, pretrained=None if state is not None else weights,
+                force_image_size=image_size(config, arch), **settings)
+        if state is not None:
+            resize_pos_embed(state, model, **({"interpolation": "bilinear", "antialias": False}
+                                             if bilinear else {}))
+            model.load_state_dict(state, strict=True)
     except Exception as err:
         if weights is None:
             raise
@@ -259,7 +278,7 @@ def set_resnet_last_stride_1(visual):
         raise ConfigError(f"resnet_last_stride: 1 needs a ResNet backbone (rn50, rn101, ...), "
                           f"got {type(visual).__name__}; remove the key or use model: rn50")
     side = visual.image_size
-    if any(length % 32 for length in _image_hw(side)):
+    if any(length % 32 for length in image_hw(side)):
         raise ConfigError(f"image_size: {side} does not fit a ResNet (the stride-2 network's "
                           f"map is image_size / 32); use a multiple of 32 such as 224")
     first = visual.layer4[0]
@@ -270,15 +289,22 @@ def set_resnet_last_stride_1(visual):
     pool = visual.attnpool
     old = pool.positional_embedding.data
     grid = round((old.shape[0] - 1) ** 0.5)
-    height, width = (side // 16 for side in _image_hw(visual.image_size))
+    height, width = (side // 16 for side in image_hw(visual.image_size))
     spatial = old[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
     spatial = nn.functional.interpolate(spatial, size=(height, width), mode="bilinear")
     pool.positional_embedding = nn.Parameter(
         torch.cat([old[:1], spatial.permute(0, 2, 3, 1).reshape(height * width, -1)]))
 
 
-def _image_hw(size):
+def image_hw(size):
+    """(height, width) of an image size (one side or a pair)."""
     return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def size_text(size):
+    """An image size as a config would write it: 224, or [256, 128]."""
+    height, width = image_hw(size)
+    return str(height) if height == width else f"[{height}, {width}]"
 
 
 def _download(arch, tag):

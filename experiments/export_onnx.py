@@ -3,7 +3,7 @@
     python experiments/export_onnx.py --config <eval config> --out model.onnx [--overwrite]
 
 The ONNX model takes `images`: float32 [batch, 3, S, S], RGB scaled to [0, 1], each image
-squash-resized to S x S (bicubic; S = the model's image_size), any batch size. Inside it: the
+squash-resized to H x W (bicubic; the model's image_size), any batch size. Inside it: the
 backbone's mean/std normalisation, the model's retrieval feature (HandIdModel.features: the
 image embedding, its BNNeck output, or the checkpoint's own definition), the test-time flip
 rule of the config (flip: sum or unit_mean), and L2 normalisation. Output `features`: float32 [batch, D], unit length, equal to
@@ -30,7 +30,7 @@ from torch import nn  # noqa: E402
 import evaluation  # noqa: E402
 from experiments import extract_features as fx  # noqa: E402
 from feature_encoder import describe_model, load_model  # noqa: E402
-from make_model import preprocess_spec  # noqa: E402
+from make_model import image_hw, preprocess_spec  # noqa: E402
 
 TOLERANCE = 1e-4
 OPSET = 17
@@ -51,10 +51,10 @@ class RetrievalFeature(nn.Module):
                                              self.flip)
 
 
-def to_onnx(module, side):
+def to_onnx(module, size):
     """Serialised ONNX model of `module` with a dynamic batch axis."""
     buffer = io.BytesIO()
-    example = torch.rand(EXPORT_BATCH, 3, side, side)
+    example = torch.rand(EXPORT_BATCH, 3, *image_hw(size))
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated; the torch.export one needs onnxscript.
         warnings.simplefilter("ignore")
@@ -64,12 +64,13 @@ def to_onnx(module, side):
     return buffer.getvalue()
 
 
-def max_difference(module, model_bytes, side, seed):
+def max_difference(module, model_bytes, size, seed):
     """Largest |onnxruntime - torch| over a random batch of CHECK_BATCH images."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    images = torch.rand(CHECK_BATCH, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    images = torch.rand(CHECK_BATCH, 3, *image_hw(size),
+                        generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         expected = module(images).numpy()
     got = session.run(["features"], {"images": images.numpy()})[0]
@@ -82,8 +83,9 @@ def with_metadata(model_bytes, description, spec):
     import onnx
 
     model = onnx.load_from_string(model_bytes)
+    height, width = image_hw(spec["image_size"])
     props = {"description": json.dumps(description, sort_keys=True),
-             "input": f"images float32 [batch, 3, {spec['image_size']}, {spec['image_size']}], "
+             "input": f"images float32 [batch, 3, {height}, {width}], "
                       "RGB in [0, 1], squash-resized (bicubic); normalisation is inside",
              "output": "features float32 [batch, D], L2-normalised",
              "image_size": str(spec["image_size"]), "mean": json.dumps(list(spec["mean"])),
@@ -121,7 +123,8 @@ def main(argv=None):
     atomic_write(args.out, lambda handle: handle.write(
         with_metadata(model_bytes, description, spec)))
     print(f"{args.out}: {config['model']} ({config['variant']}) image encoder, input images "
-          f"[batch, 3, {spec['image_size']}, {spec['image_size']}] in [0, 1], output L2-normalised "
+          f"[batch, 3, {', '.join(map(str, image_hw(spec['image_size'])))}] in [0, 1], output "
+          f"L2-normalised "
           f"features; fingerprint {description['fingerprint'][:12]} (export "
           f"{exported - start:.1f} s, check {checked - exported:.1f} s)")
 
