@@ -2,7 +2,8 @@
 
 Every image goes through one decode step, `decode_image` (RGB, squash-resized to the input
 size, a side or (height, width), with bicubic filtering, uint8), then tensor transforms:
-augmentation for training, only scaling and the backbone's own mean/std normalisation for evaluation.
+augmentation for training, only scaling and the backbone's own mean/std normalisation for
+evaluation.
 
 Fast path (`cache_images: true`): each image is decoded once, with PIL's JPEG draft mode
 (the decoder skips detail that the resize would throw away), and kept in memory as uint8;

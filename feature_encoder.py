@@ -53,7 +53,8 @@ def describe_model(config, model, checkpoint):
                "l2_normalised": True}
     preprocessing = {"image_size": spec["image_size"], "mean": list(spec["mean"]),
                      "std": list(spec["std"]),
-                     "resize": "RGB, squash-resized to image_size (a side, or height x width; bicubic)",
+                     "resize": "RGB, squash-resized to image_size (a side, or height x "
+                               "width; bicubic)",
                      "draft_decode": config["cache_images"]}
     weights = weights_digest(model)
     fingerprint = hashlib.sha256(json.dumps(
