@@ -1,6 +1,7 @@
 """The errors a user can fix, and how every script reports them: one line on stderr and a
 non-zero exit code, never a traceback."""
 import errno
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -44,7 +45,15 @@ def run_cli(main):
 
 
 def write_error(path, err):
-    """UserError for a failed write of `path`: the reason, the free space, the fix."""
+    """UserError for a failed write of `path`: the reason and the fix (the free space when
+    the disk is full, the permission when the folder cannot be written)."""
+    reason = err.strerror or str(err) if isinstance(err, OSError) else str(err)
+    kept = "the previous complete file, if any, is intact"
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write {path}: {reason} (the folder is read-only or not "
+                         f"yours to write, the disk is not full); write to a folder you may "
+                         f"write (results_dir:, save_path:, log_path:, --out) or fix its "
+                         f"permissions; {kept}")
     folder = Path(path).parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -52,6 +61,20 @@ def write_error(path, err):
         free = f"{shutil.disk_usage(folder).free / 2 ** 30:.2f} GiB free on {folder}"
     except OSError:
         free = "free space unknown"
-    reason = err.strerror or str(err) if isinstance(err, OSError) else str(err)
     return UserError(f"cannot write {path}: {reason} ({free}); free space or write to "
-                     f"another folder or disk; the previous complete file, if any, is intact")
+                     f"another folder or disk; {kept}")
+
+
+def check_writable(path, room=0):
+    """Before the work that leads to writing `path`: UserError (write_error's) unless its
+    folder can be created and written and, with `room` bytes, holds that much free space."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+        if room and shutil.disk_usage(folder).free < room:
+            raise OSError(errno.ENOSPC, f"less than the {room / 2 ** 30:.2f} GiB it needs "
+                                        f"free", str(path))
+    except OSError as err:
+        raise write_error(path, err) from None

@@ -9,7 +9,7 @@ from build_dataloader import get_train_val_loaders
 from checkpointing import read_resume_state
 from config import load_config, make_parser
 from engine import Engine
-from errors import ConfigError
+from errors import ConfigError, check_writable
 from runtime import (check_not_running, configure_backends, init_distributed, is_main_process,
                      resolve_precision, seed_everything)
 
@@ -55,9 +55,16 @@ def run_training(method_class, config, overwrite=False):
         if is_main_process():
             check_not_running(config["save_path"])
         read_resume_state(config, overwrite)
+        if is_main_process():
+            for path in (config["save_path"], config["log_path"]):
+                check_writable(path)
         seed_everything(config["seed"])
         train_loader, val_loader, num_classes = get_train_val_loaders(config)
         method = method_class.build(config, list(train_loader.dataset.classes), num_classes)
+        if is_main_process():
+            # Room for one checkpoint now, not at the first save point epochs later.
+            check_writable(config["save_path"], room=sum(
+                t.numel() * t.element_size() for t in method.model.state_dict().values()))
         engine = Engine(method, train_loader, config, device, val_loader, overwrite=overwrite)
         summary = engine.train()
     finally:

@@ -235,3 +235,22 @@ def test_every_method_names_its_own_train_command():
 def test_phase_of_an_epoch_counts_over_all_phases():
     phases = [Phase("prompts", 2), Phase("image_encoder", 3)]
     assert [phase_of(phases, epoch) for epoch in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+
+
+# ---------------------------------------------------------------- writing before the work
+
+def test_a_read_only_folder_says_so_and_a_full_one_says_how_much_is_free(tmp_path, monkeypatch):
+    import errno
+    import os
+    from errors import check_writable, write_error
+    denied = write_error(tmp_path / "m.pth", PermissionError(errno.EACCES, "Permission denied"))
+    assert "read-only or not yours to write, the disk is not full" in str(denied)
+    assert "GiB free" not in str(denied)
+    full = write_error(tmp_path / "m.pth", OSError(errno.ENOSPC, "No space left on device"))
+    assert "GiB free on" in str(full)
+    check_writable(tmp_path / "new/m.pth", room=1)
+    with pytest.raises(UserError, match="less than the .* GiB it needs free"):
+        check_writable(tmp_path / "m.pth", room=2 ** 62)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match="read-only or not yours to write"):
+        check_writable(tmp_path / "m.pth")
