@@ -219,6 +219,20 @@ def metric_cell(row, key):
     return cell
 
 
+def same_as_baseline(rows):
+    """(fine-tuned config, baseline config) pairs of one model and dataset whose every metric
+    is equal: the fine-tuning did not change what is ranked (lr 0, a warmup longer than the
+    training, the baseline's weights saved as the checkpoint)."""
+    def measured(row):
+        return [row[key] for key, _ in METRIC_COLUMNS if row[key] is not None]
+    baselines = [row for row in rows if row["variant"] == "baseline"]
+    return [(row["config"], base["config"]) for row in rows if row["variant"] == "finetuned"
+            for base in baselines
+            if (base["model"], base["dataset"], base["flip"], base["rerank"]) ==
+            (row["model"], row["dataset"], row["flip"], row["rerank"])
+            and measured(row) and measured(row) == measured(base)]
+
+
 def markdown_table(rows, failures):
     lines = ["| config | method | model | dataset | variant | flip | rerank | splits | seeds | "
              + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
@@ -240,6 +254,10 @@ def markdown_table(rows, failures):
                  "EER and TAR@FAR: verification over all query x gallery pairs. Cllr (bits, "
                  "not percent): of the calibrated likelihood ratios, with likelihood_ratio: "
                  "true.\n")
+    for tuned, base in same_as_baseline(rows):
+        text += (f"\nWarning: {tuned} evaluates exactly as the baseline {base} (every metric "
+                 f"equal): its training did not change the features; check lr, warmup_epochs "
+                 f"against epochs, and that save_path is the trained checkpoint.\n")
     if failures:
         text += "\nFailed:\n" + "".join(f"- {path}: {reason}\n" for path, reason in failures)
     return text
@@ -272,6 +290,9 @@ def main(argv=None):
             traceback.print_exc()
             failures.append((config_path, f"{type(err).__name__}: {err}".splitlines()[0]))
     rows.sort(key=sort_key)
+    for tuned, base in same_as_baseline(rows):
+        print(f"warning: {tuned} evaluates exactly as the baseline {base}; see the summary",
+              file=sys.stderr)
     table = markdown_table(rows, failures)
     print("\n" + table)
     out = Path(args.out)

@@ -15,7 +15,7 @@ import run_all_finetuned_stage1
 from config import load_config
 from runtime import check_not_running
 from experiments import run_eval_clip
-from conftest import ONE_THREAD, ROOT, run_script
+from conftest import ONE_THREAD, ROOT, run_script, write_config
 from test_evaluation import save_tiny_checkpoint
 
 SCRIPT = "run_all_finetuned_stage1.py"
@@ -205,3 +205,24 @@ def test_a_configs_pattern_that_matches_nothing_is_an_error(tmp_path):
         "error: no config matches configs/nosuch.yml; check the path or glob pattern given to "
         "--configs"]
     assert not (tmp_path / "s.md").exists()
+
+
+def test_a_fine_tuned_model_that_ranks_as_the_baseline_is_flagged(make_config, tmp_path, capsys):
+    # The "checkpoint" holds the same random-init weights as the seed-1 baseline: every metric
+    # is equal, which a real fine-tuning never gives.
+    config = make_config(seed=1, num_splits=2, plots=False, results_dir=str(tmp_path / "r"))
+    save_tiny_checkpoint(config, config["save_path"])
+    write_config(config, tmp_path / "eval_tuned.yml")
+    write_config({**config, "variant": "baseline"}, tmp_path / "eval_base.yml")
+    code = run_all_finetuned_stage1.main(["--configs", str(tmp_path / "eval_*.yml"),
+                                          "--out", str(tmp_path / "summary")])
+    assert code == 0
+    table = (tmp_path / "summary.md").read_text()
+    assert f"Warning: {tmp_path / 'eval_tuned.yml'} evaluates exactly as the baseline" in table
+    assert "evaluates exactly as the baseline" in capsys.readouterr().err
+    assert not run_all_finetuned_stage1.same_as_baseline(
+        [{**row, "mAP": 1.0} if row["variant"] == "finetuned" else row
+         for row in [{"config": c, "variant": v, "model": "m", "dataset": "d", "flip": "sum",
+                      "rerank": "no", **{k: 50.0 for k, _ in
+                                         run_all_finetuned_stage1.METRIC_COLUMNS}}
+                     for c, v in (("a", "baseline"), ("b", "finetuned"))]])
