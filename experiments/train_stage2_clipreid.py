@@ -12,16 +12,12 @@ Re-running the same command after Ctrl-C, SIGTERM or a crash resumes after the l
 epoch, in either phase; a finished run is refused unless --overwrite. Outputs: see engine.py;
 the method: finetune_trainer_stage2.py.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config  # noqa: E402
-from errors import run_cli  # noqa: E402
-import make_model  # noqa: E402
-from engine import check_method, report, run_training, training_parser  # noqa: E402
-from finetune_trainer_stage2 import ClipReid, check_config  # noqa: E402
+from config import load_config
+from errors import run_cli
+import make_model
+from engine import check_method, report, run_training, training_parser
+from finetune_trainer_stage2 import ClipReid, check_config
 
 
 def build_method(config, identity_names, num_classes):
