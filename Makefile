@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo bench
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $(STAMP)

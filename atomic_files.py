@@ -1,10 +1,14 @@
-"""Atomic file writes: a kill or a full disk mid-write never leaves a partial file."""
+"""File writes that lose nothing: atomic writes (a kill or a full disk mid-write never leaves
+a partial file), the previous result kept aside before a re-run replaces it, and files a user
+made refused as outputs without --overwrite."""
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from errors import write_error
+from errors import UserError, write_error
 
 
 def _umask():
@@ -69,3 +73,25 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def keep_previous(path):
+    """Before `path` is replaced, keep the old file as <stem>.<its mtime><suffix> (a hard link
+    where possible, so the stable name never goes missing). Returns the kept path or None."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+    while kept.exists():
+        kept, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+    try:
+        os.link(path, kept)
+    except OSError:
+        shutil.copy2(path, kept)
+    return kept
+
+
+def refuse_to_replace(path, overwrite):
+    """A file the user made earlier is replaced only with --overwrite (checked before any work)."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")

@@ -34,9 +34,8 @@ from tqdm import tqdm
 
 from config import dataset_dir, prepare_command
 from errors import ConfigError, UserError
+from image_files import IMAGE_SUFFIXES
 from make_model import image_hw, preprocess_spec
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def list_split(config, split_name):

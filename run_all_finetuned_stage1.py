@@ -41,7 +41,7 @@ from errors import ConfigError, run_cli, UserError
 from atomic_files import atomic_write_text
 from checkpointing import needs_training
 from runtime import check_not_running
-from experiments import run_eval_clip
+from evaluation_report import evaluate_config
 
 ROOT = Path(__file__).resolve().parent
 # config `method` -> the script that trains it
@@ -169,7 +169,7 @@ def run_seed(config_path, args, store, seed):
         train_missing(config_path, config, list(args.overrides), seed)
     print(f"\n=== evaluating {config_path}" + ("" if seed is None else f" (seed {seed})"),
           flush=True)
-    return run_eval_clip.evaluate_config(config, store)
+    return evaluate_config(config, store)
 
 
 def run_one(config_path, args, store):

@@ -21,22 +21,20 @@ download), so the numbers are the I/O of the scheme, not of the data.
 import argparse
 import contextlib
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import checkpoint_format  # noqa: E402
-import make_model  # noqa: E402
-from config import load_config  # noqa: E402
-from atomic_files import atomic_write, atomic_write_text  # noqa: E402
-from finetune_trainer_stage1 import FinetuneTrainerStage1  # noqa: E402
+import checkpoint_format
+import make_model
+from config import load_config
+from atomic_files import atomic_write, atomic_write_text
+from finetune_trainer_stage1 import FinetuneTrainerStage1
 
 NUM_CLASSES = 8
 # Per model: (batch size, steps per epoch) small enough for a CPU, as "a few images".

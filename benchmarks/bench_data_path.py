@@ -13,27 +13,25 @@ parallel regions (OMP_WAIT_POLICY=PASSIVE unless set).
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # The device path runs on this CPU's OpenMP threads. On a shared machine, threads that spin
 # while waiting for each other lose most of their time slices (several-fold slower); passive
 # waiting keeps the figure about the data path. Set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch
+from PIL import Image
 
-from build_dataloader import (device_augment, eval_loader, get_train_val_loaders,  # noqa: E402
+from build_dataloader import (device_augment, eval_loader, get_train_val_loaders,
                               list_split, set_loader_epoch)
-from config import load_config  # noqa: E402
-from atomic_files import atomic_write_text  # noqa: E402
-from make_model import HandIdModel, build_model, preprocess_spec  # noqa: E402
-from synthetic_data import prepare_synthetic_11k  # noqa: E402
+from config import load_config
+from atomic_files import atomic_write_text
+from make_model import HandIdModel, build_model, preprocess_spec
+from synthetic_data import prepare_synthetic_11k
 
 
 def make_data(folder, subjects, per_aspect, config):

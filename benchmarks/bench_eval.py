@@ -6,20 +6,18 @@ data and model, with the number of images listed by the splits and the number en
         [--subjects 40] [--out benchmarks/results/eval.md]
 """
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from config import load_config  # noqa: E402
-from atomic_files import atomic_write_text  # noqa: E402
-from evaluation import evaluate  # noqa: E402
-from make_model import HandIdModel, build_model  # noqa: E402
-from synthetic_data import prepare_synthetic_11k  # noqa: E402
+from config import load_config
+from atomic_files import atomic_write_text
+from evaluation import evaluate
+from make_model import HandIdModel, build_model
+from synthetic_data import prepare_synthetic_11k
 
 BASELINE_CONFIG = ROOT / "configs/demo/eval_baseline_tiny_11k_dorsal_r.yml"
 

@@ -12,7 +12,6 @@ re-ranking against that loop reference on a smaller case (--rerank-full: also fu
 """
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -22,10 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from errors import run_cli, UserError  # noqa: E402
-from atomic_files import atomic_write_text  # noqa: E402
-from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,  # noqa: E402
+from errors import run_cli, UserError
+from atomic_files import atomic_write_text
+from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
                           compute_verification_metrics, rerank_k_reciprocal)
 
 

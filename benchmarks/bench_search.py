@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from errors import run_cli, UserError  # noqa: E402
-from atomic_files import atomic_write_text  # noqa: E402
-from gallery_search import top_k  # noqa: E402
+from errors import run_cli, UserError
+from atomic_files import atomic_write_text
+from gallery_search import top_k
 
 DIM, K = 512, 10
 METHODS = ("dense stable sort", "chunked top-k", "faiss IndexFlatIP")

@@ -15,23 +15,21 @@ import argparse
 import contextlib
 import io
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from config import load_config, parse_override  # noqa: E402
-from errors import run_cli  # noqa: E402
-from atomic_files import atomic_write_text  # noqa: E402
-from finetune_trainer_stage1 import FinetuneTrainerStage1  # noqa: E402
-from make_model import build_model, preprocess_spec  # noqa: E402
-from runtime import configure_backends  # noqa: E402
+from config import load_config, parse_override
+from errors import run_cli
+from atomic_files import atomic_write_text
+from finetune_trainer_stage1 import FinetuneTrainerStage1
+from make_model import build_model, preprocess_spec
+from runtime import configure_backends
 
 NUM_CLASSES = 100
 

@@ -14,4 +14,8 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 # No network on the machine: never try to reach the model hubs.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+# The environment may have been made for a checkout at another path (a venv carried to this
+# machine): point its editable install of the project here first, offline.
+"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+    --no-index -e .
 exec "$PYTHON" benchmarks/gpu_check.py "$@"

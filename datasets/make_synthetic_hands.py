@@ -21,7 +21,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -29,10 +28,9 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from config import ArgumentParser  # noqa: E402
-from errors import ConfigError, run_cli, UserError  # noqa: E402
-from atomic_files import atomic_write_json, atomic_write_text  # noqa: E402
+from config import ArgumentParser
+from errors import ConfigError, run_cli, UserError
+from atomic_files import atomic_write_json, atomic_write_text
 
 # HandInfo.csv aspectOfHand -> id threshold of the published protocol (id <= T: train identity)
 ASPECTS_11K = {"dorsal right": 1050, "dorsal left": 1037, "palmar right": 1051,

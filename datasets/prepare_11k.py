@@ -6,15 +6,13 @@ query{i}, gallery{i}, gallery{i}_all and splits.json.
         [--num-splits 10] [--copy | --max-side N] [--overwrite]
 """
 import csv
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import split_protocol  # noqa: E402  (beside this script)
-from config import ASPECTS  # noqa: E402
-from errors import run_cli, UserError  # noqa: E402
+import split_protocol  # beside this script
+from config import ASPECTS
+from errors import run_cli, UserError
+from image_files import warn_skipped
 
 DOWNLOAD = "download Hands.zip and HandInfo.csv from https://sites.google.com/view/11khands"
 ASPECT_OF_HAND = {"dorsal right": "dorsal_r", "dorsal left": "dorsal_l",
@@ -67,7 +65,7 @@ def kept_images(rows):
         seen.add(name)
         if int(accessories) == 0:
             kept[ASPECT_OF_HAND[aspect]][identity].append(f"Hands/{name}")
-    split_protocol.warn_skipped("malformed rows of HandInfo.csv", malformed)
+    warn_skipped("malformed rows of HandInfo.csv", malformed)
     return kept, malformed
 
 

@@ -16,17 +16,14 @@ files and identities with fewer than 2 usable images are reported by name and sk
 """
 import os
 import random
-import sys
 from pathlib import Path, PurePosixPath
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import split_protocol  # noqa: E402  (beside this script)
-from config import DEFAULT_DATA_DIRS  # noqa: E402
-from errors import run_cli, UserError  # noqa: E402
+import split_protocol  # beside this script
+from config import DEFAULT_DATA_DIRS
+from errors import run_cli, UserError
+from image_files import IMAGE_SUFFIXES, warn_skipped
 
 FOLDER = "train_val_test_split"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # what the loaders read
 DISTRACTOR_PREFIX = "distractor__"
 NESTED_SEPARATOR = "__"  # <identity>/left/1.jpg is entry left__1.jpg of its identity folder
 LAYOUT = "<root>/<identity>/<images>"
@@ -151,7 +148,7 @@ def split_identities(identities, test_ids, fraction, seed):
 
 def build(base, args, identities, distractors, others, test_ids):
     """{folder: manifest fields}; see split_protocol.prepare."""
-    split_protocol.warn_skipped("files that are not images (jpg, jpeg, png, bmp)", others)
+    warn_skipped("files that are not images (jpg, jpeg, png, bmp)", others)
     sources = sorted(s for ids in (identities, distractors) for files in ids.values()
                      for s in files)
     unusable = split_protocol.find_unusable_images(base, sources)

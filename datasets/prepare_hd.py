@@ -6,14 +6,11 @@
         [--copy | --max-side N] [--overwrite]
 """
 import re
-import sys
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import split_protocol  # noqa: E402  (beside this script)
-from errors import run_cli, UserError  # noqa: E402
+import split_protocol  # beside this script
+from errors import run_cli, UserError
+from image_files import IMAGE_SUFFIXES, warn_skipped
 
 DOWNLOAD = ("download the original images of the HD dataset from "
             "http://www4.comp.polyu.edu.hk/~csajaykr/knuckleV2.htm")
@@ -21,7 +18,6 @@ IDENTITY_FOLDER = "Original Images/1-501"
 DISTRACTOR_FOLDER = "Original Images/502-712"
 TRAIN_MAX_ID = 447  # ids <= 447 of 1-501 are training identities, the others test identities
 DISTRACTOR_PREFIX = "distractor__"  # cannot equal a test id
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 FOLDER = "train_val_test_split"
 PROTOCOL = {"identity_folder": IDENTITY_FOLDER, "distractor_folder": DISTRACTOR_FOLDER,
             "train_max_id": TRAIN_MAX_ID, "distractor_label": f"{DISTRACTOR_PREFIX}<id>",
@@ -51,7 +47,7 @@ def build(raw, seed, num_splits):
     badly_named = []
     subjects = list_images(raw, IDENTITY_FOLDER, badly_named)
     distractors = list_images(raw, DISTRACTOR_FOLDER, badly_named)
-    split_protocol.warn_skipped("images not named <id>_<n>", badly_named)
+    warn_skipped("images not named <id>_<n>", badly_named)
     sources = sorted(s for ids in (subjects, distractors) for files in ids.values() for s in files)
     unusable = split_protocol.find_unusable_images(raw, sources)
     usable = {group: {i: [f for f in files if f not in unusable] for i, files in ids.items()}

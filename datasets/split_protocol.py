@@ -1,5 +1,6 @@
-"""What prepare_11k.py and prepare_hd.py share: the command line, image checks, the seeded
-train/val and query/gallery protocol, writing split folders of links, splits.json and re-runs.
+"""What the prepare scripts share: the command line, the check of every raw image (with
+image_files.py), the seeded train/val and query/gallery protocol, writing split folders of
+links, splits.json and re-runs.
 
 A split folder (e.g. train_val_test_split_dorsal_r) holds `<split>/<identity>/<file>` entries
 that are hard links (symlinks across file systems) to the raw image, or, with --copy /
@@ -15,16 +16,16 @@ import random
 import re
 import secrets
 import shutil
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from config import ArgumentParser
 from errors import UserError
 from atomic_files import atomic_write, atomic_write_json
+from image_files import WORKERS, image_problem, warn_skipped
 
 FORMAT_VERSION = 1
 MANIFEST = "splits.json"
@@ -34,7 +35,6 @@ SUMMARY_SPLITS = ("train", "val", "train_all", "test", "query0", "gallery0", "ga
 # Keys of splits.json that must match for a re-run to be a no-op.
 REQUEST_KEYS = ("format_version", "dataset", "seed", "num_splits", "protocol", "images",
                 "raw_files")
-WORKERS = min(8, os.cpu_count() or 1)
 
 
 def parse_args(description, default_raw, add_arguments=None, default_out=None):
@@ -77,30 +77,6 @@ def parse_args(description, default_raw, add_arguments=None, default_out=None):
 
 def is_number(text):
     return re.fullmatch(r"[0-9]+", text) is not None
-
-
-def warn_skipped(what, names, shown=5):
-    """One stderr line: how many were skipped, and the first few names."""
-    if names:
-        more = f", ... (+{len(names) - shown} more)" if len(names) > shown else ""
-        print(f"warning: skipped {len(names)} {what}: {', '.join(names[:shown])}{more}",
-              file=sys.stderr)
-
-
-def image_problem(path):
-    """None if the image decodes, else why not. Decoding at 1/8 scale (JPEG draft mode) is cheap
-    and, unlike Image.verify(), catches the truncated files an interrupted download leaves."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-    except FileNotFoundError:
-        return "missing"
-    except UnidentifiedImageError:
-        return "not an image"
-    except Exception as err:  # PIL raises many types for broken files; any means unusable
-        return f"unreadable: {err}"
-    return None
 
 
 def find_unusable_images(raw, sources):

@@ -14,15 +14,11 @@ the log10 LR tabulated over the cosine scores -1..1, the calibrator, its bounds,
 description and size, and the fingerprint of the model, feature and flip rule it was fitted
 for. compare.py and search.py read it and refuse it for any other model.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluation  # noqa: E402
-import likelihood_ratio  # noqa: E402
-from config import load_config, make_parser  # noqa: E402
-from errors import run_cli, UserError  # noqa: E402
-from feature_encoder import Encoder  # noqa: E402
+import evaluation
+import likelihood_ratio
+from config import load_config, make_parser
+from errors import run_cli, UserError
+from feature_encoder import Encoder
 
 
 def main(argv=None):

@@ -14,25 +14,21 @@ Without a calibration file the score and threshold are printed, then an error na
 calibrate command (exit 1); --no-lr prints the score and threshold alone (exit 0).
 """
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "datasets"))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, make_parser  # noqa: E402
-from errors import run_cli, UserError  # noqa: E402
-import numpy as np  # noqa: E402
-import likelihood_ratio  # noqa: E402
-import split_protocol  # noqa: E402  (its image check, shared with the prepare scripts)
-from feature_encoder import Encoder  # noqa: E402
+from config import load_config, make_parser
+from errors import run_cli, UserError
+import numpy as np
+import likelihood_ratio
+from feature_encoder import Encoder
+from image_files import image_problem
 
 EVAL_COMMAND = "python experiments/run_eval_clip.py --config <eval config>"
 
 
 def check_image(path, name):
-    problem = split_protocol.image_problem(path)
+    problem = image_problem(path)
     if problem:
         raise UserError(f"{name} {path}: {problem}; give an image file Pillow can read "
                         "(JPEG, PNG, BMP, WebP, TIFF, ...)")

@@ -12,15 +12,13 @@ baseline) is paired with every model of the other. Results of different protocol
 aspect, gallery rule, splits, flip rule, AP rule) are refused.
 """
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import ArgumentParser  # noqa: E402
-from errors import run_cli, UserError  # noqa: E402
-from atomic_files import atomic_write_text  # noqa: E402
-import result_stats  # noqa: E402
+from config import ArgumentParser
+from errors import run_cli, UserError
+from atomic_files import atomic_write_text
+import result_stats
 
 
 def read_result(path):

@@ -15,22 +15,19 @@ CPU) and prints the largest absolute difference; above 1e-4 nothing is written (
 """
 import io
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, make_parser  # noqa: E402
-from errors import run_cli, UserError  # noqa: E402
-from atomic_files import atomic_write  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-import evaluation  # noqa: E402
-from experiments import extract_features as fx  # noqa: E402
-from feature_encoder import describe_model, load_model  # noqa: E402
-from make_model import image_hw, preprocess_spec  # noqa: E402
+from config import load_config, make_parser
+from errors import run_cli, UserError
+from atomic_files import atomic_write, refuse_to_replace
+import torch
+from torch import nn
+import evaluation
+from feature_encoder import describe_model, load_model
+from make_model import image_hw, preprocess_spec
 
 TOLERANCE = 1e-4
 OPSET = 17
@@ -104,7 +101,7 @@ def main(argv=None):
     if args.out.suffix != ".onnx":
         parser.error(f"--out {args.out} must end in .onnx")
     config = load_config(args.config, args.overrides)
-    fx.refuse_to_replace(args.out, args.overwrite)
+    refuse_to_replace(args.out, args.overwrite)
     spec = preprocess_spec(config)
     model, checkpoint = load_model(config)
     model.eval()

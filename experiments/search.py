@@ -27,17 +27,17 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, make_parser  # noqa: E402
-from errors import run_cli, UserError  # noqa: E402
-from atomic_files import atomic_write, atomic_write_text  # noqa: E402
-import numpy as np  # noqa: E402
-import likelihood_ratio  # noqa: E402
-from experiments import extract_features as fx  # noqa: E402
-from gallery_search import DEFAULT_CHUNK_SIZE, check_chunk_size, top_k  # noqa: E402
-from experiments.run_eval_clip import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR,  # noqa: E402
-                                       keep_previous, save_ranking_grid)
+from config import load_config, make_parser
+from errors import run_cli, UserError
+from atomic_files import atomic_write, atomic_write_text, keep_previous
+import numpy as np
+import likelihood_ratio
+from evaluation_plots import OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR, save_ranking_grid
+from feature_encoder import Encoder
+from feature_files import EXPORT_COMMAND, UNREADABLE_NPZ, load_features
+from gallery_search import DEFAULT_CHUNK_SIZE, check_chunk_size, top_k
+from image_files import WORKERS, list_images
 
 UNKNOWN_COLOUR = "#808080"
 MAX_GRID_ROWS = 100
@@ -58,7 +58,7 @@ def cached_gallery_features(encoder, paths, cache_dir):
     was seen before with this model; the rest is encoded and added to the cache."""
     fingerprint = encoder.description["fingerprint"]
     cache_path = cache_dir / f"{fingerprint[:16]}.npz"
-    with ThreadPoolExecutor(fx.split_protocol.WORKERS) as pool:
+    with ThreadPoolExecutor(WORKERS) as pool:
         digests = list(pool.map(file_digest, paths))
     cached = {}
     if cache_path.is_file():
@@ -66,7 +66,7 @@ def cached_gallery_features(encoder, paths, cache_dir):
             with np.load(cache_path, allow_pickle=False) as data:
                 if str(data["fingerprint"]) == fingerprint:
                     cached = dict(zip(data["digests"].tolist(), data["features"]))
-        except fx.UNREADABLE_NPZ:
+        except UNREADABLE_NPZ:
             print(f"warning: ignoring the unreadable gallery cache {cache_path}", file=sys.stderr)
     todo = sorted({d: p for p, d in zip(paths, digests) if d not in cached}.items())
     if todo:
@@ -84,17 +84,17 @@ def load_gallery(encoder, gallery, out):
     """-> (features, paths, identities) of a gallery folder (cached) or a features.npz made by
     the same model."""
     if gallery.is_file() and gallery.suffix == ".npz":
-        features, paths, identities, description = fx.load_features(gallery)
+        features, paths, identities, description = load_features(gallery)
         if description.get("fingerprint") != encoder.description["fingerprint"]:
             made = f"{description.get('model')} ({description.get('variant')}" + (
                 f", checkpoint {description['checkpoint']['path']})"
                 if description.get("checkpoint") else ")")
             raise UserError(f"{gallery} holds features of another model or feature definition "
-                            f"({made}); re-export it with {fx.EXPORT_COMMAND} (this config) or "
+                            f"({made}); re-export it with {EXPORT_COMMAND} (this config) or "
                             "pass the gallery folder")
         print(f"gallery: {len(paths)} images from {gallery}")
         return features, paths, identities
-    items = fx.list_images(gallery, "--gallery")
+    items = list_images(gallery, "--gallery")
     paths = [p for p, _ in items]
     features = cached_gallery_features(encoder, paths, out / "gallery_cache")
     return features, paths, [i for _, i in items]
@@ -187,8 +187,8 @@ def main(argv=None):
     if not args.gallery.exists():
         raise UserError(f"--gallery {args.gallery} does not exist; give a folder of images or a "
                         "features.npz")
-    queries = fx.list_images(args.query, "--query")
-    encoder = fx.Encoder(config)
+    queries = list_images(args.query, "--query")
+    encoder = Encoder(config)
     calibration_path = likelihood_ratio.calibration_path(config)
     calibration = likelihood_ratio.load_calibration(calibration_path, encoder.description) \
         if calibration_path.exists() else None

@@ -12,15 +12,11 @@ Re-running the same command after Ctrl-C, SIGTERM or a crash resumes after the l
 epoch; a finished run is refused unless --overwrite. Outputs: see engine.py; the method:
 finetune_trainer_clip_handid.py.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-import config  # noqa: E402,F401
-from errors import run_cli  # noqa: E402
-from train_entry import train_main  # noqa: E402
-from finetune_trainer_clip_handid import ClipHandId  # noqa: E402
+import config  # noqa: F401
+from errors import run_cli
+from train_entry import train_main
+from finetune_trainer_clip_handid import ClipHandId
 
 if __name__ == "__main__":
     run_cli(lambda: train_main(ClipHandId, __doc__))

@@ -13,6 +13,10 @@ import yaml
 from config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# The scripts this suite runs import this checkout's modules, whichever checkout an editable
+# install of the environment points at (pytest itself imports them from here: pytest.ini).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 DEMO_TRAIN_CONFIG = ROOT / "configs/demo/train_tiny_11k_dorsal_r.yml"
 
 

@@ -16,12 +16,12 @@ import run_all_finetuned_stage1
 from build_dataloader import get_train_val_loaders
 from config import load_config
 from errors import ConfigError, UserError
+from evaluation_report import evaluate_config
 from conftest import ROOT, kill_when, run_script, run_torchrun, write_config
 from engine import Engine
 from method import lr_factor
 from run_log import metrics_path
 from checkpointing import resume_path
-from experiments import run_eval_clip
 from finetune_trainer_clip_handid import ClipHandId
 from train_entry import train_main
 from runtime import seed_everything
@@ -192,7 +192,7 @@ def test_run_all_trains_it_and_tables_all_four_methods(make_config, tmp_path, ca
         wrong = load_config(tmp_path / f"eval_{config}.yml",
                             [("save_path", str(tmp_path / f"{other}.pth")), ("num_splits", 1)])
         with pytest.raises(UserError, match=f"trained by method '{found}'"):
-            run_eval_clip.evaluate_config(wrong)
+            evaluate_config(wrong)
 
 
 def test_kill_9_resumes_bit_identically(make_config, tmp_path):
@@ -267,5 +267,5 @@ def test_interaction_network_is_per_sample_and_its_feature_evaluates(make_config
     with torch.no_grad():
         pre, proj = make_model.encode_image_pair(model.clip_model.visual, batch)
     assert torch.allclose(features[:, :128], model.extras["neck"].bn(pre), atol=1e-5)
-    result = run_eval_clip.evaluate_config({**config, "variant": "finetuned", "num_splits": 1})
+    result = evaluate_config({**config, "variant": "finetuned", "num_splits": 1})
     assert result["checkpoint"]["feature"]["kind"] == "clip_handid"

@@ -15,6 +15,7 @@ import make_model
 from build_dataloader import eval_loader, list_split
 from config import load_config
 from errors import ConfigError, UserError
+from evaluation_report import evaluate_config
 from conftest import run_script
 from reid_metrics import compute_reid_metrics, compute_verification_metrics, rerank_k_reciprocal
 
@@ -255,7 +256,7 @@ def test_open_set_and_reranked_run(eval_config, tmp_path, capsys):
 
     path, _ = eval_config
     args = ("--set", "variant=baseline", "--set", "plots=false")
-    plain = run_eval_clip.evaluate_config(load_config(path, [
+    plain = evaluate_config(load_config(path, [
         ("results_dir", str(tmp_path / "plain")), ("variant", "baseline"), ("plots", False)]))
     run_eval_clip.main(eval_args(path, tmp_path, *args, "--set", "open_set=true", "--set",
                                  "rerank=true", "--set", "rerank_k1=5", "--set", "rerank_k2=2"))
@@ -303,12 +304,10 @@ def test_missing_checkpoint_is_a_one_line_error(eval_config, tmp_path):
     ({"head": "bnneck"}, "has a bnneck head"),
 ])
 def test_mismatched_checkpoint_is_refused(eval_config, tmp_path, changes, message):
-    from experiments import run_eval_clip
-
     path, config = eval_config
     save_tiny_checkpoint(config, config["save_path"], **changes)
     with pytest.raises(UserError, match=message):
-        run_eval_clip.evaluate_config(load_config(path, [("results_dir", str(tmp_path))]))
+        evaluate_config(load_config(path, [("results_dir", str(tmp_path))]))
 
 
 def test_reranked_split_is_ranked_and_plotted_in_the_reranked_order(make_config):

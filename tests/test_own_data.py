@@ -19,7 +19,7 @@ from config import load_config
 from errors import ConfigError, UserError
 from conftest import DEMO_TRAIN_CONFIG, ROOT, results_json, run_script
 from experiments import export_onnx, extract_features, search
-from experiments.run_eval_clip import load_model
+from feature_encoder import load_model
 
 EVAL_CONFIG = ROOT / "configs/demo/eval_tiny_11k_dorsal_r.yml"
 BASELINE_CONFIG = ROOT / "configs/demo/eval_baseline_tiny_11k_dorsal_r.yml"

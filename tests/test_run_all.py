@@ -13,8 +13,8 @@ import torch
 
 import run_all_finetuned_stage1
 from config import load_config
+from evaluation_report import evaluate_config
 from runtime import check_not_running
-from experiments import run_eval_clip
 from conftest import ONE_THREAD, ROOT, run_script, write_config
 from test_evaluation import save_tiny_checkpoint
 
@@ -79,8 +79,10 @@ def test_existing_checkpoint_is_not_retrained(make_config, tmp_path, capsys):
 def test_shipped_eval_configs_match_their_train_and_baseline_twins():
     """--train maps eval_X.yml to train_X.yml: both must name the same model and checkpoint;
     every fine-tuned experiment has a baseline beside it."""
-    finetuned = sorted(path for pattern in run_all_finetuned_stage1.DEFAULT_CONFIGS[1:3]
-                       for path in ROOT.glob(pattern))
+    # The default Stage-1 recipe's configs, which run_all_finetuned_stage1.py runs by default.
+    stage1 = ("configs/finetuning_stage1_frozen_text/eval_*_[lr].yml",
+              "configs/finetuning_stage1_frozen_text/eval_*_hd.yml")
+    finetuned = sorted(path for pattern in stage1 for path in ROOT.glob(pattern))
     assert len(finetuned) == 10
     pairs = [(path, ROOT / "configs/baseline" / path.name) for path in finetuned]
     pairs.append((ROOT / "configs/demo/eval_tiny_11k_dorsal_r.yml",
@@ -116,7 +118,7 @@ def test_an_image_is_encoded_once_per_model_across_configs(prepared_11k, tmp_pat
     counts = second["counts"]
     assert counts["images_from_store"] > 0
     assert counts["images_from_store"] + counts["images_encoded"] // 2 == counts["unique_images"]
-    alone = run_eval_clip.evaluate_config(load_config(
+    alone = evaluate_config(load_config(
         tmp_path / "eval_dorsal_l.yml", [("results_dir", str(tmp_path / "alone"))]))
     assert alone["counts"]["images_from_store"] == 0
     for row, expected in zip(second["per_split"], alone["per_split"]):
@@ -220,9 +222,3 @@ def test_a_fine_tuned_model_that_ranks_as_the_baseline_is_flagged(make_config, t
     table = (tmp_path / "summary.md").read_text()
     assert f"Warning: {tmp_path / 'eval_tuned.yml'} evaluates exactly as the baseline" in table
     assert "evaluates exactly as the baseline" in capsys.readouterr().err
-    assert not run_all_finetuned_stage1.same_as_baseline(
-        [{**row, "mAP": 1.0} if row["variant"] == "finetuned" else row
-         for row in [{"config": c, "variant": v, "model": "m", "dataset": "d", "flip": "sum",
-                      "rerank": "no", **{k: 50.0 for k, _ in
-                                         run_all_finetuned_stage1.METRIC_COLUMNS}}
-                     for c, v in (("a", "baseline"), ("b", "finetuned"))]])

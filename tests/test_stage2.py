@@ -20,8 +20,8 @@ from conftest import ROOT, kill_when, run_torchrun, write_config
 from engine import Engine
 from run_log import metrics_path
 from checkpointing import resume_path
+from evaluation_report import evaluate_config
 import run_all_finetuned_stage1
-from experiments import run_eval_clip
 from finetune_trainer_stage2 import ClipReid
 from train_entry import train_main
 from runtime import seed_everything
@@ -270,7 +270,7 @@ def test_run_all_trains_stage2_and_tables_all_three_methods(make_config, tmp_pat
         wrong = load_config(tmp_path / f"eval_{config}.yml",
                             [("save_path", str(tmp_path / f"{other}.pth")), ("num_splits", 1)])
         with pytest.raises(UserError, match=f"trained by method '{found}'"):
-            run_eval_clip.evaluate_config(wrong)
+            evaluate_config(wrong)
 
 
 @pytest.mark.parametrize("overrides, message", [
