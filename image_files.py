@@ -13,7 +13,10 @@ from PIL import Image, UnidentifiedImageError
 
 from errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # what the loaders read
+# What the loaders read: formats Pillow decodes without plugins.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Photo formats Pillow does not read by itself: named, not mistaken for a list of paths.
+UNSUPPORTED_SUFFIXES = {".heic": "HEIC", ".heif": "HEIF"}
 WORKERS = min(8, os.cpu_count() or 1)  # threads decoding or hashing files (PIL frees the GIL)
 
 
@@ -54,16 +57,36 @@ def _images_in_folder(folder, skipped):
     return items
 
 
+def _unsupported(path):
+    """UserError for an image file of a format the loaders do not read."""
+    kind = UNSUPPORTED_SUFFIXES.get(path.suffix.lower(), path.suffix or "no suffix")
+    return UserError(f"{path} is a {kind} file, which this code does not read (it reads "
+                     f"{', '.join(IMAGE_SUFFIXES)}); convert it, e.g. to JPEG or PNG")
+
+
 def _images_in_list(list_file):
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError:
+        raise UserError(f"{list_file} is neither an image this code reads "
+                        f"({', '.join(IMAGE_SUFFIXES)}) nor a UTF-8 text file with one image "
+                        f"path a line; give an image, a folder of images or such a list") from None
+    except OSError as err:
         raise UserError(f"cannot read the image list {list_file} ({err}); give a folder, an "
                         "image, or a UTF-8 text file with one image path a line") from None
     items = []
-    for line in filter(str.strip, lines):
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         path, _, identity = line.partition("\t")
         path = Path(path.strip())
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() in UNSUPPORTED_SUFFIXES:
+                raise _unsupported(path)
+            raise UserError(f"{list_file} line {number} ({line.strip()[:60]!r}) is not the path "
+                            f"of an image ({', '.join(IMAGE_SUFFIXES)}): read as a list of image "
+                            f"paths, this file is not one; give an image, a folder of images or "
+                            f"a text file with one image path a line")
         items.append((os.path.abspath(list_file.parent / path), identity.strip()))
     return items
 
@@ -81,6 +104,8 @@ def list_images(source, what="--images"):
         items = _images_in_folder(source, skipped)
     elif source.suffix.lower() in IMAGE_SUFFIXES:
         items = [(os.path.abspath(source), "")]
+    elif source.suffix.lower() in UNSUPPORTED_SUFFIXES:
+        raise _unsupported(source)
     else:
         items = _images_in_list(source)
     with ThreadPoolExecutor(WORKERS) as pool:
@@ -89,6 +114,6 @@ def list_images(source, what="--images"):
     warn_skipped(f"files of {what}", skipped)
     items = [item for item, problem in zip(items, problems) if not problem]
     if not items:
-        raise UserError(f"{what} {source} holds no readable image ({', '.join(IMAGE_SUFFIXES)}; "
-                        "see the warnings above)")
+        raise UserError(f"{what} {source} holds no readable image ({', '.join(IMAGE_SUFFIXES)})"
+                        + ("; see the skipped files above" if skipped else ""))
     return items

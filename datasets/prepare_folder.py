@@ -137,9 +137,9 @@ def split_identities(identities, test_ids, fraction, seed):
         test = set(test_ids)
     else:
         if len(eligible) < 2:
-            raise UserError(f"only {len(eligible)} identity folder(s) with "
-                            f"{split_protocol.MIN_IMAGES} or more readable images; the "
-                            "identity split needs at least 2 (see the warnings above)")
+            raise UserError(f"only {len(eligible)} of {len(identities)} identity folder(s) "
+                            f"have {split_protocol.MIN_IMAGES} or more readable images; the "
+                            "identity split needs at least 2")
         count = min(len(eligible) - 1, max(1, round(fraction * len(eligible))))
         test = set(random.Random(f"{seed}|folder|test_ids").sample(eligible, count))
     return ({i: f for i, f in identities.items() if i not in test},

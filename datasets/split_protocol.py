@@ -110,7 +110,8 @@ def protocol_splits(train_ids, test_ids, seed, scope, num_splits):
     for part, ids in (("train", train_all), ("test", test)):
         if not ids:
             raise UserError(f"{scope}: no {part} identity has {MIN_IMAGES} or more readable "
-                            "images; the raw download is incomplete (see the warnings above)")
+                            "images; the raw download is incomplete"
+                            + (" (see the warnings above)" if too_few else ""))
     splits = {"train_all": train_all, "test": test, "train": {}, "val": {}}
     for identity, files in train_all.items():
         val = _pick(files, seed, scope, "val", identity)

@@ -232,11 +232,26 @@ def test_search_caches_the_gallery_and_applies_the_threshold(own_overrides, own_
     assert len(list((work / "search").glob("search.*.csv"))) == 1  # the first run's, kept
 
 
+def test_a_webp_query_is_read_as_an_image(own_overrides, own_prepared, tmp_path, capsys):
+    from PIL import Image
+    sets, work = own_overrides
+    gallery = own_prepared[0] / "train_val_test_split/gallery0"
+    photo = sorted(p for p in gallery.rglob("*") if p.is_file())[0]
+    query = tmp_path / "query.webp"
+    Image.open(photo).save(query, lossless=True)
+    printed = run_main(search, capsys, "--config", EVAL_CONFIG, *sets, "--gallery", gallery,
+                       "--query", query, "--out", work / "webp", "--threshold", "0.99")
+    assert "1 queries, 1 with a match" in printed
+
+
 @pytest.mark.parametrize("case,error,words", [
     ("top_k_0", ConfigError, ["--top-k must be >= 1"]),
     ("chunk_0", UserError, ["--chunk-size must be >= 1"]),
     ("empty_query", UserError, ["--query", "holds no readable image"]),
     ("no_query", UserError, ["--query", "missing.jpg", "does not exist"]),
+    ("heic_query", UserError, ["photo.heic is a HEIC file", "does not read", "convert it"]),
+    ("readme_query", UserError, ["README.txt line 1 ('These are hands.')",
+                                 "is not the path of an image"]),
     ("other_model", UserError, ["another model", "extract_features.py"]),
     ("no_gallery", UserError, ["--gallery", "does not exist"]),
     ("not_features", UserError, ["not a features file"]),
@@ -247,6 +262,12 @@ def test_search_and_export_refuse_bad_input(own_overrides, own_root, exported, t
                                             error, words):
     sets, work = own_overrides
     query = tmp_path / "missing.jpg" if case == "no_query" else next(own_root.rglob(ODD_NAME))
+    if case == "heic_query":
+        query = tmp_path / "photo.heic"
+        query.write_bytes(b"\x00\x00\x00\x18ftypheic")
+    if case == "readme_query":
+        query = tmp_path / "README.txt"
+        query.write_text("These are hands.\n")
     if case == "empty_query":
         query = tmp_path / "no_images"
         query.mkdir()
