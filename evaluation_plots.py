@@ -9,6 +9,8 @@ atomically.
                          in the order scored (green frame = same identity, red = other)
   save_ranking_grid      any such sheet, from (image, frame colour, caption) tiles
 """
+import functools
+
 import numpy as np
 import torch
 
@@ -134,29 +136,88 @@ def _thumbnail(path, colour):
     return ImageOps.expand(tile, border=FRAME, fill=colour)
 
 
-def _font():
+# Caption fonts, first choice first: CJK-capable ones where the system has them, then
+# DejaVu Sans (shipped with matplotlib: Latin, Greek, Cyrillic).
+CAPTION_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans", "WenQuanYi Zen Hei",
+                 "Droid Sans Fallback", "Arial Unicode MS", "DejaVu Sans")
+CAPTION_SIZE = 10
+
+
+@functools.lru_cache(maxsize=1)
+def caption_fonts():
+    """[(PIL font, set of code points it draws)] of the CAPTION_FONTS this system has."""
+    from fontTools.ttLib import TTFont
+    from matplotlib import font_manager
     from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=10)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
+
+    fonts, seen = [], set()
+    for family in CAPTION_FONTS:
+        try:
+            path = font_manager.findfont(font_manager.FontProperties(family=family),
+                                         fallback_to_default=False)
+        except ValueError:
+            continue
+        if path in seen:
+            continue
+        seen.add(path)
+        with TTFont(path, fontNumber=0, lazy=True) as face:
+            covered = set(face.getBestCmap())
+        fonts.append((ImageFont.truetype(path, CAPTION_SIZE), covered))
+    return fonts
+
+
+def caption_font(text):
+    """(font, text) to draw `text` legibly: the first caption font that has every character,
+    else the first one with each missing character written as its code point (U+674E)."""
+    fonts = caption_fonts()
+    needed = {ord(c) for c in text if c not in "\n"}
+    for font, covered in fonts:
+        if needed <= covered:
+            return font, text
+    font, covered = fonts[0]
+    return font, "".join(c if ord(c) in covered or c == "\n" else f"U+{ord(c):04X}"
+                         for c in text)
+
+
+def fit_caption(draw, text, font, width):
+    """Each line of `text` cut (with "...") to at most `width` pixels in `font`."""
+    lines = []
+    for line in text.split("\n"):
+        if draw.textlength(line, font=font) > width:
+            while line and draw.textlength(line + "...", font=font) > width:
+                line = line[:-1]
+            line += "..."
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def score_decimals(scores, low=3, high=6):
+    """The fewest decimals (low..high) at which the distinct `scores` print distinct."""
+    distinct = sorted(set(float(s) for s in scores))
+    for decimals in range(low, high + 1):
+        if len({f"{s:.{decimals}f}" for s in distinct}) == len(distinct):
+            return decimals
+    return high
 
 
 def save_ranking_grid(path, rows):
     """A PNG sheet, one row per query: its thumbnail, a gap, then its ranked images.
     rows: [(query tile, [ranked tiles])]; a tile is (image path, frame colour, caption), the
-    caption (two short lines) written underneath."""
+    caption (two short lines) written underneath, each line cut to the tile's width, in a
+    font that has its characters."""
     from PIL import Image, ImageDraw
 
     k = max(len(ranked) for _, ranked in rows)
     cell, label_height, gap, margin = THUMB + 2 * FRAME, 26, 12, 4
     sheet = Image.new("RGB", (2 * margin + gap + (k + 1) * cell,
                               2 * margin + len(rows) * (cell + label_height)), "white")
-    draw, font = ImageDraw.Draw(sheet), _font()
+    draw = ImageDraw.Draw(sheet)
 
     def tile(x, y, image_path, colour, caption):
         sheet.paste(_thumbnail(image_path, colour), (x, y))
-        draw.text((x + 1, y + cell), caption, fill="black", font=font, spacing=1)
+        font, text = caption_font(caption)
+        draw.text((x + 1, y + cell), fit_caption(draw, text, font, cell - 2), fill="black",
+                  font=font, spacing=1)
 
     for r, (query, ranked) in enumerate(rows):
         y = margin + r * (cell + label_height)

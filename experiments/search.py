@@ -33,7 +33,8 @@ from errors import run_cli, UserError
 from atomic_files import atomic_write, atomic_write_text, keep_previous
 import numpy as np
 import likelihood_ratio
-from evaluation_plots import OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR, save_ranking_grid
+from evaluation_plots import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR, save_ranking_grid,
+                              score_decimals)
 from feature_encoder import Encoder
 from feature_files import EXPORT_COMMAND, UNREADABLE_NPZ, load_features
 from gallery_search import DEFAULT_CHUNK_SIZE, check_chunk_size, top_k
@@ -123,6 +124,7 @@ def report(queries, gallery, scores, order, threshold, calibration=None):
         print(f"  {'rank':>4}  {'score':>7}  " + ("log10 LR  " if calibration else "")
               + f"{'identity':<20} image")
         ranked = []
+        decimals = score_decimals(scores[q].tolist())  # enough to tell candidates apart
         for r, (score, g) in enumerate(zip(scores[q].tolist(), order[q].tolist()), start=1):
             match = "" if threshold is None else "yes" if score >= threshold else "no"
             llr = float(calibration.llr(score)) if calibration else None
@@ -133,7 +135,7 @@ def report(queries, gallery, scores, order, threshold, calibration=None):
                              "gallery_identity": gallery_ids[g], "match": match,
                              "log10_lr": "" if llr is None else f"{llr:.4f}"})
             ranked.append((gallery_paths[g], frame_colour(identity, gallery_ids[g]),
-                           f"{r}: {score:.3f}\n{gallery_ids[g]}"))
+                           f"{r}: {score:.{decimals}f}\n{gallery_ids[g]}"))
         grid_rows.append(((path, QUERY_COLOUR, ("query" if found else "no match") +
                            f"\n{identity}"), ranked))
     return csv_rows, grid_rows, matched
