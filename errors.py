@@ -54,6 +54,9 @@ def write_error(path, err):
                          f"yours to write, the disk is not full); write to a folder you may "
                          f"write (results_dir:, save_path:, log_path:, --out) or fix its "
                          f"permissions; {kept}")
+    if isinstance(err, OSError) and err.errno is not None and \
+            err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return UserError(f"cannot write {path}: {reason}; write to another folder; {kept}")
     folder = Path(path).parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -66,12 +69,17 @@ def write_error(path, err):
 
 
 def check_writable(path, room=0):
-    """Before the work that leads to writing `path`: UserError (write_error's) unless its
-    folder can be created and written and, with `room` bytes, holds that much free space."""
+    """Before the work that leads to writing `path`: UserError (write_error's) unless the
+    nearest existing folder on its way is a folder this process may write (nothing is
+    created) and, with `room` bytes, has that much free space."""
     folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder",
+                                     str(path))
+        if not os.access(folder, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
         if room and shutil.disk_usage(folder).free < room:
             raise OSError(errno.ENOSPC, f"less than the {room / 2 ** 30:.2f} GiB it needs "

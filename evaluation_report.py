@@ -10,6 +10,7 @@ from pathlib import Path
 import evaluation
 import likelihood_ratio
 from atomic_files import atomic_write_json, keep_previous
+from errors import check_writable
 from evaluation_plots import plot_cmc, plot_likelihood_ratios, plot_ranking, plot_verification
 from feature_encoder import load_model
 from runtime import resolve_device
@@ -154,6 +155,7 @@ def evaluate_config(config, store=None):
     Returns the results dict (as written to the JSON)."""
     device = resolve_device(config)
     evaluation.check_data(config)
+    check_writable(Path(config["results_dir"]) / "results.csv")  # before any image is encoded
     model, checkpoint = load_model(config)
     model.to(device)
     evaluated = evaluation.evaluate(model, config, device, store)

@@ -37,7 +37,7 @@ from pathlib import Path
 import evaluation
 import result_stats
 from config import ArgumentParser, load_config
-from errors import ConfigError, run_cli, UserError
+from errors import check_writable, ConfigError, run_cli, UserError
 from atomic_files import atomic_write_text
 from checkpointing import needs_training
 from runtime import check_not_running
@@ -279,6 +279,7 @@ def csv_table(rows):
 def main(argv=None):
     args = parse_args(argv)
     load_config(None, args.overrides)  # a bad --set is one error, not one per config
+    check_writable(Path(args.out).with_suffix(".md"))  # before the first evaluation
     rows, failures, store = [], [], evaluation.FeatureStore()
     for config_path in find_configs(args.configs):
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
 from config import load_config, make_parser
-from errors import run_cli, UserError
+from errors import check_writable, run_cli, UserError
 from atomic_files import atomic_write, refuse_to_replace
 import torch
 from torch import nn
@@ -102,6 +102,7 @@ def main(argv=None):
         parser.error(f"--out {args.out} must end in .onnx")
     config = load_config(args.config, args.overrides)
     refuse_to_replace(args.out, args.overwrite)
+    check_writable(args.out)  # before the model is exported
     spec = preprocess_spec(config)
     model, checkpoint = load_model(config)
     model.eval()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
 from config import load_config, make_parser
-from errors import run_cli
+from errors import check_writable, run_cli
 from atomic_files import refuse_to_replace
 from feature_encoder import Encoder
 from feature_files import save_features
@@ -37,6 +37,7 @@ def main(argv=None):
         parser.error(f"--out {args.out} must end in .npz")
     config = load_config(args.config, args.overrides)
     refuse_to_replace(args.out, args.overwrite)
+    check_writable(args.out)  # before any image is encoded
     items = list_images(args.images)
     encoder = Encoder(config)
     paths = [p for p, _ in items]

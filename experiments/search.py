@@ -29,7 +29,7 @@ from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
 from config import load_config, make_parser
-from errors import run_cli, UserError
+from errors import check_writable, run_cli, UserError
 from atomic_files import atomic_write, atomic_write_text, keep_previous
 import numpy as np
 import likelihood_ratio
@@ -186,6 +186,7 @@ def main(argv=None):
     check_chunk_size(args.chunk_size)
     config = load_config(args.config, args.overrides)
     out = args.out or Path(config["results_dir"]) / "search"
+    check_writable(out / "search.csv")  # before any image is encoded
     if not args.gallery.exists():
         raise UserError(f"--gallery {args.gallery} does not exist; give a folder of images or a "
                         "features.npz")

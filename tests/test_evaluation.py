@@ -321,3 +321,17 @@ def test_reranked_split_is_ranked_and_plotted_in_the_reranked_order(make_config)
     assert torch.equal(evaluated.first_split_scores, -distance)
     expected = compute_reid_metrics(-distance, split.query_ids, split.gallery_ids)
     assert evaluated.report["per_split"][0]["mAP"] == pytest.approx(expected["mAP"])
+
+
+def test_an_unwritable_results_dir_fails_before_any_image_is_encoded(eval_config, tmp_path,
+                                                                      monkeypatch):
+    from experiments import run_eval_clip
+    path, _ = eval_config
+    (tmp_path / "a_file").write_text("not a folder")
+    encoded = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kw: encoded.append(1))
+    with pytest.raises(UserError, match=r"cannot write .*a_file/r/results.csv: .* is a file, "
+                                        r"not a folder; write to another folder"):
+        run_eval_clip.main(["--config", str(path), "--set", "variant=baseline", "--set",
+                            f"results_dir={tmp_path / 'a_file/r'}"])
+    assert not encoded
