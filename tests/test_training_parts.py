@@ -254,3 +254,18 @@ def test_a_read_only_folder_says_so_and_a_full_one_says_how_much_is_free(tmp_pat
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(UserError, match="read-only or not yours to write"):
         check_writable(tmp_path / "m.pth")
+
+
+def test_a_truncated_checkpoint_names_the_train_command_of_its_own_method(make_config,
+                                                                          tmp_path):
+    import checkpoint_format
+    path = tmp_path / "stage2.pth"
+    path.write_bytes(b"PK\x03\x04 truncated")
+    for method, script in (("clipreid", "train_stage2_clipreid.py"),
+                           ("clip_handid", "train_clip_handid.py"),
+                           ("stage1", "train_stage1_frozen_text.py")):
+        with pytest.raises(UserError, match=f"corrupt, truncated .* train again: python "
+                                            f"experiments/{script}"):
+            checkpoint_format.load_checkpoint(path, make_config(method=method))
+        with pytest.raises(UserError, match=f"train first: python experiments/{script}"):
+            checkpoint_format.load_checkpoint(tmp_path / "none.pth", make_config(method=method))
