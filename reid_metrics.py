@@ -132,22 +132,25 @@ NOT_BELOW_BLOCK_ELEMENTS = 1 << 19
 
 
 def _not_below(scores, lowest):
-    """Flat indices (ascending) of the entries of `scores` [R, G] that are not below their
-    row's `lowest` value: >= it, or NaN. None when they are more than an eighth of the entries
-    (then sorting whole rows is cheaper)."""
+    """(flat indices ascending, values) of the entries of `scores` [R, G] that are not below
+    their row's `lowest` value: >= it, or NaN. None when they are more than an eighth of the
+    entries (then sorting whole rows is cheaper)."""
     num_rows, num_gallery = scores.shape
     rows = max(1, NOT_BELOW_BLOCK_ELEMENTS // num_gallery)
     buffer = np.empty(rows * num_gallery, dtype=bool)  # one, reused: no fresh pages per block
-    found, total = [], 0
+    found, values, total = [], [], 0
     for start in range(0, num_rows, rows):
-        block = scores[start:start + rows]
+        block = scores[start:start + rows].reshape(-1)
         mask = buffer[:block.size]
-        np.less(block, lowest[start:start + rows, None], out=mask.reshape(block.shape))
-        found.append(np.flatnonzero(np.logical_not(mask, out=mask)) + start * num_gallery)
-        total += len(found[-1])
+        np.less(block.reshape(-1, num_gallery), lowest[start:start + rows, None],
+                out=mask.reshape(-1, num_gallery))
+        where = np.flatnonzero(np.logical_not(mask, out=mask))
+        values.append(block[where])  # while the block is in the cache
+        found.append(where + start * num_gallery)
+        total += len(where)
         if total > scores.size // 8:
             return None
-    return np.concatenate(found)
+    return np.concatenate(found), np.concatenate(values)
 
 
 def _match_ranks_above_lowest(similarity, match_values, match_index, in_row):
@@ -167,15 +170,16 @@ def _match_ranks_above_lowest(similarity, match_values, match_index, in_row):
         return None  # keys would not fit: a very large user chunk_size
     values = match_values.numpy()
     lowest = np.where(in_row.numpy(), values, np.inf).min(axis=1)  # NaN stays NaN
-    flat = _not_below(scores, lowest)
-    if flat is None:
+    found = _not_below(scores, lowest)
+    if found is None:
         return None
-    candidate_values = scores.reshape(-1)[flat]
+    flat, candidate_values = found
     if np.isnan(candidate_values).any():
         raise _nan_error()
-    rows, columns = np.divmod(flat, num_gallery)
+    row_ends = np.searchsorted(flat, np.arange(1, num_rows + 1) * num_gallery)
+    rows = np.repeat(np.arange(num_rows, dtype=np.int64), np.diff(row_ends, prepend=0))
     keys = np.sort((rows << row_shift) | (_descending_keys(candidate_values) << column_bits)
-                   | columns)
+                   | (flat - rows * num_gallery))
     match_rows, slots = np.nonzero(in_row.numpy())
     match_keys = np.sort((match_rows << row_shift)
                          | (_descending_keys(values[match_rows, slots]) << column_bits)
