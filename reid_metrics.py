@@ -133,8 +133,8 @@ NOT_BELOW_BLOCK_ELEMENTS = 1 << 19
 
 def _not_below(scores, lowest):
     """(flat indices ascending, values) of the entries of `scores` [R, G] that are not below
-    their row's `lowest` value: >= it, or NaN. None when they are more than an eighth of the
-    entries (then sorting whole rows is cheaper)."""
+    their row's `lowest` value: >= it, or NaN. None as soon as they are more than an eighth of
+    the entries scanned (then sorting whole rows is cheaper)."""
     num_rows, num_gallery = scores.shape
     rows = max(1, NOT_BELOW_BLOCK_ELEMENTS // num_gallery)
     buffer = np.empty(rows * num_gallery, dtype=bool)  # one, reused: no fresh pages per block
@@ -148,7 +148,7 @@ def _not_below(scores, lowest):
         values.append(block[where])  # while the block is in the cache
         found.append(where + start * num_gallery)
         total += len(where)
-        if total > scores.size // 8:
+        if total > (start * num_gallery + block.size) // 8:  # so far: give up early
             return None
     return np.concatenate(found), np.concatenate(values)
 
@@ -316,7 +316,11 @@ def compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=10, chunk_
     gallery_groups = _gallery_by_identity(gallery_codes, num_codes)
 
     num_ranks = max(max_rank, 10)  # rank10 is always reported
-    rows = chunk_size or max(1, CHUNK_ELEMENTS // num_gallery)
+    # float32 on the CPU keeps only a small share of each chunk (_match_ranks_above_lowest):
+    # larger chunks there cost little memory and save per-chunk work.
+    elements = CHUNK_ELEMENTS * (4 if similarity.device.type == "cpu"
+                                 and similarity.dtype == torch.float32 else 1)
+    rows = chunk_size or max(1, elements // num_gallery)
     num_valid, ap_sums, inp_sum = 0, np.zeros(2), 0.0
     cmc_hits = torch.zeros(num_ranks, dtype=torch.int64, device=similarity.device)
     with torch.no_grad():
