@@ -123,8 +123,9 @@ def _match_ranks_counting(similarity, match_values, in_row):
 def _descending_keys(values):
     """uint32-valued int64 keys of float32 values: ascending keys = descending values; -0.0
     and +0.0 get one key (they compare equal)."""
-    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)  # + 0: -0.0 -> +0.0
-    return 0x7FFFFFFF - np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as int order
+    bits = (values + np.float32(0.0)).view(np.int32)  # + 0: -0.0 -> +0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as int32 order
+    return (~ordered).view(np.uint32).astype(np.int64) ^ 0x80000000  # reversed, from 0
 
 
 # Entries per block of _not_below: its bool mask stays in the CPU cache.
