@@ -741,9 +741,8 @@ def rerank_k_reciprocal(query_features, gallery_features, k1=20, k2=6, lambda_va
         raise MetricInputError(
             f"re-ranking {num_queries} queries x {num_gallery} gallery images needs a "
             f"{num_queries * num_gallery * 4 / 2**30:.1f} GiB distance matrix, beyond its limit "
-            f"of {RERANK_MAX_PAIRS} query x gallery pairs ({RERANK_MAX_PAIRS * 4 / 2**30:g} GiB); "
-            "use fewer queries or a "
-            "smaller gallery, or evaluate without rerank")
+            f"of {RERANK_MAX_PAIRS} query x gallery pairs ({RERANK_MAX_PAIRS * 4 / 2**30:g} "
+            "GiB); use fewer queries or a smaller gallery, or evaluate without rerank")
     features = torch.cat([query_features, gallery_features.to(query_features.device)]).float()
     if not torch.isfinite(features).all():
         raise MetricInputError("re-ranking needs finite features; these hold NaN or inf")
