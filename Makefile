@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_likelihood_ratio.py --out benchmarks/results/likelihood_ratio.md
 	$(PY) benchmarks/bench_checkpoint_io.py --models tiny --out benchmarks/results/checkpoint_io.md
 	$(PY) benchmarks/bench_search.py --out benchmarks/results/search.md
-	for part in metrics data_path train eval likelihood_ratio checkpoint_io search; do cat benchmarks/results/$$part.md; echo; done \
+	$(PY) benchmarks/bench_rerank.py --out benchmarks/results/rerank.md
+	for part in metrics data_path train eval likelihood_ratio checkpoint_io search rerank; do cat benchmarks/results/$$part.md; echo; done \
 	    > benchmarks/results/benchmarks.md
 	@echo "wrote benchmarks/results/benchmarks.md"

@@ -6,10 +6,13 @@ Semantics follow torchreid's `eval_market1501` (python path, every gallery image
 query and gallery have different camera ids: hand datasets have no camera ids) and fast-reid's
 mINP. The work is vectorised in torch and runs on the similarity's own device, `chunk_size`
 query rows at a time, so memory stays bounded on large galleries. Every metric depends only on
-the ranks of the true matches, so rather than ranking the whole gallery (argsort plus a gather
-of labels per query), each row's similarities are sorted as bare values and every true match
-is placed by binary search; only rows where a true match ties with a non-match need the full
-stable argsort.
+the ranks of the true matches, so the whole gallery is never ranked (argsort plus a gather of
+labels per query). float32 scores on the CPU: one pass finds the items at least as similar as
+each row's least similar match (with informative scores a small share of the row), and one
+sort of those few, keyed by (row, score, gallery index), gives every match its exact rank.
+Otherwise, or where those items are many, each row's similarities are sorted as bare values
+and every true match is placed by binary search; only rows where a true match ties with a
+non-match need the full stable argsort.
 """
 import numpy as np
 import torch
@@ -117,6 +120,77 @@ def _match_ranks_counting(similarity, match_values, in_row):
     return ranks, ((tied_items > tied_matches) & in_row).any(1)
 
 
+def _descending_keys(values):
+    """uint32-valued int64 keys of float32 values: ascending keys = descending values; -0.0
+    and +0.0 get one key (they compare equal)."""
+    bits = (values + np.float32(0.0)).view(np.int32)  # + 0: -0.0 -> +0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as int32 order
+    return (~ordered).view(np.uint32).astype(np.int64) ^ 0x80000000  # reversed, from 0
+
+
+# Entries per block of _not_below: its bool mask stays in the CPU cache.
+NOT_BELOW_BLOCK_ELEMENTS = 1 << 19
+
+
+def _not_below(scores, lowest):
+    """(flat indices ascending, values) of the entries of `scores` [R, G] that are not below
+    their row's `lowest` value: >= it, or NaN. None as soon as they are more than an eighth of
+    the entries scanned (then sorting whole rows is cheaper)."""
+    num_rows, num_gallery = scores.shape
+    rows = max(1, NOT_BELOW_BLOCK_ELEMENTS // num_gallery)
+    buffer = np.empty(rows * num_gallery, dtype=bool)  # one, reused: no fresh pages per block
+    found, values, total = [], [], 0
+    for start in range(0, num_rows, rows):
+        block = scores[start:start + rows].reshape(-1)
+        mask = buffer[:block.size]
+        np.less(block.reshape(-1, num_gallery), lowest[start:start + rows, None],
+                out=mask.reshape(-1, num_gallery))
+        where = np.flatnonzero(np.logical_not(mask, out=mask))
+        values.append(block[where])  # while the block is in the cache
+        found.append(where + start * num_gallery)
+        total += len(where)
+        if total > (start * num_gallery + block.size) // 8:  # so far: give up early
+            return None
+    return np.concatenate(found), np.concatenate(values)
+
+
+def _match_ranks_above_lowest(similarity, match_values, match_index, in_row):
+    """(row, rank) of every true match, grouped by row in rank order, for a float32 CPU chunk;
+    None where sorting whole rows is cheaper.
+
+    Only the gallery items at least as similar as a row's least similar true match can rank
+    before one of its matches, and with informative scores they are a small share of the
+    row. They are found in one pass, then ordered by one sort of int64 keys (row, similarity
+    descending, gallery index: the stable-sort rank order, ties exact); each match's rank is
+    the position of its own key in its row."""
+    scores = similarity.numpy()
+    num_rows, num_gallery = scores.shape
+    column_bits = max(1, (num_gallery - 1).bit_length())
+    row_shift = 32 + column_bits
+    if row_shift + max(1, (num_rows - 1).bit_length()) > 63:
+        return None  # keys would not fit: a very large user chunk_size
+    values = match_values.numpy()
+    lowest = np.where(in_row.numpy(), values, np.inf).min(axis=1)  # NaN stays NaN
+    found = _not_below(scores, lowest)
+    if found is None:
+        return None
+    flat, candidate_values = found
+    if np.isnan(candidate_values).any():
+        raise _nan_error()
+    row_ends = np.searchsorted(flat, np.arange(1, num_rows + 1) * num_gallery)
+    rows = np.repeat(np.arange(num_rows, dtype=np.int64), np.diff(row_ends, prepend=0))
+    keys = np.sort((rows << row_shift) | (_descending_keys(candidate_values) << column_bits)
+                   | (flat - rows * num_gallery))
+    match_rows, slots = np.nonzero(in_row.numpy())
+    match_keys = np.sort((match_rows << row_shift)
+                         | (_descending_keys(values[match_rows, slots]) << column_bits)
+                         | match_index.numpy()[match_rows, slots])
+    match_rows = match_keys >> row_shift
+    row_starts = np.searchsorted(keys, np.arange(num_rows, dtype=np.int64) << row_shift)
+    ranks = np.searchsorted(keys, match_keys) - row_starts[match_rows] + 1
+    return torch.from_numpy(match_rows), torch.from_numpy(ranks)
+
+
 def _chunk_sums(similarity, query_codes, gallery_codes, gallery_groups, num_ranks):
     """Metric sums over the valid queries of one chunk: (valid count, CMC hits, AP sums of
     both rules, INP)."""
@@ -124,9 +198,11 @@ def _chunk_sums(similarity, query_codes, gallery_codes, gallery_groups, num_rank
     positives = counts[query_codes]
     valid = torch.nonzero(positives > 0).squeeze(1)
     if len(valid) == 0:
+        _check_no_nan(similarity)
         return (0, torch.zeros(num_ranks, dtype=torch.int64, device=similarity.device),
                 np.zeros(2), 0.0)
     if len(valid) < len(query_codes):
+        _check_no_nan(similarity[positives == 0])
         similarity = similarity.index_select(0, valid)
         query_codes, positives = query_codes[valid], positives[valid]
     # The metrics depend only on the ranks of the true matches: look each one up in its sorted
@@ -134,7 +210,15 @@ def _chunk_sums(similarity, query_codes, gallery_codes, gallery_groups, num_rank
     slots = torch.arange(int(positives.max()), device=similarity.device)
     in_row = slots < positives[:, None]
     match_index = by_code[(starts[query_codes][:, None] + slots).clamp(max=len(by_code) - 1)]
-    ranks, tied = _match_ranks_counting(similarity, similarity.gather(1, match_index), in_row)
+    match_values = similarity.gather(1, match_index)
+    found = None
+    if similarity.device.type == "cpu" and similarity.dtype == torch.float32:
+        found = _match_ranks_above_lowest(similarity, match_values, match_index, in_row)
+    if found is not None:
+        cmc_hits, ap_sum, inp_sum = _sums_from_match_ranks(*found, num_ranks)
+        return len(query_codes), cmc_hits, ap_sum, inp_sum
+    _check_no_nan(similarity)
+    ranks, tied = _match_ranks_counting(similarity, match_values, in_row)
     rows, columns = torch.nonzero(in_row & ~tied[:, None], as_tuple=True)
     cmc_hits, ap_sum, inp_sum = _sums_from_match_ranks(rows, ranks[rows, columns], num_ranks)
     tied_rows = torch.nonzero(tied).squeeze(1)
@@ -177,10 +261,14 @@ def _prepare(similarity, query_ids, gallery_ids):
     return similarity, query_codes.to(device), gallery_codes.to(device), num_codes
 
 
+def _nan_error():
+    return MetricInputError("similarity contains NaN (features with NaN or a zero vector?); "
+                            "cannot rank the gallery")
+
+
 def _check_no_nan(values):
     if torch.isnan(values.amax()):  # amax propagates NaN: one pass, no mask
-        raise MetricInputError("similarity contains NaN (features with NaN or a zero "
-                               "vector?); cannot rank the gallery")
+        raise _nan_error()
 
 
 def compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=10, chunk_size=None):
@@ -229,13 +317,16 @@ def compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=10, chunk_
     gallery_groups = _gallery_by_identity(gallery_codes, num_codes)
 
     num_ranks = max(max_rank, 10)  # rank10 is always reported
-    rows = chunk_size or max(1, CHUNK_ELEMENTS // num_gallery)
+    # float32 on the CPU keeps only a small share of each chunk (_match_ranks_above_lowest):
+    # larger chunks there cost little memory and save per-chunk work.
+    elements = CHUNK_ELEMENTS * (4 if similarity.device.type == "cpu"
+                                 and similarity.dtype == torch.float32 else 1)
+    rows = chunk_size or max(1, elements // num_gallery)
     num_valid, ap_sums, inp_sum = 0, np.zeros(2), 0.0
     cmc_hits = torch.zeros(num_ranks, dtype=torch.int64, device=similarity.device)
     with torch.no_grad():
         for start in range(0, num_queries, rows):
             chunk = similarity[start:start + rows]
-            _check_no_nan(chunk)
             valid, hits, ap, inp = _chunk_sums(chunk, query_codes[start:start + rows],
                                                gallery_codes, gallery_groups, num_ranks)
             num_valid += valid
@@ -450,21 +541,51 @@ def compute_open_set_metrics(similarity, query_ids, gallery_ids, fpir=(0.1, 0.01
 
 # Work budget per chunk of the re-ranking (entries of the largest temporary).
 RERANK_CHUNK_ELEMENTS = 1 << 23
+# Distances per chunk of the nearest-neighbour pass (256 MiB of float32): large blocks keep the
+# matrix product efficient.
+NEAREST_CHUNK_ELEMENTS = 1 << 26
+# Candidates kept beyond the needed neighbours, so that ties at the cut are seen.
+NEAREST_MARGIN = 8
+# The largest re-ranking: its [Q, G] float32 distance matrix is built whole.
+RERANK_MAX_PAIRS = 1 << 30
 
 
 def _nearest_and_row_max(features, count):
-    """Per image: the indices of its `count` nearest images (ascending squared cosine
-    distance, ties in index order) and its largest squared cosine distance."""
+    """Per image: the indices of its `count` nearest images and its largest squared cosine
+    distance. "Nearest" is the order of a stable sort of the image's row of squared distances
+    (1 - cosine)^2 divided by that largest one (torchreid's `original_dist`, float32), so ties
+    keep index order, also where the rounding of the division makes two distances equal.
+
+    Each chunk of rows is scored against all images by one matrix product; its `count` +
+    NEAREST_MARGIN highest cosines are the candidates, sorted exactly by their normalised
+    squared distance. No other image can be nearer than the last candidate (its cosine is
+    lower, and (1 - c)^2 falls as c rises to 1), so a row is done unless its cut ties that
+    bound (or a cosine above 1 breaks it): such a row is sorted whole."""
     num = len(features)
     nearest = torch.empty(num, count, dtype=torch.long, device=features.device)
     row_max = torch.empty(num, dtype=features.dtype, device=features.device)
-    rows = max(1, RERANK_CHUNK_ELEMENTS // (4 * num))
+    candidates = min(count + NEAREST_MARGIN, num)
+    rows = max(1, min(num, NEAREST_CHUNK_ELEMENTS // num))
+    buffer = torch.empty(rows, num, dtype=features.dtype, device=features.device)  # reused
     for start in range(0, num, rows):
-        distance = (1 - features[start:start + rows] @ features.T).square()
-        row_max[start:start + rows] = distance.amax(1)
-        index = distance.topk(count, dim=1, largest=False).indices.sort(dim=1).values
-        order = distance.gather(1, index).argsort(dim=1, stable=True)
-        nearest[start:start + rows] = index.gather(1, order)
+        cosine = torch.mm(features[start:start + rows], features.T,
+                          out=buffer[:min(rows, num - start)])
+        top, index = cosine.topk(candidates, dim=1, sorted=True)
+        # (1 - c)^2 is largest at the lowest or the highest cosine (c > 1: unnormalised).
+        largest = torch.maximum((1 - cosine.amin(1)).square(), (1 - top[:, 0]).square())[:, None]
+        row_max[start:start + rows] = largest[:, 0]
+        bound = (1 - top[:, -1:]).square() / largest
+        index = index.sort(dim=1).values
+        values = (1 - cosine.gather(1, index)).square().div_(largest)
+        order = values.argsort(dim=1, stable=True)
+        chunk_nearest = index.gather(1, order[:, :count])
+        if candidates < num:
+            cut = values.gather(1, order[:, count - 1:count])
+            tied = torch.nonzero((cut[:, 0] >= bound[:, 0]) | (top[:, -1] > 1)).squeeze(1)
+            if len(tied):
+                whole = (1 - cosine[tied]).square() / largest[tied]
+                chunk_nearest[tied] = whole.argsort(dim=1, stable=True)[:, :count]
+        nearest[start:start + rows] = chunk_nearest
     return nearest, row_max
 
 
@@ -590,9 +711,16 @@ def rerank_k_reciprocal(query_features, gallery_features, k1=20, k2=6, lambda_va
     distance of a query and a gallery image is 1 - sum min(V_q, V_g) / sum max(V_q, V_g), and
     the result is (1 - lambda_value) * Jaccard + lambda_value * normalised squared distance.
 
-    Memory: V is kept sparse and the distances are computed in chunks, so the largest
-    temporaries are the [Q, G] result and a few [N, k1 + 1] index tables. Ties at the
-    (k1 + 1)-th neighbour may be cut differently than numpy's argsort in torchreid.
+    Ties: neighbours are ranked as a stable sort of each row of normalised squared distances
+    (equal values in index order, so an image with exact duplicates of lower index may not be
+    its own first neighbour); torchreid's numpy argsort leaves their order to its quicksort.
+
+    Scale: nothing of size (Q + G)^2 is held. Each image's max(k1 + 1, k2) nearest images and
+    its largest distance come from one chunked pass of matrix products over all Q + G images
+    (time grows as (Q + G)^2, memory as Q + G); the k-reciprocal sets, V and the query
+    expansion are sparse rows built from those lists; the Jaccard part pairs the entries of V's
+    query rows with the gallery rows sharing their columns. The [Q, G] result is the only
+    dense matrix: Q x G is limited to RERANK_MAX_PAIRS (2^30 pairs, 4 GiB).
     """
     for name, value in (("k1", k1), ("k2", k2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -609,7 +737,15 @@ def rerank_k_reciprocal(query_features, gallery_features, k1=20, k2=6, lambda_va
                                f"{tuple(query_features.shape)} and "
                                f"{tuple(gallery_features.shape)}")
     num_queries, num_gallery = len(query_features), len(gallery_features)
+    if num_queries * num_gallery > RERANK_MAX_PAIRS:
+        raise MetricInputError(
+            f"re-ranking {num_queries} queries x {num_gallery} gallery images needs a "
+            f"{num_queries * num_gallery * 4 / 2**30:.1f} GiB distance matrix, beyond its limit "
+            f"of {RERANK_MAX_PAIRS} query x gallery pairs ({RERANK_MAX_PAIRS * 4 / 2**30:g} "
+            "GiB); use fewer queries or a smaller gallery, or evaluate without rerank")
     features = torch.cat([query_features, gallery_features.to(query_features.device)]).float()
+    if not torch.isfinite(features).all():
+        raise MetricInputError("re-ranking needs finite features; these hold NaN or inf")
     num = len(features)
     with torch.no_grad():
         nearest, row_max = _nearest_and_row_max(features, min(max(k1 + 1, k2), num))

@@ -125,16 +125,17 @@ def reference_rerank(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value):
             candidate_set = reciprocal(candidate, int(np.around(k1 / 2.0)))
             if len(np.intersect1d(candidate_set, members)) > 2.0 / 3 * len(candidate_set):
                 expansion += list(candidate_set)
-        expansion = np.unique(expansion)
+        expansion = np.unique(np.asarray(expansion, dtype=np.int64))  # may be empty
         weight = np.exp(-original[i, expansion])
         weights[i, expansion] = weight / weight.sum()
     if k2 != 1:
         weights = np.stack([weights[rank[i, :k2]].mean(axis=0) for i in range(num)])
     jaccard = np.zeros((num_queries, num), dtype=np.float32)
+    images_of_column = [np.flatnonzero(column) for column in weights.T]  # torchreid's invIndex
     for i in range(num_queries):
         shared = np.zeros(num, dtype=np.float32)
         for column in np.flatnonzero(weights[i]):
-            rows = np.flatnonzero(weights[:, column])
+            rows = images_of_column[column]
             shared[rows] += np.minimum(weights[i, column], weights[rows, column])
         jaccard[i] = 1 - shared / (2 - shared)
     final = jaccard * (1 - lambda_value) + original[:num_queries] * lambda_value

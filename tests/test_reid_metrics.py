@@ -167,6 +167,46 @@ def test_agrees_with_per_query_loop_reference(seed, decimals):
     assert_same(result, expected)
 
 
+@pytest.mark.parametrize("seed,decimals", [(0, None), (2, 1), (3, 2), (5, 3)])
+def test_float32_scores_agree_with_per_query_loop_reference(seed, decimals):
+    # float32 on the CPU: the matches are ranked among the items at least as similar as each
+    # row's least similar match (the informative case), or by sorting whole rows where those
+    # are more than an eighth of the row (noise near 2: almost random scores); ties included.
+    similarity, query_ids, gallery_ids = random_case(seed, decimals=decimals)
+    similarity = similarity.astype(np.float32)
+    expected = reference_metrics_loop(similarity, query_ids, gallery_ids, max_rank=20)
+    assert_same(compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20), expected)
+    for chunk_size in (1, 13):
+        assert_same(compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20,
+                                         chunk_size=chunk_size), expected)
+
+
+def test_float32_ties_and_signed_zeros_in_the_candidate_path():
+    # One informative row: the match (index 5) ties with non-matches at 1 and 7 and with
+    # -0.0 / +0.0 elsewhere; most items score far lower, so the candidate path serves it.
+    similarity = np.full((2, 64), -0.9, dtype=np.float32)
+    similarity[0, [1, 5, 7]] = 0.5
+    similarity[0, 3] = 0.8
+    similarity[1, [2, 9]] = (-0.0, 0.0)  # the match (9) ties with -0.0 before it: rank 2
+    gallery = ["n"] * 64
+    gallery[5], gallery[9] = "p", "q"
+    result = compute_reid_metrics(similarity, ["p", "q"], gallery, max_rank=4)
+    assert result["cmc"] == [0.0, 50.0, 100.0, 100.0]  # ranks 3 and 2
+    assert result["mAP"] == pytest.approx(pct((Fraction(1, 3) + Fraction(1, 2)) / 2))
+
+
+def test_nan_is_refused_in_every_path():
+    similarity, query_ids, gallery_ids = random_case(1)
+    valid = [i for i, name in enumerate(query_ids) if name in set(gallery_ids)]
+    invalid = [i for i, name in enumerate(query_ids) if name not in set(gallery_ids)]
+    for scores in (similarity.astype(np.float32), similarity):
+        for row, column in ((valid[0], 0), (invalid[0], 3)):
+            broken = scores.copy()
+            broken[row, column] = np.nan
+            with pytest.raises(MetricInputError, match="NaN"):
+                compute_reid_metrics(broken, query_ids, gallery_ids)
+
+
 def test_reference_loop_matches_hand_case():
     # The reference itself is pinned to a hand-computed value, so both cannot drift together.
     expected = reference_metrics_loop(np.array([[0.9, 0.8, 0.7, 0.6, 0.5]]), [1], [1, 2, 1, 3, 1])
