@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from errors import run_cli, UserError  # noqa: E402
-from atomic_files import atomic_write_text  # noqa: E402
-from bench_metrics import market_like_case, reference_rerank  # noqa: E402
-from reid_metrics import compute_reid_metrics, rerank_k_reciprocal  # noqa: E402
+from errors import run_cli, UserError
+from atomic_files import atomic_write_text
+from reference_metrics import market_like_case, reference_rerank
+from reid_metrics import compute_reid_metrics, rerank_k_reciprocal
 
 K1, K2, LAMBDA, DIM = 20, 6, 0.3, 512
 METHODS = ("dense (torchreid's algorithm)", "sparse (rerank_k_reciprocal)")

@@ -14,12 +14,12 @@ from reid_metrics import (MetricInputError, compute_open_set_metrics, compute_re
                           compute_verification_metrics, rerank_k_reciprocal)
 
 ROOT = Path(__file__).resolve().parents[1]
-# The loop reference lives in the benchmark script (one copy, used by both).
-_spec = importlib.util.spec_from_file_location("bench_metrics",
-                                               ROOT / "benchmarks/bench_metrics.py")
-bench_metrics = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_metrics)
-reference_metrics_loop = bench_metrics.reference_metrics_loop
+# The loop references live in benchmarks/reference_metrics.py (one copy: benchmarks and tests).
+_spec = importlib.util.spec_from_file_location(
+    "reference_metrics", ROOT / "benchmarks/reference_metrics.py")
+reference_metrics = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference_metrics)
+reference_metrics_loop = reference_metrics.reference_metrics_loop
 
 SCALARS = ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP")
 
@@ -266,9 +266,9 @@ def test_bad_input_is_a_clear_error(args, kwargs, message):
 
 # ------------------------------------------------------------ verification, open set, re-ranking
 
-reference_verification_loop = bench_metrics.reference_verification_loop
-reference_open_set_loop = bench_metrics.reference_open_set_loop
-reference_rerank = bench_metrics.reference_rerank
+reference_verification_loop = reference_metrics.reference_verification_loop
+reference_open_set_loop = reference_metrics.reference_open_set_loop
+reference_rerank = reference_metrics.reference_rerank
 
 
 def test_verification_hand_case():

@@ -1,5 +1,5 @@
 """reid_metrics.rerank_k_reciprocal (nearest-neighbour lists, sparse V) against torchreid's
-re-ranking written out loop by loop on dense matrices (benchmarks/bench_metrics.py), on
+re-ranking written out loop by loop on dense matrices (benchmarks/reference_metrics.py), on
 random features and on features with exact ties; its chunking, tie fallback and size limit."""
 import importlib.util
 import itertools
@@ -14,10 +14,10 @@ from errors import UserError
 from reid_metrics import MetricInputError, rerank_k_reciprocal
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_metrics",
-                                               ROOT / "benchmarks/bench_metrics.py")
-bench_metrics = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_metrics)
+_spec = importlib.util.spec_from_file_location(
+    "reference_metrics", ROOT / "benchmarks/reference_metrics.py")
+reference_metrics = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference_metrics)
 
 # Unit vectors whose dot products are exact in float32 (multiples of 1/4): every distance
 # between two of them is computed exactly, so equal distances are exact ties.
@@ -26,7 +26,7 @@ TIED_POOL = np.concatenate([np.array(list(itertools.product([-0.5, 0.5], repeat=
 
 
 def reference(query, gallery, k1, k2, lambda_value):
-    return bench_metrics.reference_rerank(1 - query @ gallery.T, 1 - query @ query.T,
+    return reference_metrics.reference_rerank(1 - query @ gallery.T, 1 - query @ query.T,
                                           1 - gallery @ gallery.T, k1, k2, lambda_value)
 
 
