@@ -1,6 +1,6 @@
 """Search a gallery for the identity of query images with a trained (or the baseline) model.
 
-    python experiments/search.py --config <eval config> --gallery <dir | features.npz> --query <image | dir> [--top-k 10] [--threshold T] [--chunk-size N] [--out DIR]
+    python experiments/search.py --config <eval config> --gallery <dir | features.npz> | --index <gallery index> --query <image | dir> [--top-k 10] [--threshold T] [--chunk-size N] [--out DIR]
 
 Prints, per query, the top-k gallery images with their identity (first sub-folder of the
 gallery folder, or the identities stored in features.npz) and score (cosine similarity of the
@@ -14,7 +14,9 @@ Outputs in --out (default: <results_dir>/search): search.csv (query, rank, score
 image, identities, match) and search_ranking.png (one row per query, first 100: query in blue,
 then its top-k, green frame = the query's identity, red = another, grey = query identity
 unknown). A re-run keeps the previous files as <name>.<their mtime>.<suffix>.
-The features of a gallery folder are cached in <out>/gallery_cache/, keyed by the model
+With --index (a gallery index from index_gallery.py) the gallery is read from the index as it
+was last updated, and searched exactly or through its faiss structure; otherwise the features
+of a gallery folder are cached in <out>/gallery_cache/, keyed by the model
 fingerprint and each file's content, so a second search against the same (or a grown)
 gallery encodes only the images it has not seen.
 When the model has a calibration file (experiments/calibrate.py), each candidate also gets its
@@ -33,6 +35,7 @@ from config import load_config, make_parser  # noqa: E402
 from errors import run_cli, UserError  # noqa: E402
 from atomic_files import atomic_write, atomic_write_text  # noqa: E402
 import numpy as np  # noqa: E402
+import gallery_index  # noqa: E402
 import likelihood_ratio  # noqa: E402
 from experiments import extract_features as fx  # noqa: E402
 from gallery_search import DEFAULT_CHUNK_SIZE, check_chunk_size, top_k  # noqa: E402
@@ -163,9 +166,12 @@ def write_outputs(out, csv_rows, grid_rows):
 
 def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--gallery", required=True, type=Path,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gallery", type=Path,
                         help="a folder of gallery images (identity = first sub-folder) or a "
                              "features.npz from extract_features.py")
+    source.add_argument("--index", type=Path, help="a gallery index from index_gallery.py "
+                                                   "(searched as it was last updated)")
     parser.add_argument("--query", required=True, type=Path,
                         help="a query image, or a folder of them (identity = first sub-folder)")
     parser.add_argument("--top-k", type=int, default=10, help="gallery images shown per query "
@@ -184,7 +190,7 @@ def main(argv=None):
     check_chunk_size(args.chunk_size)
     config = load_config(args.config, args.overrides)
     out = args.out or Path(config["results_dir"]) / "search"
-    if not args.gallery.exists():
+    if args.gallery and not args.gallery.exists():
         raise UserError(f"--gallery {args.gallery} does not exist; give a folder of images or a "
                         "features.npz")
     queries = fx.list_images(args.query, "--query")
@@ -192,10 +198,14 @@ def main(argv=None):
     calibration_path = likelihood_ratio.calibration_path(config)
     calibration = likelihood_ratio.load_calibration(calibration_path, encoder.description) \
         if calibration_path.exists() else None
-    gallery_features, gallery_paths, gallery_ids = load_gallery(encoder, args.gallery, out)
+    if args.index:
+        index = gallery_index.open_for_search(args.index, encoder.description)
+        gallery_paths, gallery_ids, search = index.paths, index.identities, index.search
+    else:
+        gallery_features, gallery_paths, gallery_ids = load_gallery(encoder, args.gallery, out)
+        search = lambda query, k, chunk: top_k(query, gallery_features, k, chunk)  # noqa: E731
     query_features = encoder.encode([p for p, _ in queries])
-    scores, order = top_k(query_features, gallery_features, min(args.top_k, len(gallery_paths)),
-                          args.chunk_size)
+    scores, order = search(query_features, min(args.top_k, len(gallery_paths)), args.chunk_size)
     csv_rows, grid_rows, matched = report(
         ([p for p, _ in queries], [i for _, i in queries]), (gallery_paths, gallery_ids),
         scores, order, args.threshold, calibration)
