@@ -24,6 +24,7 @@ updates; --faiss none removes it):
 Whenever the structure is built (and after every update that changes the gallery), its
 recall@10 against exact search is measured on the gallery's own features, printed and stored.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def main(argv=None):
     if gallery is None:
         raise UserError(f"--index {args.index} does not exist yet; pass --gallery <folder> to "
                         "build it")
-    if index and Path(index.gallery) != gallery.absolute():
+    if index and index.gallery != os.path.abspath(gallery):
         raise UserError(f"{args.index} indexes the gallery {index.gallery}, not {gallery}; pass "
                         "--rebuild to index this folder into it, or another --index path")
     kind, requested = faiss_request(args, index)
@@ -101,7 +102,7 @@ def main(argv=None):
                          "requested": requested}
     stored = index and index.faiss and {k: v for k, v in index.faiss.items()
                                         if k not in ("recall", "build_seconds")}
-    gallery_changed = index is None or summary["encoded"] or summary["removed"]
+    gallery_changed = index is None or summary["encoded"] or built.paths != index.paths
     if gallery_changed or settings != stored:
         built = gallery_index.with_faiss(built, settings, args.chunk_size)
         summary["modified"] = True

@@ -58,16 +58,20 @@ def test_updates_encode_only_new_or_changed_files(gallery, encoded, tmp_path, ca
 
     added = root / "id1" / spare[0].name  # one image added: only it is read and encoded
     shutil.copy(spare[0], added)
+    copy = root / "id2" / "copy.jpg"  # a copy of an indexed image: hashed, not encoded
+    shutil.copy(first.paths[0], copy)
     out = run_index(capsys, "--index", index_path).out
     assert encoded[1] == [str(added)] and "1 encoded (1 new, 0 changed)" in out
-    assert "1 hashed" in out  # the unchanged files were recognised by their stat alone
+    assert "2 hashed" in out  # the unchanged files were recognised by their stat alone
     second = gallery_index.load_index(index_path)
     np.testing.assert_array_equal(second.features[[second.paths.index(p) for p in first.paths]],
                                   first.features)
+    np.testing.assert_array_equal(second.features[second.paths.index(str(copy))],
+                                  first.features[0])
 
     # replaced: same name, same mtime, new content (a new inode) -> noticed and re-encoded;
     # touched: new mtime, same content -> hashed, not encoded; removed -> dropped
-    replaced, (touched, removed) = sorted((root / "id2").iterdir())[0], sorted(
+    replaced, (touched, removed) = sorted((root / "id2").glob("Hand*"))[0], sorted(
         (root / "id0").iterdir())
     (tmp_path / "new.jpg").write_bytes(spare[1].read_bytes())
     os.utime(tmp_path / "new.jpg", ns=(OLD_NS, OLD_NS))
@@ -77,7 +81,7 @@ def test_updates_encode_only_new_or_changed_files(gallery, encoded, tmp_path, ca
     out = run_index(capsys, "--index", index_path).out
     assert encoded[2] == [str(replaced)] and "1 encoded (0 new, 1 changed), 1 removed" in out
     third = gallery_index.load_index(index_path)
-    assert str(removed) not in third.paths and len(third.paths) == 6
+    assert str(removed) not in third.paths and len(third.paths) == 7
     row = third.paths.index(str(replaced))
     assert not np.allclose(third.features[row], first.features[first.paths.index(str(replaced))])
 
@@ -88,7 +92,7 @@ def test_updates_encode_only_new_or_changed_files(gallery, encoded, tmp_path, ca
     assert "broken.jpg" in printed.err and "skipped 1" in printed.err
     assert encoded[3] == [str(root / "id0" / spare[3].name)]
     fourth = gallery_index.load_index(index_path)
-    assert len(fourth.paths) == 7 and not any("broken" in p for p in fourth.paths)
+    assert len(fourth.paths) == 8 and not any("broken" in p for p in fourth.paths)
 
 
 def test_faiss_flat_equals_the_exact_search_and_approximate_recall_is_measured(capsys):
@@ -167,3 +171,17 @@ def test_bad_input_is_one_line_and_leaves_the_index_as_it_was(gallery, tmp_path,
     message = str(caught.value)
     assert "\n" not in message and all(word in message for word in words), message
     assert index_path.read_bytes() == before and not (tmp_path / "out").exists()
+
+
+def test_an_update_rebuilds_the_faiss_structure_it_keeps(gallery, tmp_path, capsys):
+    root, spare = gallery
+    index_path = tmp_path / "gallery.npz"
+    run_index(capsys, "--gallery", root, "--index", index_path, "--faiss", "hnsw",
+              "--hnsw-m", "4")
+    shutil.copy(next(root.rglob("*.jpg")), root / "id1" / "copy.jpg")  # no encoding needed
+    printed = run_index(capsys, "--index", index_path).out
+    assert "0 encoded" in printed and "recall@6 against exact search" in printed
+    index = gallery_index.load_index(index_path)
+    assert index.faiss["kind"] == "hnsw" and index.faiss["hnsw_m"] == 4
+    row = index.paths.index(str(root / "id1" / "copy.jpg"))
+    assert row in index.search(index.features[[row]], 2, 100)[1][0]  # the new row is served
