@@ -24,6 +24,7 @@ updates; --faiss none removes it):
 Whenever the structure is built (and after every update that changes the gallery), its
 recall@10 against exact search is measured on the gallery's own features, printed and stored.
 """
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -56,7 +57,8 @@ def faiss_request(args, index):
 
 
 def main(argv=None):
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the docstring as written
     parser.add_argument("--gallery", type=Path, default=None,
                         help="folder of gallery images, identity = first sub-folder (default "
                              "for an update: the folder the index was built for)")

@@ -1,6 +1,6 @@
 """Search a gallery for the identity of query images with a trained (or the baseline) model.
 
-    python experiments/search.py --config <eval config> --gallery <dir | features.npz> | --index <gallery index> --query <image | dir> [--top-k 10] [--threshold T] [--chunk-size N] [--out DIR]
+    python experiments/search.py --config <eval config> (--gallery <dir | features.npz> | --index <gallery index>) --query <image | dir> [--top-k 10] [--threshold T] [--chunk-size N] [--out DIR]
 
 Prints, per query, the top-k gallery images with their identity (first sub-folder of the
 gallery folder, or the identities stored in features.npz) and score (cosine similarity of the
