@@ -95,8 +95,12 @@ def scan(folder):
 
 
 def file_digest(path):
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    """sha256 hex of the file; None if it cannot be read (e.g. removed since the scan)."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def _does_not_decode(path):
@@ -132,7 +136,7 @@ def update(index, folder, encoder):
     digests = [None if row is None else index.digests[row] for row in same]
     for n, digest in zip(to_hash, _threaded(file_digest, [items[n][0] for n in to_hash])):
         digests[n] = digest
-        if digest in by_digest:
+        if digest is not None and digest in by_digest:
             same[n] = by_digest[digest]
     to_encode = [n for n in range(len(items)) if same[n] is None]
     unreadable = _threaded(_does_not_decode, [items[n][0] for n in to_encode])
@@ -142,16 +146,19 @@ def update(index, folder, encoder):
               f"remove them, then update the index again): {', '.join(skipped)}",
               file=sys.stderr)
     to_encode = [n for n, bad in zip(to_encode, unreadable) if not bad]
-    new_rows = {n: r for r, n in enumerate(to_encode)}
-    keep = [n for n in range(len(items)) if same[n] is not None or n in new_rows]
+    encoding = set(to_encode)
+    keep = [n for n in range(len(items)) if same[n] is not None or n in encoding]
     if not keep:
         raise UserError(f"--gallery {folder} holds no readable image "
                         f"({', '.join(IMAGE_SUFFIXES)}); give the folder of gallery images")
     encoded = encoder.encode([items[n][0] for n in to_encode]) if to_encode else None
     dim = encoded.shape[1] if encoded is not None else index.features.shape[1]
     features = np.empty((len(keep), dim), dtype=np.float32)
-    for row, n in enumerate(keep):
-        features[row] = encoded[new_rows[n]] if n in new_rows else index.features[same[n]]
+    source = np.array([-1 if n in encoding else same[n] for n in keep], dtype=np.int64)
+    if encoded is not None:
+        features[source < 0] = encoded  # to_encode is in `keep`'s order
+    if index is not None:
+        features[source >= 0] = index.features[source[source >= 0]]
     kept_paths = {items[n][0] for n in keep}
     summary = {"encoded": [items[n][0] for n in to_encode],
                "new": sum(items[n][0] not in old for n in to_encode),
