@@ -14,7 +14,7 @@ again at the next update, since a file system's mtime has a coarse tick and a sa
 rewrite in that tick would look unchanged (git's "racily clean" rule). Removed files leave
 the index; an image that does not decode is named on stderr and skipped (the rest proceeds).
 
-Search: exact by default; an index built with a faiss structure ("flat": IndexFlatIP, exact;
+Search: exact by default; an index built with a faiss structure ("flat": faiss' exact brute-force search (faiss.knn, as IndexFlatIP);
 "ivf": IndexIVFFlat; "hnsw": IndexHNSWFlat, both approximate) is searched through it. The
 structure's recall@k against exact search is measured on the index's own features whenever
 it is built, printed and stored.
@@ -68,7 +68,12 @@ class GalleryIndex:
         if not self.faiss:
             return top_k(query_features, self.features, k, chunk_size)
         query = np.ascontiguousarray(query_features, dtype=np.float32)
-        scores, order = faiss_structure(self).search(query, k)
+        if self.faiss["kind"] == "flat":  # faiss' brute-force search, on the features in place
+            faiss = _faiss()
+            scores, order = faiss.knn(query, np.ascontiguousarray(self.features), k,
+                                      metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            scores, order = faiss_structure(self).search(query, k)
         short = (order < 0).any(axis=1)
         if short.any():
             scores[short], order[short] = top_k(query[short], self.features, k, chunk_size)
@@ -218,14 +223,9 @@ def faiss_settings(kind, count, nlist=None, nprobe=None, hnsw_m=None, ef_search=
 
 
 def faiss_structure(index):
-    """The faiss index serving `index` (flat: built from the features; ivf / hnsw: stored)."""
-    faiss = _faiss()
+    """The stored ivf / hnsw faiss index serving `index`, with its search settings."""
     settings = index.faiss
-    if settings["kind"] == "flat":
-        structure = faiss.IndexFlatIP(index.features.shape[1])
-        structure.add(np.ascontiguousarray(index.features))
-        return structure
-    structure = faiss.deserialize_index(index.faiss_bytes)
+    structure = _faiss().deserialize_index(index.faiss_bytes)
     if settings["kind"] == "ivf":
         structure.nprobe = settings["nprobe"]
     else:

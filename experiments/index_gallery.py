@@ -16,7 +16,8 @@ or for another folder is refused: --rebuild re-encodes the gallery into it, or c
 Search (python experiments/search.py --config <eval config> --index <file> --query ...) is exact
 (chunked top-k, as for a folder) unless the index has a faiss structure (--faiss, kept by later
 updates; --faiss none removes it):
-  flat  faiss IndexFlatIP: exact, faster than the chunked top-k on large galleries;
+  flat  faiss' exact brute-force search (faiss.knn, as IndexFlatIP; equals the exact search
+        but for the order of equal scores);
   ivf   IndexIVFFlat, approximate: --nlist lists (default ~sqrt(N)), --nprobe of them
         searched (default nlist/16, at least 8);
   hnsw  IndexHNSWFlat, approximate: --hnsw-m links per node (default 32), --ef-search
