@@ -1,6 +1,6 @@
 """Search a gallery for the identity of query images with a trained (or the baseline) model.
 
-    python experiments/search.py --config <eval config> --gallery <dir | features.npz> --query <image | dir> [--top-k 10] [--threshold T] [--chunk-size N] [--out DIR]
+    python experiments/search.py --config <eval config> (--gallery <dir | features.npz> | --index <gallery index>) --query <image | dir> [--top-k 10] [--threshold T] [--chunk-size N] [--out DIR]
 
 Prints, per query, the top-k gallery images with their identity (first sub-folder of the
 gallery folder, or the identities stored in features.npz) and score (cosine similarity of the
@@ -14,14 +14,15 @@ Outputs in --out (default: <results_dir>/search): search.csv (query, rank, score
 image, identities, match) and search_ranking.png (one row per query, first 100: query in blue,
 then its top-k, green frame = the query's identity, red = another, grey = query identity
 unknown). A re-run keeps the previous files as <name>.<their mtime>.<suffix>.
-The features of a gallery folder are cached in <out>/gallery_cache/, keyed by the model
+With --index (a gallery index from index_gallery.py) the gallery is read from the index as it
+was last updated, and searched exactly or through its faiss structure; otherwise the features
+of a gallery folder are cached in <out>/gallery_cache/, keyed by the model
 fingerprint and each file's content, so a second search against the same (or a grown)
 gallery encodes only the images it has not seen.
 When the model has a calibration file (experiments/calibrate.py), each candidate also gets its
 calibrated log10 likelihood ratio (printed and in search.csv's log10_lr column).
 """
 import csv
-import hashlib
 import io
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from config import load_config, make_parser
 from errors import check_writable, run_cli, UserError
 from atomic_files import atomic_write, atomic_write_text, keep_previous
 import numpy as np
+import gallery_index
 import likelihood_ratio
 from evaluation_plots import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR, save_ranking_grid,
                               score_decimals)
@@ -46,21 +48,13 @@ CSV_FIELDS = ["query", "query_identity", "rank", "score", "gallery", "gallery_id
               "log10_lr"]
 
 
-def file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_gallery_features(encoder, paths, cache_dir):
     """Features of the gallery images, from <cache_dir>/<fingerprint>.npz where the content
     was seen before with this model; the rest is encoded and added to the cache."""
     fingerprint = encoder.description["fingerprint"]
     cache_path = cache_dir / f"{fingerprint[:16]}.npz"
     with ThreadPoolExecutor(WORKERS) as pool:
-        digests = list(pool.map(file_digest, paths))
+        digests = list(pool.map(gallery_index.file_digest, paths))
     cached = {}
     if cache_path.is_file():
         try:
@@ -165,9 +159,12 @@ def write_outputs(out, csv_rows, grid_rows):
 
 def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--gallery", required=True, type=Path,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gallery", type=Path,
                         help="a folder of gallery images (identity = first sub-folder) or a "
                              "features.npz from extract_features.py")
+    source.add_argument("--index", type=Path, help="a gallery index from index_gallery.py "
+                                                   "(searched as it was last updated)")
     parser.add_argument("--query", required=True, type=Path,
                         help="a query image, or a folder of them (identity = first sub-folder)")
     parser.add_argument("--top-k", type=int, default=10, help="gallery images shown per query "
@@ -187,7 +184,7 @@ def main(argv=None):
     config = load_config(args.config, args.overrides)
     out = args.out or Path(config["results_dir"]) / "search"
     check_writable(out / "search.csv")  # before any image is encoded
-    if not args.gallery.exists():
+    if args.gallery and not args.gallery.exists():
         raise UserError(f"--gallery {args.gallery} does not exist; give a folder of images or a "
                         "features.npz")
     queries = list_images(args.query, "--query")
@@ -195,10 +192,14 @@ def main(argv=None):
     calibration_path = likelihood_ratio.calibration_path(config)
     calibration = likelihood_ratio.load_calibration(calibration_path, encoder.description) \
         if calibration_path.exists() else None
-    gallery_features, gallery_paths, gallery_ids = load_gallery(encoder, args.gallery, out)
+    if args.index:
+        index = gallery_index.open_for_search(args.index, encoder.description)
+        gallery_paths, gallery_ids, search = index.paths, index.identities, index.search
+    else:
+        gallery_features, gallery_paths, gallery_ids = load_gallery(encoder, args.gallery, out)
+        search = lambda query, k, chunk: top_k(query, gallery_features, k, chunk)  # noqa: E731
     query_features = encoder.encode([p for p, _ in queries])
-    scores, order = top_k(query_features, gallery_features, min(args.top_k, len(gallery_paths)),
-                          args.chunk_size)
+    scores, order = search(query_features, min(args.top_k, len(gallery_paths)), args.chunk_size)
     csv_rows, grid_rows, matched = report(
         ([p for p, _ in queries], [i for _, i in queries]), (gallery_paths, gallery_ids),
         scores, order, args.threshold, calibration)

@@ -27,7 +27,8 @@ LAYERS = {
     "model, data and metrics": (
         "make_model", "checkpoint_format", "legacy_formats", "build_dataloader", "losses",
         "reid_metrics", "gallery_search", "score_counts", "image_files", "feature_files",
-        "datasets/split_protocol", "benchmarks/synthetic_data", "benchmarks/reference_metrics"),
+        "gallery_index", "datasets/split_protocol", "benchmarks/synthetic_data",
+        "benchmarks/reference_metrics"),
     "runtime and config": ("runtime", "config", "errors", "atomic_files", "method_registry"),
 }
 SOURCE_FOLDERS = (".", "experiments", "datasets", "benchmarks")
