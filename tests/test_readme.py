@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from config import SCHEMA, load_config
-from conftest import ROOT, run_script
+from conftest import ROOT
 
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
