@@ -129,6 +129,17 @@ def test_patience_without_a_val_split_is_refused(make_config):
         toy_engine_without_val(config)
 
 
+def test_selection_last_with_early_stopping_is_one_line_exit_2(make_config, tmp_path):
+    # Early stopping waits on a val signal; selection: last (CLIP-ReID's rule) selects none.
+    config_file = write_config(make_config(selection="last", early_stop_patience=2),
+                               tmp_path / "run.yml")
+    proc = subprocess.run([sys.executable, str(ROOT / TRAIN), "--config", config_file],
+                          cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: early_stop_patience needs a selection signal on val/ to wait for")
+
+
 def toy_engine_without_val(config):
     train_loader, _, _ = get_train_val_loaders(config)
     return Engine(HeadThenAll(config, train_loader.dataset.classes), train_loader, config, "cpu")
