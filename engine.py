@@ -282,30 +282,6 @@ class Engine:
         inputs = inputs.to(self.device, non_blocking=True)
         if phase.uses_images and self.augment is not None:
             inputs = self.augment(inputs, self.augment_generator)
-        if phase.uses_images and self.config["channels_last"] and self._is_resnet():
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return inputs
-
-    def _check_finite(self, bad_step, epoch):
-        """Stop on a non-finite loss (read from the device here, not at every step)."""
-        flag = bad_step.clone()
-        if self.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops alike
-        step = int(flag.item())
-        if step < 0:
-            return
-        best = self.checkpoints.best_written
-        kept = (f"the checkpoint of epoch {best} stays at {self.config['save_path']}"
-                if best is not None else
-                f"no checkpoint of this run was written to {self.config['save_path']}")
-        raise UserError(f"epoch {epoch}, step {step}/{self.iters_per_epoch}: the training "
-                        f"loss is not finite (nan or inf); training stopped and {kept}; lower "
-                        f"lr, set grad_clip, or use amp: fp32, then re-run with --overwrite")
-
-    def _to_device(self, inputs, phase):
-        inputs = inputs.to(self.device, non_blocking=True)
-        if phase.uses_images and self.augment is not None:
-            inputs = self.augment(inputs, self.augment_generator)
         if phase.uses_images and self.config["channels_last"] and self.resnet:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs
