@@ -26,12 +26,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from lir import metrics
-from lir.algorithms.bayeserror import elub
-from lir.algorithms.isotonic_regression import IsotonicCalibrator
-from lir.algorithms.kde import KDECalibrator
-from lir.algorithms.logistic_regression import LogitCalibrator
-from lir.data.models import LLRData
 
 from errors import UserError
 from atomic_files import atomic_write
@@ -39,9 +33,22 @@ from atomic_files import atomic_write
 # logistic: lir's LogitCalibrator (scikit-learn's class-balanced LogisticRegression, its
 # default L2 penalty C=1), solved by Newton steps: the same optimum as the default lbfgs, in
 # about a third of the time on one score.
-CALIBRATORS = {"logistic": lambda: LogitCalibrator(solver="newton-cholesky"),
-               "isotonic": IsotonicCalibrator,
-               "kde": lambda: KDECalibrator(bandwidth="silverman")}
+CALIBRATORS = ("logistic", "isotonic", "kde")
+
+
+def _new_calibrator(kind):
+    # lir (and scikit-learn with it, about 1 s) is imported only where LRs are computed, not
+    # by every evaluation that imports this module.
+    if kind == "logistic":
+        from lir.algorithms.logistic_regression import LogitCalibrator
+        return LogitCalibrator(solver="newton-cholesky")
+    if kind == "isotonic":
+        from lir.algorithms.isotonic_regression import IsotonicCalibrator
+        return IsotonicCalibrator()
+    from lir.algorithms.kde import KDECalibrator
+    return KDECalibrator(bandwidth="silverman")
+
+
 DEFAULT_CALIBRATOR = "logistic"
 # Per-split validity metrics: Cllr and its parts in bits; misleading-evidence rates in percent;
 # the largest and smallest reported LR as log10 LR.
@@ -93,7 +100,8 @@ def fit(scores, same, kind=DEFAULT_CALIBRATOR):
         raise UserError(f"calibration needs same-person and different-person pairs, got "
                         f"{num_same} same and {len(labels) - num_same} different; calibrate on "
                         "data with at least two persons and two images of some person")
-    calibrator = CALIBRATORS[kind]().fit(scores, labels)
+    from lir.algorithms.bayeserror import elub
+    calibrator = _new_calibrator(kind).fit(scores, labels)
     lower, upper = elub(calibrator.transform(scores).copy(), labels)
     return Calibration(kind, calibrator, float(lower), float(upper), num_same,
                        len(labels) - num_same)
@@ -103,6 +111,8 @@ def validity(llrs, same):
     """Validity metrics of reported LLRs against the truth `same` (see LR_METRICS)."""
     llrs = np.asarray(llrs, dtype=np.float64)
     labels = np.asarray(same, dtype=int)
+    from lir import metrics
+    from lir.data.models import LLRData
     data = LLRData(features=llrs, labels=labels)
     cllr, cllr_min = metrics.cllr(data), metrics.cllr_min(data)
     return {"cllr": cllr, "cllr_min": cllr_min, "cllr_cal": cllr - cllr_min,
