@@ -42,10 +42,6 @@ def check_config(config):
 
 class ClipHandId(Method):
     name = "clip_handid"
-    @classmethod
-    def build(cls, config, identity_names, num_classes):
-        clip_model, _ = make_model.build_model(config)
-        return cls(config, clip_model, identity_names)
 
     check_config = staticmethod(check_config)
 

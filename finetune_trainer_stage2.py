@@ -72,10 +72,6 @@ def _ratio(value, lr):
 
 class ClipReid(Method):
     name = "clipreid"
-    @classmethod
-    def build(cls, config, identity_names, num_classes):
-        clip_model, _ = make_model.build_model(config)
-        return cls(config, clip_model, identity_names)
 
     check_config = staticmethod(check_config)
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import losses
+import make_model
 import method_registry
 
 # Parameter names (split at '.' and '_') that get no weight decay even when not 1-D.
@@ -155,9 +156,11 @@ class Method:
 
     @classmethod
     def build(cls, config, identity_names, num_classes):
-        """The method for a train script: its model built from `config` (what
-        train_entry.run_training calls once the data is loaded)."""
-        raise NotImplementedError
+        """The method for a train script, once the data is loaded (train_entry.run_training).
+        Default: `config`'s CLIP, no identity head, as cls(config, clip_model,
+        identity_names) (Stage 2 and CLIP-HandID); a method built otherwise overrides it."""
+        clip_model, _ = make_model.build_model(config)
+        return cls(config, clip_model, identity_names)
 
     @staticmethod
     def check_config(config):
