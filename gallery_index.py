@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from atomic_files import atomic_write
-from build_dataloader import decode_image
-from image_files import IMAGE_SUFFIXES
+from image_files import IMAGE_SUFFIXES, WORKERS, image_problem
 from errors import UserError
 from gallery_search import top_k
 
@@ -43,7 +42,6 @@ RACY_NS = 2 * 10 ** 9  # FAT's mtime tick; ext4/NTFS/APFS ticks are finer
 FAISS_KINDS = ("flat", "ivf", "hnsw")
 RECALL_K, RECALL_QUERIES = 10, 1000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
-WORKERS = min(8, os.cpu_count() or 1)
 INDEX_COMMAND = "python experiments/index_gallery.py --config <eval config>"
 # What np.load raises for a file that is no index of ours (not a zip, truncated, keys missing).
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -109,14 +107,6 @@ def file_digest(path):
         return None
 
 
-def _does_not_decode(path):
-    try:
-        decode_image(path, 8, draft=True)  # the evaluation's own decoder, at 1/8 scale
-    except UserError:
-        return True
-    return False
-
-
 def _threaded(function, items):
     with ThreadPoolExecutor(WORKERS) as pool:  # hashing and decoding release the GIL
         return list(pool.map(function, items))
@@ -145,8 +135,8 @@ def update(index, folder, encoder):
         if digest is not None and digest in by_digest:
             same[n] = by_digest[digest]
     to_encode = [n for n in range(len(items)) if same[n] is None]
-    unreadable = _threaded(_does_not_decode, [items[n][0] for n in to_encode])
-    skipped = [items[n][0] for n, bad in zip(to_encode, unreadable) if bad]
+    unreadable = _threaded(image_problem, [items[n][0] for n in to_encode])
+    skipped = [f"{items[n][0]} ({bad})" for n, bad in zip(to_encode, unreadable) if bad]
     if skipped:
         print(f"warning: skipped {len(skipped)} gallery images that do not decode (replace or "
               f"remove them, then update the index again): {', '.join(skipped)}",
