@@ -29,7 +29,7 @@ from torch import nn
 
 import losses
 import make_model
-from method import Method, Phase, config_groups
+from method import Method, Phase, encoder_and_head_groups
 
 HEADS = ("neck", "neck_proj")
 
@@ -82,12 +82,9 @@ class ClipHandId(Method):
         return train_loader
 
     def param_groups(self, phase):
-        config, extras = self.config, self.model.extras
-        others = nn.ModuleList([extras[name] for name in extras])
-        return (config_groups(config, "image_encoder", self.model.clip_model.visual,
-                              config["lr"], config["weight_decay"])
-                + config_groups(config, "others", others, config["lr"] * config["head_lr_mult"],
-                                config["weight_decay"]))
+        extras = self.model.extras
+        return encoder_and_head_groups(self.config, self.model.clip_model.visual, "others",
+                                       nn.ModuleList([extras[name] for name in extras]))
 
     def text_features(self, model, image_features):
         """The prompt's text feature for each projected image feature (see `inversion`)."""

@@ -12,7 +12,7 @@ from torch import nn
 
 import make_model
 from engine import Engine
-from method import Method, config_groups
+from method import Method, encoder_and_head_groups
 
 
 class Stage1(Method):
@@ -39,11 +39,8 @@ class Stage1(Method):
             self.config["head"], make_model.embed_dim(self.config), len(self.identity_names))}
 
     def param_groups(self, phase):
-        config = self.config
-        lr, decay = config["lr"], config["weight_decay"]
-        return (config_groups(config, "image_encoder", self.model.clip_model.visual, lr, decay)
-                + config_groups(config, "head", self.model.classifier,
-                                lr * config["head_lr_mult"], decay))
+        return encoder_and_head_groups(self.config, self.model.clip_model.visual, "head",
+                                       self.model.classifier)
 
     def forward(self, model, images):
         """-> (logits, identity features, embedding before the BNNeck's BN)."""

@@ -36,7 +36,7 @@ import make_model
 import method_registry
 from build_dataloader import train_gallery_loader
 from errors import ConfigError, UserError
-from method import Method, Phase, config_groups, decay_groups
+from method import Method, Phase, decay_groups, encoder_and_head_groups
 from runtime import rank_and_world
 
 PROMPTS, IMAGE_ENCODER = "prompts", "image_encoder"
@@ -167,11 +167,8 @@ class ClipReid(Method):
         if phase.name == PROMPTS:
             return decay_groups("prompts", extras["prompt_learner"], config["prompt_lr"],
                                 config["prompt_weight_decay"])
-        heads = nn.ModuleList([extras[head] for head in HEADS])
-        return (config_groups(config, "image_encoder", self.model.clip_model.visual,
-                              config["lr"], config["weight_decay"])
-                + config_groups(config, "heads", heads, config["lr"] * config["head_lr_mult"],
-                                config["weight_decay"]))
+        return encoder_and_head_groups(config, self.model.clip_model.visual, "heads",
+                                       nn.ModuleList([extras[head] for head in HEADS]))
 
     def forward(self, model, inputs):
         if self.phase == PROMPTS:  # inputs are rows of the feature table

@@ -52,6 +52,15 @@ def config_groups(config, name, module, lr, weight_decay):
                         config["weight_decay_all"])
 
 
+def encoder_and_head_groups(config, visual, name, head):
+    """The groups every shipped method trains its image phase with: `visual` (the image
+    encoder) at lr and `head` (its extra modules) as `name` at lr x head_lr_mult, both with
+    the config's weight decay and bias rules."""
+    lr, decay = config["lr"], config["weight_decay"]
+    return (config_groups(config, "image_encoder", visual, lr, decay)
+            + config_groups(config, name, head, lr * config["head_lr_mult"], decay))
+
+
 @dataclass
 class Phase:
     """A stretch of epochs with its own optimizer and lr schedule: linear warmup from

@@ -100,8 +100,7 @@ def main(argv=None):
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, text)
+        atomic_write_text(args.out, text)  # creates the folder
 
 
 if __name__ == "__main__":
