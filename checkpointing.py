@@ -14,7 +14,7 @@ Files (every write atomic: a kill mid-write leaves the previous file):
 """
 import hashlib
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -76,28 +76,27 @@ class ResumeState:
     optimizer: dict = None
     scheduler: dict = None
     scaler: dict = None
-    extra: dict = field(default_factory=dict, repr=False)  # keys of other versions, kept
 
     def to_dict(self):
-        state = {"format": RESUME_FORMAT, "format_version": RESUME_VERSION, **self.extra}
+        state = {"format": RESUME_FORMAT, "format_version": RESUME_VERSION}
         for item in fields(self):
             value = getattr(self, item.name)
             if item.name == "best":
                 state["best"] = value.as_dict()
-            elif item.name != "extra" and (value is not None or item.name not in
-                                           ("trained", "optimizer", "scheduler", "scaler")):
+            elif value is not None or item.name not in ("trained", "optimizer", "scheduler",
+                                                        "scaler"):
                 state[item.name] = value
         return state
 
     @classmethod
     def from_dict(cls, state):
-        names = {item.name for item in fields(cls)} - {"extra"}
+        """Today's fields of a state dict (the other keys of a converted first-release state,
+        e.g. its clip_state_dict, are not carried into the states written after it)."""
+        names = {item.name for item in fields(cls)}
         values = {k: v for k, v in state.items() if k in names}
         values["best"] = Best(**state["best"])
         values.setdefault("best_written", state["best"]["epoch"])
-        extra = {k: v for k, v in state.items() if k not in names
-                 and k not in ("format", "format_version")}
-        return cls(**values, extra=extra)
+        return cls(**values)
 
 
 def load_resume_state(path):

@@ -201,6 +201,9 @@ def test_a_first_release_resume_state_converts_to_todays_layout(tmp_path):
     assert state.best == Best(1, "val_accuracy", 40.0, {"val_accuracy": 40.0})
     assert state.best_written == 1
     assert set(state.trained) == {"clip_model.visual.w", "extras.classifier.weight"}
+    # What the run writes next is today's layout only, not the old copies of the weights.
+    assert not {"clip_state_dict", "classifier_state_dict", "best_epoch"} & \
+        state.to_dict().keys()
 
 
 @pytest.mark.parametrize("head, has_head, feature", [
