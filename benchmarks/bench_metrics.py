@@ -1,11 +1,12 @@
-"""Benchmark reid_metrics.compute_reid_metrics against a per-query loop reference on a random
+"""Benchmark reid_metrics.compute_reid_metrics against torchreid's python loop on a random
 Market-1501-sized case (3368 queries x 15913 gallery images, 751 query identities).
 
     python benchmarks/bench_metrics.py [--loop-queries N] [--out results.md] [--rerank-full]
 
 The references (benchmarks/reference_metrics.py) are also what the tests compare the vectorised
-code with: a plain per-query numpy loop with torchreid's python `eval_market1501` semantics (no camera
-filtering), fast-reid's mINP and the MBA-Net / CLIP-HandID trapezoid AP; so are the per-pair
+code with: torchreid's python `eval_market1501` as it runs (the goal: >= 100x faster), and a
+lean per-query numpy loop with its semantics (no camera filtering), fast-reid's mINP and the
+MBA-Net / CLIP-HandID trapezoid AP (about 12x faster than torchreid's); so are the per-pair
 verification loop, the per-search open-set loop and torchreid's re-ranking written out loop by
 loop. The forensic part times verification and open-set metrics on the full-size case, and
 re-ranking against that loop reference on a smaller case (--rerank-full: also full size).
@@ -22,7 +23,7 @@ import torch
 from errors import run_cli, UserError
 from atomic_files import atomic_write_text
 from reference_metrics import (market_like_case, reference_metrics_loop,
-                               reference_rerank)
+                               reference_rerank, torchreid_python_loop)
 from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
                           compute_verification_metrics, rerank_k_reciprocal)
 
@@ -91,28 +92,38 @@ def bench_case(name, similarity, query_ids, gallery_ids, args):
 
     loop_queries = min(args.loop_queries or num_queries, num_queries)
     sub_sim, sub_ids = similarity[:loop_queries].numpy(), query_ids[:loop_queries]
-    start = time.perf_counter()
-    slow = reference_metrics_loop(sub_sim, sub_ids, gallery_ids)
-    loop_time = (time.perf_counter() - start) * num_queries / loop_queries
-    # Compare on the query subset the loop saw.
+    scale = num_queries / loop_queries  # per-query cost is even: a subset's time scales
+    slow, lean_time = timed(reference_metrics_loop, sub_sim, sub_ids, gallery_ids)
+    (torchreid_cmc, torchreid_map), torchreid_time = timed(torchreid_python_loop, sub_sim,
+                                                           sub_ids, gallery_ids)
+    lean_time, torchreid_time = lean_time * scale, torchreid_time * scale
+    # Compare on the query subset the loops saw.
     fast_sub = compute_reid_metrics(sub_sim, sub_ids, gallery_ids, chunk_size=args.chunk_size)
     max_diff = max(max(abs(fast_sub[k] - slow[k]) for k in ("mAP", "mINP")),
                    float(np.abs(np.subtract(fast_sub["cmc"], slow["cmc"])).max()))
     agree = max_diff < 1e-6 and fast_sub["num_valid_queries"] == slow["num_valid_queries"]
+    # torchreid returns its CMC curve in float32 and breaks ties arbitrarily.
+    torchreid_diff = max(abs(fast_sub["mAP"] - 100 * torchreid_map),
+                         float(np.abs(np.subtract(fast_sub["cmc"], 100 * torchreid_cmc)).max()))
+    agree = agree and torchreid_diff < 1e-4
 
     extrapolated = (f" (measured on {loop_queries} queries, extrapolated)"
                     if loop_queries < num_queries else "")
+    speed_up = torchreid_time / fast_time
     print(f"\n[{name}] rank1 {fast['rank1']:.2f}  rank5 {fast['rank5']:.2f}  "
           f"rank10 {fast['rank10']:.2f}  mAP {fast['mAP']:.2f}  mINP {fast['mINP']:.2f}")
     print(f"  vectorised: {fast_time:.3f} s (best of {args.repeats})")
-    print(f"  loop reference: {loop_time:.3f} s{extrapolated}")
-    print(f"  speed-up: {loop_time / fast_time:.1f}x")
-    print(f"  agreement: max |diff| {max_diff:.1e} percentage points -> "
-          f"{'OK' if agree else 'MISMATCH'}")
+    print(f"  torchreid's python loop: {torchreid_time:.3f} s{extrapolated}: {speed_up:.1f}x "
+          f"(goal >= 100x: {'met' if speed_up >= 100 else 'NOT met'})")
+    print(f"  lean numpy loop, same semantics: {lean_time:.3f} s: "
+          f"{lean_time / fast_time:.1f}x")
+    print(f"  agreement: max |diff| {max_diff:.1e} (lean loop), {torchreid_diff:.1e} "
+          f"(torchreid) percentage points -> {'OK' if agree else 'MISMATCH'}")
+    mark = " (extrapolated)" if extrapolated else ""
     row = (f"| {name} | {num_queries}x{num_gallery} | {fast['mAP']:.1f} | "
-           f"{torch.get_num_threads()} | {fast_time:.3f} | {loop_time:.3f}"
-           f"{' (extrapolated)' if extrapolated else ''} | {loop_time / fast_time:.1f}x | "
-           f"{max_diff:.1e} |\n")
+           f"{torch.get_num_threads()} | {fast_time:.3f} | {torchreid_time:.2f}{mark} | "
+           f"{speed_up:.0f}x | {lean_time:.2f}{mark} | {lean_time / fast_time:.0f}x | "
+           f"{max(max_diff, torchreid_diff):.1e} |\n")
     return agree, row
 
 
@@ -128,8 +139,9 @@ def main():
     parser.add_argument("--case", choices=("informative", "uninformative", "both"),
                         default="both")
     parser.add_argument("--loop-queries", type=int, default=None,
-                        help="run the loop reference on the first N queries only and extrapolate "
-                             "its time to all queries (default: all)")
+                        help="run the loop references on the first N queries only and "
+                             "extrapolate their times to all queries (default: all; torchreid's "
+                             "loop takes about a minute per case on the full size)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of the vectorised code (best is reported)")
     parser.add_argument("--chunk-size", type=int, default=None)
@@ -161,9 +173,10 @@ def main():
                for name, noise in cases.items() if args.case in (name, "both")]
     forensic_ok, forensic_rows = bench_forensic(args) if args.forensic == "on" else (True, [])
     if args.out:
-        header = ("Metrics (compute_reid_metrics) against a per-query loop with torchreid's "
-                  "semantics:\n\n| case | size | mAP % | threads | vectorised s | loop s | "
-                  "speed-up | max diff |\n|---|---|---|---|---|---|---|---|\n")
+        header = ("Metrics (compute_reid_metrics) against torchreid's python eval_market1501 "
+                  "loop and a lean numpy loop with its semantics:\n\n| case | size | mAP % | "
+                  "threads | vectorised s | torchreid loop s | speed-up | lean loop s | "
+                  "speed-up | max diff |\n|---|---|---|---|---|---|---|---|---|---|\n")
         existing = args.out.read_text() if args.out.exists() else header
         text = existing + "".join(row for _, row in results)
         if forensic_rows:

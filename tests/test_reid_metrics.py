@@ -1,5 +1,6 @@
 """reid_metrics.compute_reid_metrics: hand-computed cases, input errors, and agreement with a
-per-query loop reference of torchreid's eval_market1501 semantics on random cases."""
+per-query loop reference of torchreid's eval_market1501 semantics and with torchreid's python
+loop itself on random cases."""
 import importlib.util
 from fractions import Fraction
 from pathlib import Path
@@ -212,6 +213,20 @@ def test_reference_loop_matches_hand_case():
     expected = reference_metrics_loop(np.array([[0.9, 0.8, 0.7, 0.6, 0.5]]), [1], [1, 2, 1, 3, 1])
     assert expected["mAP"] == pytest.approx(pct(Fraction(34, 45)))
 
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_torchreid_loop_yardstick_agrees(seed):
+    # The speed goal is measured against torchreid's python loop as it runs: it must compute
+    # the same CMC and mAP (no ties here: its quicksort orders tied distances arbitrarily).
+    similarity, query_ids, gallery_ids = random_case(seed)
+    cmc, mean_ap = reference_metrics.torchreid_python_loop(similarity, query_ids, gallery_ids,
+                                                           max_rank=20)
+    result = compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20)
+    assert result["cmc"] == pytest.approx(100 * cmc, abs=1e-4)  # torchreid's float32 curve
+    assert result["mAP"] == pytest.approx(100 * mean_ap, abs=1e-9)
+    _, hand_map = reference_metrics.torchreid_python_loop(
+        np.array([[0.9, 0.8, 0.7, 0.6, 0.5]]), [1], [1, 2, 1, 3, 1])
+    assert hand_map == pytest.approx(float(Fraction(34, 45)))
 
 def test_chunk_size_does_not_change_results():
     similarity, query_ids, gallery_ids = random_case(5, decimals=2)
