@@ -34,14 +34,14 @@ import sys
 import traceback
 from pathlib import Path
 
-import evaluation
-import result_stats
-from config import ArgumentParser, load_config
-from errors import check_writable, ConfigError, run_cli, UserError
-from atomic_files import atomic_write_text
-from checkpointing import needs_training
-from runtime import check_not_running
-from evaluation_report import evaluate_config
+from handreid.evaluation import protocol
+from handreid.evaluation import result_stats
+from handreid.core.config_files import ArgumentParser, load_config
+from handreid.core.errors import check_writable, ConfigError, run_cli, UserError
+from handreid.core.atomic_files import atomic_write_text
+from handreid.train.checkpointing import needs_training
+from handreid.core.runtime import check_not_running
+from handreid.evaluation.evaluate import evaluate_config
 
 ROOT = Path(__file__).resolve().parent
 # config `method` -> the script that trains it
@@ -280,7 +280,7 @@ def main(argv=None):
     args = parse_args(argv)
     load_config(None, args.overrides)  # a bad --set is one error, not one per config
     check_writable(Path(args.out).with_suffix(".md"))  # before the first evaluation
-    rows, failures, store = [], [], evaluation.FeatureStore()
+    rows, failures, store = [], [], protocol.FeatureStore()
     for config_path in find_configs(args.configs):
         try:
             rows.append(run_one(config_path, args, store))

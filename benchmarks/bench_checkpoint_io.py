@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import checkpoint_format
-import make_model
-from config import load_config
-from atomic_files import atomic_write, atomic_write_text
-from finetune_trainer_stage1 import FinetuneTrainerStage1
+from handreid.checkpoint import model_checkpoint
+from handreid.model import backbone
+from handreid.core.config_files import load_config
+from handreid.core.atomic_files import atomic_write, atomic_write_text
+from handreid.methods.stage1 import FinetuneTrainerStage1
 
 NUM_CLASSES = 8
 # Per model: (batch size, steps per epoch) small enough for a CPU, as "a few images".
@@ -49,7 +49,7 @@ def written_bytes():
 
 
 def loaders(config, steps):
-    side = make_model.preprocess_spec(config)["image_size"]
+    side = backbone.preprocess_spec(config)["image_size"]
     count = steps * config["batch_size"]
     generator = torch.Generator().manual_seed(0)
     dataset = TensorDataset(torch.randn(count, 3, side, side, generator=generator),
@@ -65,7 +65,7 @@ def loaders(config, steps):
 def new_scheme(config, steps):
     """-> (trainer, summary, bytes written, seconds saving) of a real engine run."""
     train, val = loaders(config, steps)
-    clip_model, classifier = make_model.build_model(config, NUM_CLASSES)
+    clip_model, classifier = backbone.build_model(config, NUM_CLASSES)
     trainer = FinetuneTrainerStage1(clip_model, classifier, train, config, "cpu", val,
                                     overwrite=True)
     before = written_bytes()
@@ -83,7 +83,7 @@ def old_scheme(trainer, summary, folder):
         before, started = written_bytes(), time.perf_counter()
         if best is None or row["val_acc"] >= best:
             best = row["val_acc"]
-            checkpoint_format.save_checkpoint(folder / "old.pth", model, config,
+            model_checkpoint.save_checkpoint(folder / "old.pth", model, config,
                                        trainer.method.identity_names, row["epoch"])
         state = {"format": "clip-handid-stage1-resume", "format_version": 1,
                  "config": dict(config), "history": summary["history"], "epoch": row["epoch"],

@@ -26,11 +26,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from PIL import Image
 
-from build_dataloader import (device_augment, eval_loader, get_train_val_loaders,
+from handreid.data.loaders import (device_augment, eval_loader, get_train_val_loaders,
                               list_split, set_loader_epoch)
-from config import load_config
-from atomic_files import atomic_write_text
-from make_model import HandIdModel, build_model, preprocess_spec
+from handreid.core.config_files import load_config
+from handreid.core.atomic_files import atomic_write_text
+from handreid.model.backbone import HandIdModel, build_model, preprocess_spec
 from synthetic_data import prepare_synthetic_11k
 
 

@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import torch
 
-from config import load_config
-from atomic_files import atomic_write_text
-from evaluation import evaluate
-from make_model import HandIdModel, build_model
+from handreid.core.config_files import load_config
+from handreid.core.atomic_files import atomic_write_text
+from handreid.evaluation.protocol import evaluate
+from handreid.model.backbone import HandIdModel, build_model
 from synthetic_data import prepare_synthetic_11k
 
 BASELINE_CONFIG = ROOT / "configs/demo/eval_baseline_tiny_11k_dorsal_r.yml"

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import run_cli, UserError
-from atomic_files import atomic_write_text
+from handreid.core.errors import run_cli, UserError
+from handreid.core.atomic_files import atomic_write_text
 from reference_metrics import (market_like_case, reference_metrics_loop,
                                reference_rerank, torchreid_python_loop)
-from reid_metrics import (compute_open_set_metrics, compute_reid_metrics,
+from handreid.metrics.ranking import (compute_open_set_metrics, compute_reid_metrics,
                           compute_verification_metrics, rerank_k_reciprocal)
 
 

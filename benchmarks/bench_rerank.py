@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import run_cli, UserError
-from atomic_files import atomic_write_text
+from handreid.core.errors import run_cli, UserError
+from handreid.core.atomic_files import atomic_write_text
 from reference_metrics import market_like_case, reference_rerank
-from reid_metrics import compute_reid_metrics, rerank_k_reciprocal
+from handreid.metrics.ranking import compute_reid_metrics, rerank_k_reciprocal
 
 K1, K2, LAMBDA, DIM = 20, 6, 0.3, 512
 METHODS = ("dense (torchreid's algorithm)", "sparse (rerank_k_reciprocal)")

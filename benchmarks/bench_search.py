@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from errors import run_cli, UserError
-from atomic_files import atomic_write_text
-from gallery_search import top_k
+from handreid.core.errors import run_cli, UserError
+from handreid.core.atomic_files import atomic_write_text
+from handreid.search.topk import top_k
 
 DIM, K = 512, 10
 METHODS = ("dense stable sort", "chunked top-k", "faiss IndexFlatIP")

@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from config import load_config, parse_override
-from errors import run_cli
-from atomic_files import atomic_write_text
-from finetune_trainer_stage1 import FinetuneTrainerStage1
-from make_model import build_model, preprocess_spec
-from runtime import configure_backends
+from handreid.core.config_files import load_config, parse_override
+from handreid.core.errors import run_cli
+from handreid.core.atomic_files import atomic_write_text
+from handreid.methods.stage1 import FinetuneTrainerStage1
+from handreid.model.backbone import build_model, preprocess_spec
+from handreid.core.runtime import configure_backends
 
 NUM_CLASSES = 100
 

@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from config import ArgumentParser
-from errors import ConfigError, run_cli, UserError
-from atomic_files import atomic_write_json, atomic_write_text
+from handreid.core.config_files import ArgumentParser
+from handreid.core.errors import ConfigError, run_cli, UserError
+from handreid.core.atomic_files import atomic_write_json, atomic_write_text
 
 # HandInfo.csv aspectOfHand -> id threshold of the published protocol (id <= T: train identity)
 ASPECTS_11K = {"dorsal right": 1050, "dorsal left": 1037, "palmar right": 1051,

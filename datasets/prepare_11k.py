@@ -9,10 +9,10 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-import split_protocol  # beside this script
-from config import ASPECTS
-from errors import run_cli, UserError
-from image_files import warn_skipped
+from handreid.data import split_protocol  # beside this script
+from handreid.core.config_files import ASPECTS
+from handreid.core.errors import run_cli, UserError
+from handreid.data.image_files import warn_skipped
 
 DOWNLOAD = "download Hands.zip and HandInfo.csv from https://sites.google.com/view/11khands"
 ASPECT_OF_HAND = {"dorsal right": "dorsal_r", "dorsal left": "dorsal_l",

@@ -18,10 +18,10 @@ import os
 import random
 from pathlib import Path, PurePosixPath
 
-import split_protocol  # beside this script
-from config import DEFAULT_DATA_DIRS
-from errors import run_cli, UserError
-from image_files import IMAGE_SUFFIXES, warn_skipped
+from handreid.data import split_protocol  # beside this script
+from handreid.core.config_files import DEFAULT_DATA_DIRS
+from handreid.core.errors import run_cli, UserError
+from handreid.data.image_files import IMAGE_SUFFIXES, warn_skipped
 
 FOLDER = "train_val_test_split"
 DISTRACTOR_PREFIX = "distractor__"

@@ -8,9 +8,9 @@
 import re
 from collections import defaultdict
 
-import split_protocol  # beside this script
-from errors import run_cli, UserError
-from image_files import IMAGE_SUFFIXES, warn_skipped
+from handreid.data import split_protocol  # beside this script
+from handreid.core.errors import run_cli, UserError
+from handreid.data.image_files import IMAGE_SUFFIXES, warn_skipped
 
 DOWNLOAD = ("download the original images of the HD dataset from "
             "http://www4.comp.polyu.edu.hk/~csajaykr/knuckleV2.htm")

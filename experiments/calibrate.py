@@ -14,11 +14,11 @@ the log10 LR tabulated over the cosine scores -1..1, the calibrator, its bounds,
 description and size, and the fingerprint of the model, feature and flip rule it was fitted
 for. compare.py and search.py read it and refuse it for any other model.
 """
-import evaluation
-import likelihood_ratio
-from config import load_config, make_parser
-from errors import run_cli, UserError
-from feature_encoder import Encoder
+from handreid.evaluation import protocol
+from handreid.casework import likelihood_ratio
+from handreid.core.config_files import load_config, make_parser
+from handreid.core.errors import run_cli, UserError
+from handreid.evaluation.encoder import Encoder
 
 
 def main(argv=None):
@@ -30,9 +30,9 @@ def main(argv=None):
     path = likelihood_ratio.calibration_path(config)
     if path.exists() and not args.overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it")
-    evaluation.check_data(evaluation.calibration_config(config))  # before the model loads
+    protocol.check_data(protocol.calibration_config(config))  # before the model loads
     encoder = Encoder(config)
-    scores, same, data, _ = evaluation.calibration_pairs(encoder.model, config,
+    scores, same, data, _ = protocol.calibration_pairs(encoder.model, config,
                                                          encoder.device)
     calibration = likelihood_ratio.fit(scores, same, config["lr_calibrator"])
     meta = likelihood_ratio.save_calibration(path, calibration, encoder.description, data)

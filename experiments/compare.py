@@ -17,12 +17,12 @@ import json
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, make_parser
-from errors import run_cli, UserError
+from handreid.core.config_files import load_config, make_parser
+from handreid.core.errors import run_cli, UserError
 import numpy as np
-import likelihood_ratio
-from feature_encoder import Encoder
-from image_files import image_problem
+from handreid.casework import likelihood_ratio
+from handreid.evaluation.encoder import Encoder
+from handreid.data.image_files import image_problem
 
 EVAL_COMMAND = "python experiments/run_eval_clip.py --config <eval config>"
 

@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import ArgumentParser
-from errors import run_cli, UserError
-from atomic_files import atomic_write_text
-import result_stats
+from handreid.core.config_files import ArgumentParser
+from handreid.core.errors import run_cli, UserError
+from handreid.core.atomic_files import atomic_write_text
+from handreid.evaluation import result_stats
 
 
 def read_result(path):

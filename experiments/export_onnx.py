@@ -20,14 +20,14 @@ import warnings
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, make_parser
-from errors import check_writable, run_cli, UserError
-from atomic_files import atomic_write, refuse_to_replace
+from handreid.core.config_files import load_config, make_parser
+from handreid.core.errors import check_writable, run_cli, UserError
+from handreid.core.atomic_files import atomic_write, refuse_to_replace
 import torch
 from torch import nn
-import evaluation
-from feature_encoder import describe_model, load_model
-from make_model import image_hw, preprocess_spec
+from handreid.evaluation import protocol
+from handreid.evaluation.encoder import describe_model, load_model
+from handreid.model.backbone import image_hw, preprocess_spec
 
 TOLERANCE = 1e-4
 OPSET = 17
@@ -44,7 +44,7 @@ class RetrievalFeature(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
     def forward(self, images):
-        return evaluation.retrieval_features(self.model, (images - self.mean) / self.std,
+        return protocol.retrieval_features(self.model, (images - self.mean) / self.std,
                                              self.flip)
 
 

@@ -17,12 +17,12 @@ mixed precision by `amp`), so they equal the evaluation's features of the same i
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, make_parser
-from errors import check_writable, run_cli
-from atomic_files import refuse_to_replace
-from feature_encoder import Encoder
-from feature_files import save_features
-from image_files import list_images
+from handreid.core.config_files import load_config, make_parser
+from handreid.core.errors import check_writable, run_cli
+from handreid.core.atomic_files import refuse_to_replace
+from handreid.evaluation.encoder import Encoder
+from handreid.search.feature_files import save_features
+from handreid.data.image_files import list_images
 
 
 def main(argv=None):

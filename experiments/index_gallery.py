@@ -30,11 +30,11 @@ import os
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, make_parser
-from errors import run_cli, UserError
-import gallery_index
-from feature_encoder import Encoder
-from gallery_search import DEFAULT_CHUNK_SIZE, check_chunk_size
+from handreid.core.config_files import load_config, make_parser
+from handreid.core.errors import run_cli, UserError
+from handreid.search import gallery_index
+from handreid.evaluation.encoder import Encoder
+from handreid.search.topk import DEFAULT_CHUNK_SIZE, check_chunk_size
 
 SETTING_ARGS = ("nlist", "nprobe", "hnsw_m", "ef_search")
 

@@ -22,9 +22,9 @@ Outputs in `results_dir`:
                                 of the calibrated likelihood ratios.
 """
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, make_parser
-from errors import run_cli
-from evaluation_report import evaluate_config
+from handreid.core.config_files import load_config, make_parser
+from handreid.core.errors import run_cli
+from handreid.evaluation.evaluate import evaluate_config
 
 
 def main(argv=None):

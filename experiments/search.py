@@ -29,18 +29,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from config import load_config, make_parser
-from errors import check_writable, run_cli, UserError
-from atomic_files import atomic_write, atomic_write_text, keep_previous
+from handreid.core.config_files import load_config, make_parser
+from handreid.core.errors import check_writable, run_cli, UserError
+from handreid.core.atomic_files import atomic_write, atomic_write_text, keep_previous
 import numpy as np
-import gallery_index
-import likelihood_ratio
-from evaluation_plots import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR, save_ranking_grid,
+from handreid.search import gallery_index
+from handreid.casework import likelihood_ratio
+from handreid.evaluation.plots import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR, save_ranking_grid,
                               score_decimals)
-from feature_encoder import Encoder
-from feature_files import EXPORT_COMMAND, UNREADABLE_NPZ, load_features
-from gallery_search import DEFAULT_CHUNK_SIZE, check_chunk_size, top_k
-from image_files import WORKERS, list_images
+from handreid.evaluation.encoder import Encoder
+from handreid.search.feature_files import EXPORT_COMMAND, UNREADABLE_NPZ, load_features
+from handreid.search.topk import DEFAULT_CHUNK_SIZE, check_chunk_size, top_k
+from handreid.data.image_files import WORKERS, list_images
 
 UNKNOWN_COLOUR = "#808080"
 MAX_GRID_ROWS = 100

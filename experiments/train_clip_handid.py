@@ -13,10 +13,10 @@ epoch; a finished run is refused unless --overwrite. Outputs: see engine.py; the
 finetune_trainer_clip_handid.py.
 """
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-import config  # noqa: F401
-from errors import run_cli
-from train_entry import train_main
-from finetune_trainer_clip_handid import ClipHandId
+from handreid.core import config_files  # noqa: F401
+from handreid.core.errors import run_cli
+from handreid.train.entry import train_main
+from handreid.methods.clip_handid import ClipHandId
 
 if __name__ == "__main__":
     run_cli(lambda: train_main(ClipHandId, __doc__))

@@ -11,10 +11,10 @@ epoch; a finished run is refused unless --overwrite. Outputs: see engine.py.
 Several nodes: torchrun --nnodes=N ... with save_path on a disk that every node sees.
 """
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-import config  # noqa: F401
-from errors import run_cli
-from train_entry import train_main
-from finetune_trainer_stage1 import Stage1
+from handreid.core import config_files  # noqa: F401
+from handreid.core.errors import run_cli
+from handreid.train.entry import train_main
+from handreid.methods.stage1 import Stage1
 
 if __name__ == "__main__":
     run_cli(lambda: train_main(Stage1, __doc__))

@@ -3,10 +3,10 @@ configs/finetuning_stage1_frozen_text/train_vitb16_11k_dorsal_r.yml as the defau
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-import config  # noqa: F401
-from errors import run_cli
-from train_entry import train_main
-from finetune_trainer_stage1 import Stage1
+from handreid.core import config_files  # noqa: F401
+from handreid.core.errors import run_cli
+from handreid.train.entry import train_main
+from handreid.methods.stage1 import Stage1
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/finetuning_stage1_frozen_text/train_vitb16_11k_dorsal_r.yml"
 

@@ -13,10 +13,10 @@ epoch, in either phase; a finished run is refused unless --overwrite. Outputs: s
 the method: finetune_trainer_stage2.py.
 """
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-import config  # noqa: F401
-from errors import run_cli
-from train_entry import train_main
-from finetune_trainer_stage2 import ClipReid
+from handreid.core import config_files  # noqa: F401
+from handreid.core.errors import run_cli
+from handreid.train.entry import train_main
+from handreid.methods.clipreid import ClipReid
 
 if __name__ == "__main__":
     run_cli(lambda: train_main(ClipReid, __doc__))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from config import load_config
+from handreid.core.config_files import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # The scripts this suite runs import this checkout's modules, whichever checkout an editable

@@ -10,21 +10,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import checkpoint_format
-import make_model
+from handreid.checkpoint import model_checkpoint
+from handreid.model import backbone
 import run_all_finetuned_stage1
-from build_dataloader import get_train_val_loaders
-from config import load_config
-from errors import ConfigError, UserError
-from evaluation_report import evaluate_config
+from handreid.data.loaders import get_train_val_loaders
+from handreid.core.config_files import load_config
+from handreid.core.errors import ConfigError, UserError
+from handreid.evaluation.evaluate import evaluate_config
 from conftest import ROOT, kill_when, run_script, run_torchrun, write_config
-from engine import Engine
-from method import lr_factor
-from run_log import metrics_path
-from checkpointing import resume_path
-from finetune_trainer_clip_handid import ClipHandId
-from train_entry import train_main
-from runtime import seed_everything
+from handreid.train.engine import Engine
+from handreid.train.method import lr_factor
+from handreid.train.run_log import metrics_path
+from handreid.train.checkpointing import resume_path
+from handreid.methods.clip_handid import ClipHandId
+from handreid.train.entry import train_main
+from handreid.core.runtime import seed_everything
 from test_evaluation import save_tiny_checkpoint
 from test_stage2 import changed, clone, learned, metric_lines
 
@@ -54,7 +54,7 @@ def train_in_process(config):
     """-> (method, state before training, state after) of an in-process Engine run."""
     seed_everything(config["seed"])
     train_loader, val_loader, _ = get_train_val_loaders(config)
-    method = ClipHandId(config, make_model.build_model(config)[0], train_loader.dataset.classes)
+    method = ClipHandId(config, backbone.build_model(config)[0], train_loader.dataset.classes)
     initial = clone(method.model.state_dict())
     Engine(method, train_loader, config, "cpu", val_loader).train()
     return method, initial, method.model.state_dict()
@@ -64,7 +64,7 @@ def text_of_two_images(method):
     method.model.eval()
     with torch.no_grad():
         torch.manual_seed(1)
-        proj = make_model.encode_image_pair(method.model.clip_model.visual,
+        proj = backbone.encode_image_pair(method.model.clip_model.visual,
                                             torch.randn(2, 3, 64, 64))[1]
         return method.text_features(method.model, proj)
 
@@ -94,19 +94,19 @@ def test_what_trains_and_the_text_features_of_each_inversion(make_config, invers
     assert {"loss_id", "loss_i2t", "loss_t2i"} <= set(rows[0]) and "loss_triplet" not in rows[0]
 
     # The checkpoint rebuilds without method code: both BN features concatenated.
-    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
+    model, ckpt = model_checkpoint.load_checkpoint(config["save_path"], config)
     assert ckpt["method"] == "clip_handid" and set(ckpt["modules"]) == {
         "inversion", "neck", "neck_proj"}
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        pre, proj = make_model.encode_image_pair(model.clip_model.visual, images)
+        pre, proj = backbone.encode_image_pair(model.clip_model.visual, images)
         want = torch.cat([model.extras["neck"].bn(pre), model.extras["neck_proj"].bn(proj)], 1)
         assert torch.allclose(model.features(images), want, atol=1e-6)
     assert want.shape == (3, 128 + 64)
 
 
 def test_inversion_network_is_the_papers_shape():
-    net = make_model.InversionNetwork(512, 512)
+    net = backbone.InversionNetwork(512, 512)
     kinds = [type(layer).__name__ for layer in net.net]
     assert kinds == ["Linear", "LayerNorm", "GELU", "Dropout"] * 2 + ["Linear", "LayerNorm"]
     assert (net.net[0].out_features, net.net[3].p, net.net[8].out_features) == (2048, 0.5, 512)
@@ -115,12 +115,12 @@ def test_inversion_network_is_the_papers_shape():
 def test_learned_pseudo_word_is_the_prompt_with_that_token():
     """With the placeholder's own embedding, the learned path encodes the literal prompt."""
     torch.manual_seed(0)
-    clip_model = make_model.build_model(load_config(None, [("model", "tiny")]))[0].eval()
-    tokens, positions = make_model.placeholder_prompt(make_model.TINY_ARCH,
+    clip_model = backbone.build_model(load_config(None, [("model", "tiny")]))[0].eval()
+    tokens, positions = backbone.placeholder_prompt(backbone.TINY_ARCH,
                                                       "A photo of a sks hand", "sks")
     word = clip_model.token_embedding(tokens[None])[:, positions]
     with torch.no_grad():
-        text = make_model.encode_tokens_with(clip_model, tokens[None], positions, word)
+        text = backbone.encode_tokens_with(clip_model, tokens[None], positions, word)
         assert torch.allclose(text, clip_model.encode_text(tokens[None]), atol=1e-5)
 
 
@@ -220,7 +220,7 @@ def test_torchrun_with_two_gloo_processes(make_config, tmp_path):
     config = handid_config(make_config, epochs=1, batch_size=8)
     run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))
     assert "2 process(es)" in Path(config["log_path"]).read_text()
-    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
+    model, ckpt = model_checkpoint.load_checkpoint(config["save_path"], config)
     assert ckpt["epoch"] == 1 and ckpt["method"] == "clip_handid"
 
 
@@ -251,7 +251,7 @@ def test_interaction_network_is_per_sample_and_its_feature_evaluates(make_config
     method, initial, final = train_in_process(config)
     assert changed(initial, final, "extras.interaction.")
     assert changed(initial, final, "extras.neck_fused.") >= {"extras.neck_fused.fc.weight"}
-    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
+    model, ckpt = model_checkpoint.load_checkpoint(config["save_path"], config)
     model.eval()
     assert ckpt["feature"]["kind"] == "clip_handid"
     torch.manual_seed(2)
@@ -265,7 +265,7 @@ def test_interaction_network_is_per_sample_and_its_feature_evaluates(make_config
     assert torch.allclose(features[0], mixed[0], atol=1e-5)
     assert torch.allclose(features[0], alone[0], atol=1e-5)
     with torch.no_grad():
-        pre, proj = make_model.encode_image_pair(model.clip_model.visual, batch)
+        pre, proj = backbone.encode_image_pair(model.clip_model.visual, batch)
     assert torch.allclose(features[:, :128], model.extras["neck"].bn(pre), atol=1e-5)
     result = evaluate_config({**config, "variant": "finetuned", "num_splits": 1})
     assert result["checkpoint"]["feature"]["kind"] == "clip_handid"

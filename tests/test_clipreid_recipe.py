@@ -9,14 +9,14 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
-import checkpoint_format
-import make_model
-from config import load_config
-from errors import ConfigError
-from method import Phase, decay_groups, lr_factor
-from run_log import metrics_path
-from finetune_trainer_stage1 import FinetuneTrainerStage1
-from finetune_trainer_stage2 import ClipReid
+from handreid.checkpoint import model_checkpoint
+from handreid.model import backbone
+from handreid.core.config_files import load_config
+from handreid.core.errors import ConfigError
+from handreid.train.method import Phase, decay_groups, lr_factor
+from handreid.train.run_log import metrics_path
+from handreid.methods.stage1 import FinetuneTrainerStage1
+from handreid.methods.clipreid import ClipReid
 from test_trainer import build
 
 CONFIGS = "configs/finetuning_stage2_clipreid/"
@@ -116,7 +116,7 @@ def test_bias_lr_factor_and_weight_decay_on_every_tensor():
 def test_shipped_stage2_recipe_gives_biases_2x_lr_and_decays_everything(make_config):
     config = make_config(method="clipreid", prompt_epochs=1, epochs=1, bias_lr_factor=2.0,
                          weight_decay_all=True, classifier_init_std=0.001)
-    clip_model, _ = make_model.build_model(config)
+    clip_model, _ = backbone.build_model(config)
     method = ClipReid(config, clip_model, [f"id{i}" for i in range(40)])
     image_phase = method.phases()[1]
     for name, param in method.model.named_parameters():
@@ -140,9 +140,9 @@ def test_shipped_stage2_recipe_gives_biases_2x_lr_and_decays_everything(make_con
 
 
 def test_classifier_init_std_of_a_stage1_head():
-    head = make_model.make_classifier("linear", 256, 100, init_std=0.001)
+    head = backbone.make_classifier("linear", 256, 100, init_std=0.001)
     assert 0.0009 < head.weight.std().item() < 0.0011 and not head.bias.any()
-    default = make_model.make_classifier("linear", 256, 100)
+    default = backbone.make_classifier("linear", 256, 100)
     assert default.weight.std().item() > 0.01
 
 
@@ -155,7 +155,7 @@ def test_resnet_last_stride_1_doubles_the_map_and_resizes_the_attnpool_grid():
     with torch.no_grad():
         assert stem(visual, images).shape[2:] == (2, 2)
         old = visual.attnpool.positional_embedding.detach().clone()
-        make_model.set_resnet_last_stride_1(visual)
+        backbone.set_resnet_last_stride_1(visual)
         assert stem(visual, images).shape[2:] == (4, 4)
         assert visual.layer4[0].avgpool.__class__ is nn.Identity
         assert visual.attnpool.positional_embedding.shape == (1 + 16, old.shape[1])
@@ -167,12 +167,12 @@ def test_resnet_last_stride_needs_an_image_size_the_resnet_takes():
     visual = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=24, heads=2, image_size=72,
                             width=8)
     with pytest.raises(ConfigError, match="image_size: 72 does not fit a ResNet"):
-        make_model.set_resnet_last_stride_1(visual)
+        backbone.set_resnet_last_stride_1(visual)
 
 
 def test_resnet_last_stride_on_a_vit_is_a_config_error(make_config):
     with pytest.raises(ConfigError, match="resnet_last_stride: 1 needs a ResNet"):
-        make_model.build_model(make_config(resnet_last_stride=1))
+        backbone.build_model(make_config(resnet_last_stride=1))
 
 
 def test_selection_last_keeps_the_last_epoch_and_jsonl_lr_is_the_epochs(make_config):
@@ -190,12 +190,12 @@ def test_selection_last_keeps_the_last_epoch_and_jsonl_lr_is_the_epochs(make_con
 
 
 def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make_config):
-    import losses
-    from finetune_trainer_stage2 import IMAGE_ENCODER
+    from handreid.model import losses
+    from handreid.methods.clipreid import IMAGE_ENCODER
 
     config = make_config(method="clipreid", triplet_weight=1.0, triplet_intermediate_layer=1)
     torch.manual_seed(0)
-    clip_model, _ = make_model.build_model(config)
+    clip_model, _ = backbone.build_model(config)
     method = ClipReid(config, clip_model, [f"id{i}" for i in range(4)])
     method.phase, method.text_features = IMAGE_ENCODER, torch.randn(4, 64)
     images, labels = torch.randn(8, 3, 64, 64), torch.arange(4).repeat(2)
@@ -206,7 +206,7 @@ def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make
         # The class token after block 1 of 2, before ln_post, as CLIP-ReID's x11[:, 0].
         tokens = visual.transformer.resblocks[0](visual._embeds(images))
         assert torch.allclose(inner, tokens[:, 0], atol=1e-5)
-        two = make_model.encode_image_pair(visual, images)
+        two = backbone.encode_image_pair(visual, images)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(two, (pre, proj)))
         terms, _ = method.loss(Phase(IMAGE_ENCODER, 1), outputs, labels)
         parts = [losses.batch_hard_triplet(f, labels, 0.3, False) for f in (inner, pre, proj)]
@@ -217,8 +217,8 @@ def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make
 def test_intermediate_layer_out_of_range_is_a_config_error(make_config, tmp_path):
     # A ConfigError: the entry script prints it as one line and exits 2 (errors.run_cli).
     from conftest import write_config
-    from finetune_trainer_stage2 import ClipReid
-    from train_entry import train_main
+    from handreid.methods.clipreid import ClipReid
+    from handreid.train.entry import train_main
 
     def main(argv):
         return train_main(ClipReid, '', argv)
@@ -232,28 +232,28 @@ def test_intermediate_layer_out_of_range_is_a_config_error(make_config, tmp_path
 def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config, tmp_path):
     from test_evaluation import save_tiny_checkpoint
 
-    assert make_model.preprocess_spec(make_config())["mean"] == pytest.approx(
+    assert backbone.preprocess_spec(make_config())["mean"] == pytest.approx(
         (0.48145466, 0.4578275, 0.40821073))
-    assert make_model.preprocess_spec(make_config(normalize="half"))["std"] == (0.5, 0.5, 0.5)
-    assert make_model.preprocess_spec(make_config(normalize="imagenet"))["mean"] == (
+    assert backbone.preprocess_spec(make_config(normalize="half"))["std"] == (0.5, 0.5, 0.5)
+    assert backbone.preprocess_spec(make_config(normalize="imagenet"))["mean"] == (
         0.485, 0.456, 0.406)
     save_tiny_checkpoint(make_config(), tmp_path / "m.pth")
-    with pytest.raises(make_model.UserError, match="trained with normalize: clip"):
-        checkpoint_format.load_checkpoint(tmp_path / "m.pth", make_config(normalize="half"))
+    with pytest.raises(backbone.UserError, match="trained with normalize: clip"):
+        model_checkpoint.load_checkpoint(tmp_path / "m.pth", make_config(normalize="half"))
 
 
 def test_a_stride_1_resnet_checkpoint_is_rebuilt_with_its_own_stride(make_config, tmp_path):
     config = make_config(model="rn50", pretrained="none", image_size=64, resnet_last_stride=1)
-    clip_model, classifier = make_model.build_model(config, num_classes=3)
+    clip_model, classifier = backbone.build_model(config, num_classes=3)
     assert clip_model.visual.attnpool.positional_embedding.shape[0] == 1 + 4 * 4
-    checkpoint_format.save_checkpoint(tmp_path / "rn.pth", make_model.HandIdModel(clip_model,
+    model_checkpoint.save_checkpoint(tmp_path / "rn.pth", backbone.HandIdModel(clip_model,
                                                                           classifier),
                                config, ["a", "b", "c"], epoch=1)
     # The eval config need not repeat the key: the network is the checkpoint's.
-    model, _ = checkpoint_format.load_checkpoint(tmp_path / "rn.pth",
+    model, _ = model_checkpoint.load_checkpoint(tmp_path / "rn.pth",
                                           make_config(model="rn50", image_size=64))
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model.eval().features(images),
-                              make_model.HandIdModel(clip_model, classifier).eval()
+                              backbone.HandIdModel(clip_model, classifier).eval()
                               .features(images), atol=1e-5)

@@ -4,10 +4,10 @@ import shutil
 import pytest
 import torch
 
-from build_dataloader import (decode_image, eval_loader, get_train_val_loaders, list_split,
+from handreid.data.loaders import (decode_image, eval_loader, get_train_val_loaders, list_split,
                               set_loader_epoch)
-from config import dataset_dir
-from errors import UserError
+from handreid.core.config_files import dataset_dir
+from handreid.core.errors import UserError
 
 
 def test_train_val_loaders_use_sorted_identity_names(make_config):

@@ -5,9 +5,9 @@ from the generator."""
 import pytest
 import torch
 
-from build_dataloader import (DeviceAugment, device_augment, eval_transform,
+from handreid.data.loaders import (DeviceAugment, device_augment, eval_transform,
                               get_train_val_loaders, set_loader_epoch, train_transform)
-from make_model import preprocess_spec
+from handreid.model.backbone import preprocess_spec
 
 SIDE, PAD, SAMPLES = 32, 4, 3000
 IDENTITY = {"image_size": SIDE, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}

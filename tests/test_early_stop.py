@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint_format
-from errors import ConfigError
+from handreid.checkpoint import model_checkpoint
+from handreid.core.errors import ConfigError
 from conftest import ONE_THREAD, ROOT, run_torchrun, write_config
-from build_dataloader import get_train_val_loaders
-import engine
-from engine import Engine
-from run_log import metrics_path
-from checkpointing import resume_path
-from finetune_trainer_stage1 import Stage1
-from train_entry import train_main
+from handreid.data.loaders import get_train_val_loaders
+from handreid.train import engine
+from handreid.train.engine import Engine
+from handreid.train.run_log import metrics_path
+from handreid.train.checkpointing import resume_path
+from handreid.methods.stage1 import Stage1
+from handreid.train.entry import train_main
 from test_engine import HeadThenAll, toy_engine
 
 
@@ -59,7 +59,7 @@ def test_stops_after_patience_epochs_without_improvement_and_keeps_the_best(make
     assert torch.load(resume_path(config), weights_only=True)["finished"]
     checkpoint = torch.load(config["save_path"], weights_only=True)
     assert checkpoint["epoch"] == 4
-    model, _ = checkpoint_format.load_checkpoint(config["save_path"], config)
+    model, _ = model_checkpoint.load_checkpoint(config["save_path"], config)
     kept = {k: v for k, v in model.state_dict().items() if k in snapshots[4]}
     assert kept.keys() == snapshots[4].keys()
     assert all(torch.equal(kept[k], snapshots[4][k]) for k in kept)

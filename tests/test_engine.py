@@ -13,19 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluation
-import checkpoint_format
-import make_model
-from build_dataloader import IdentityBatchSampler, get_train_val_loaders, set_loader_epoch
-from errors import ConfigError, UserError
-from atomic_files import atomic_write
+from handreid.evaluation import protocol
+from handreid.checkpoint import model_checkpoint
+from handreid.model import backbone
+from handreid.data.loaders import IdentityBatchSampler, get_train_val_loaders, set_loader_epoch
+from handreid.core.errors import ConfigError, UserError
+from handreid.core.atomic_files import atomic_write
 from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_script, write_config
-from engine import Engine
-from method import Method, Phase
-from run_log import metrics_path
-from checkpointing import resume_path
-from losses import batch_hard_triplet
-from runtime import check_not_running, run_lock, seed_everything
+from handreid.train.engine import Engine
+from handreid.train.method import Method, Phase
+from handreid.train.run_log import metrics_path
+from handreid.train.checkpointing import resume_path
+from handreid.model.losses import batch_hard_triplet
+from handreid.core.runtime import check_not_running, run_lock, seed_everything
 
 TRAIN = "experiments/train_stage1_frozen_text.py"
 EVAL = "experiments/run_eval_clip.py"
@@ -41,10 +41,10 @@ class HeadThenAll(Method):
 
     def __init__(self, config, identity_names):
         super().__init__(config, identity_names)
-        clip_model, _ = make_model.build_model(config)
-        self.spec = {"kind": "bnneck", "dim": make_model.embed_dim(config),
+        clip_model, _ = backbone.build_model(config)
+        self.spec = {"kind": "bnneck", "dim": backbone.embed_dim(config),
                      "num_classes": len(identity_names)}
-        self.model = make_model.HandIdModel(clip_model, extras={"neck": make_model.build_module(
+        self.model = backbone.HandIdModel(clip_model, extras={"neck": backbone.build_module(
             self.spec)}, feature={"kind": "bn", "module": "neck"})
 
     def phases(self):
@@ -119,9 +119,9 @@ def test_a_new_method_trains_resumes_exactly_and_evaluates(make_config, tmp_path
     assert all(torch.equal(ours["modules"]["neck"][k], theirs["modules"]["neck"][k])
                for k in ours["modules"]["neck"])
 
-    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
+    model, ckpt = model_checkpoint.load_checkpoint(config["save_path"], config)
     assert ckpt["feature"] == {"kind": "bn", "module": "neck"}
-    report = evaluation.evaluate(model, config, torch.device("cpu")).report
+    report = protocol.evaluate(model, config, torch.device("cpu")).report
     assert 0 < report["mean"]["mAP"] <= 100 and report["num_splits"] == 3
 
 
@@ -267,7 +267,7 @@ def limited_file_size(limit):
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path):
     target = tmp_path / "model.pth"
     target.write_bytes(b"complete earlier checkpoint")
-    code = ("import torch, sys; sys.path.insert(0, '.'); from atomic_files import atomic_write; from errors import run_cli;"
+    code = ("import torch, sys; from handreid.core.atomic_files import atomic_write; from handreid.core.errors import run_cli;"
             f"run_cli(lambda: atomic_write({str(target)!r}, lambda f: torch.save("
             "torch.zeros(1_000_000), f)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -326,8 +326,8 @@ def test_a_20_epoch_run_writes_at_most_6x_its_checkpoint(make_config):
     config = make_config(batch_size=16, epochs=20, num_splits=1)
     seed_everything(config["seed"])
     train_loader, val_loader, num_classes = get_train_val_loaders(config)
-    from finetune_trainer_stage1 import FinetuneTrainerStage1
-    clip_model, classifier = make_model.build_model(config, num_classes)
+    from handreid.methods.stage1 import FinetuneTrainerStage1
+    clip_model, classifier = backbone.build_model(config, num_classes)
     trainer = FinetuneTrainerStage1(clip_model, classifier, train_loader, config, "cpu",
                                     val_loader)
     before = written_bytes()
@@ -341,9 +341,9 @@ def test_a_20_epoch_run_writes_at_most_6x_its_checkpoint(make_config):
 
 def test_unknown_method_and_missing_module_are_one_line_errors(make_config, tmp_path):
     config = make_config()
-    clip_model, classifier = make_model.build_model(config, num_classes=13)
+    clip_model, classifier = backbone.build_model(config, num_classes=13)
     path = tmp_path / "model.pth"
-    checkpoint_format.save_checkpoint(path, make_model.HandIdModel(clip_model, classifier), config,
+    model_checkpoint.save_checkpoint(path, backbone.HandIdModel(clip_model, classifier), config,
                                [str(i) for i in range(13)], epoch=1, method="someone_elses")
     config_file = write_config(make_config(save_path=str(path)), tmp_path / "eval.yml")
     proc = run_script(EVAL, "--config", config_file, check=False)
@@ -366,8 +366,8 @@ def test_unknown_method_and_missing_module_are_one_line_errors(make_config, tmp_
 
 def test_a_first_release_checkpoint_still_loads(make_config, tmp_path):
     config = make_config(head="bnneck")
-    clip_model, classifier = make_model.build_model(config, num_classes=3)
-    make_model.HandIdModel(clip_model, classifier)(torch.randn(8, 3, 64, 64))
+    clip_model, classifier = backbone.build_model(config, num_classes=3)
+    backbone.HandIdModel(clip_model, classifier)(torch.randn(8, 3, 64, 64))
     legacy = {"format": "clip-handid-stage1", "format_version": 1, "config": dict(config),
               "backbone": "handid_tiny/none", "quick_gelu": False, "image_size": 64,
               "embed_dim": 64, "clip_state_dict": clip_model.state_dict(),
@@ -375,8 +375,8 @@ def test_a_first_release_checkpoint_still_loads(make_config, tmp_path):
               "identity_names": ["a", "b", "c"], "epoch": 7, "val_accuracy": 50.0}
     path = tmp_path / "old.pth"
     torch.save(legacy, path)
-    model, ckpt = checkpoint_format.load_checkpoint(path, config)
+    model, ckpt = model_checkpoint.load_checkpoint(path, config)
     assert ckpt["method"] == "stage1" and ckpt["selection"]["val_accuracy"] == 50.0
     images = torch.randn(4, 3, 64, 64)
-    expected = make_model.HandIdModel(clip_model, classifier).eval().features(images)
+    expected = backbone.HandIdModel(clip_model, classifier).eval().features(images)
     assert torch.equal(model.eval().features(images), expected)

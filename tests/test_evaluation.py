@@ -9,23 +9,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import evaluation
-import checkpoint_format
-import make_model
-from build_dataloader import eval_loader, list_split
-from config import load_config
-from errors import ConfigError, UserError
-from evaluation_report import evaluate_config
+from handreid.evaluation import protocol
+from handreid.checkpoint import model_checkpoint
+from handreid.model import backbone
+from handreid.data.loaders import eval_loader, list_split
+from handreid.core.config_files import load_config
+from handreid.core.errors import ConfigError, UserError
+from handreid.evaluation.evaluate import evaluate_config
 from conftest import run_script
-from reid_metrics import compute_reid_metrics, compute_verification_metrics, rerank_k_reciprocal
+from handreid.metrics.ranking import compute_reid_metrics, compute_verification_metrics, rerank_k_reciprocal
 
 EVAL_SCRIPT = "experiments/run_eval_clip.py"
 
 
 def tiny_model(config):
     torch.manual_seed(0)
-    clip_model, classifier = make_model.build_model(config)
-    return make_model.HandIdModel(clip_model, classifier)
+    clip_model, classifier = backbone.build_model(config)
+    return backbone.HandIdModel(clip_model, classifier)
 
 
 def count_encoded(model):
@@ -46,9 +46,9 @@ def test_encodes_each_unique_image_once_whatever_num_splits(make_config):
         config = make_config(num_splits=splits)
         model = tiny_model(config)
         calls = count_encoded(model)
-        report = evaluation.evaluate(model, config, torch.device("cpu")).report
+        report = protocol.evaluate(model, config, torch.device("cpu")).report
         # Prepared files keep their source file name: one name per source image.
-        listed = [path for query, gallery in evaluation.split_names(config)
+        listed = [path for query, gallery in protocol.split_names(config)
                   for name in (query, gallery) for path, _ in list_split(config, name)]
         encoded[splits] = sum(calls)
         unique[splits] = len({os.path.basename(path) for path in listed})
@@ -67,11 +67,11 @@ def test_cached_split_metrics_equal_a_direct_evaluation(make_config):
     config = make_config(num_splits=3, max_rank=5)
     model = tiny_model(config)
     device = torch.device("cpu")
-    report = evaluation.evaluate(model, config, device).report
+    report = protocol.evaluate(model, config, device).report
     query, gallery = list_split(config, "query2"), list_split(config, "gallery2_all")
-    query_features = evaluation.extract_features(
+    query_features = protocol.extract_features(
         model, eval_loader(config, [p for p, _ in query]), device)
-    gallery_features = evaluation.extract_features(
+    gallery_features = protocol.extract_features(
         model, eval_loader(config, [p for p, _ in gallery]), device)
     similarity = query_features @ gallery_features.T
     query_ids, gallery_ids = [n for _, n in query], [n for _, n in gallery]
@@ -98,14 +98,14 @@ def test_distractor_galleries_are_ranked_by_identity_name(make_config, prepared_
             (make_config(num_splits=1, gallery="aspect"), "gallery0", None),
             (make_config(num_splits=1, dataset="hd", data_dir=str(prepared_hd)), "gallery0",
              "distractor__")]:
-        _, splits, _ = evaluation.collect_splits(config)
+        _, splits, _ = protocol.collect_splits(config)
         split = splits[0]
         assert split.gallery == gallery_name
         extra = set(split.gallery_ids) - set(split.query_ids)
         assert set(split.query_ids) <= set(split.gallery_ids)
         assert bool(extra) == (distractor is not None)
         assert all(distractor in name for name in extra)
-        row = evaluation.evaluate(tiny_model(config), config, torch.device("cpu")) \
+        row = protocol.evaluate(tiny_model(config), config, torch.device("cpu")) \
             .report["per_split"][0]
         assert row["num_valid_queries"] == row["num_queries"] == len(split.query_ids)
         assert row["num_gallery"] == len(split.gallery_ids)
@@ -136,12 +136,12 @@ def test_flip_rules(make_config):
     model.features = features
     for rule, want in expected.items():
         calls.clear()
-        flipped = evaluation.extract_features(model, loader, torch.device("cpu"), flip=rule)
+        flipped = protocol.extract_features(model, loader, torch.device("cpu"), flip=rule)
         assert sum(calls) == 2 * len(paths)
         assert torch.allclose(flipped, want, atol=1e-5), rule
     assert model.training  # extract_features restores the caller's mode
     with pytest.raises(UserError, match="flip must be one of off, sum, unit_mean"):
-        evaluation.extract_features(model, loader, torch.device("cpu"), flip="mean")
+        protocol.extract_features(model, loader, torch.device("cpu"), flip="mean")
 
 
 def test_old_flip_values_still_load():
@@ -153,17 +153,17 @@ def test_old_flip_values_still_load():
 
 def test_open_set_needs_two_test_identities(make_config):
     config = make_config(num_splits=1, open_set=True)
-    _, splits, _ = evaluation.collect_splits(config)
+    _, splits, _ = protocol.collect_splits(config)
     split = splits[0]
     one = [i for i, name in enumerate(split.query_ids) if name == split.query_ids[0]]
-    lonely = evaluation.Split(split.query, split.gallery, [split.query_paths[i] for i in one],
+    lonely = protocol.Split(split.query, split.gallery, [split.query_paths[i] for i in one],
                               [split.query_ids[i] for i in one], split.query_rows[one],
                               split.gallery_paths, split.gallery_ids, split.gallery_rows)
     with pytest.raises(UserError, match="open_set needs at least 2 test identities per split, "
                                         "but query0 has 1; set open_set: false"):
-        evaluation.open_set_gallery(lonely, config, 0)
-    keep = evaluation.open_set_gallery(split, config, 0)
-    assert keep == evaluation.open_set_gallery(split, config, 0)  # seeded
+        protocol.open_set_gallery(lonely, config, 0)
+    keep = protocol.open_set_gallery(split, config, 0)
+    assert keep == protocol.open_set_gallery(split, config, 0)  # seeded
     removed = set(split.gallery_ids) - {split.gallery_ids[j] for j in keep}
     identities = set(split.query_ids)
     assert removed <= identities and len(removed) == len(identities) // 2
@@ -171,7 +171,7 @@ def test_open_set_needs_two_test_identities(make_config):
 
 def test_more_splits_than_prepared_is_a_clear_error(make_config):
     with pytest.raises(UserError, match="num_splits is 5 but .* has 3 prepared splits"):
-        evaluation.check_data(make_config(num_splits=5))
+        protocol.check_data(make_config(num_splits=5))
 
 
 # ------------------------------------------------------------------ run_eval_clip.py
@@ -196,8 +196,8 @@ def save_tiny_checkpoint(config, path, **changes):
     config = dict(config, **changes)
     names = sorted({name for _, name in list_split(config, "train")})
     torch.manual_seed(1)
-    clip_model, classifier = make_model.build_model(config, num_classes=len(names))
-    checkpoint_format.save_checkpoint(path, make_model.HandIdModel(clip_model, classifier), config,
+    clip_model, classifier = backbone.build_model(config, num_classes=len(names))
+    model_checkpoint.save_checkpoint(path, backbone.HandIdModel(clip_model, classifier), config,
                                names, epoch=4, selection={"metric": "val_accuracy",
                                                           "value": 0.625,
                                                           "val_accuracy": 0.625})
@@ -276,7 +276,7 @@ def test_open_set_and_reranked_run(eval_config, tmp_path, capsys):
     assert bad.stderr.strip().splitlines()[-1] == \
         "error: --set: 'rerank_k1' must be >= 1, got 0"
     with pytest.raises(ConfigError, match="rerank_lambda must be between 0 and 1, got 1.5"):
-        evaluation.check_data(load_config(path, [("rerank", True), ("rerank_lambda", 1.5)]))
+        protocol.check_data(load_config(path, [("rerank", True), ("rerank_lambda", 1.5)]))
 
 
 def test_finetuned_run_loads_the_checkpoint(eval_config, tmp_path):
@@ -312,7 +312,7 @@ def test_mismatched_checkpoint_is_refused(eval_config, tmp_path, changes, messag
 
 def test_reranked_split_is_ranked_and_plotted_in_the_reranked_order(make_config):
     config = make_config(num_splits=1, rerank=True, rerank_k1=5, rerank_k2=2)
-    evaluated = evaluation.evaluate(tiny_model(config), config, torch.device("cpu"))
+    evaluated = protocol.evaluate(tiny_model(config), config, torch.device("cpu"))
     split = evaluated.splits[0]
     features = evaluated.features
     distance = rerank_k_reciprocal(features[split.query_rows], features[split.gallery_rows],
@@ -329,7 +329,7 @@ def test_an_unwritable_results_dir_fails_before_any_image_is_encoded(eval_config
     path, _ = eval_config
     (tmp_path / "a_file").write_text("not a folder")
     encoded = []
-    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kw: encoded.append(1))
+    monkeypatch.setattr(protocol, "evaluate", lambda *args, **kw: encoded.append(1))
     with pytest.raises(UserError, match=r"cannot write .*a_file/r/results.csv: .* is a file, "
                                         r"not a folder; write to another folder"):
         run_eval_clip.main(["--config", str(path), "--set", "variant=baseline", "--set",

@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-import feature_encoder
-import gallery_index
+from handreid.evaluation import encoder
+from handreid.search import gallery_index
 from conftest import ROOT
-from errors import ConfigError, UserError
+from handreid.core.errors import ConfigError, UserError
 from experiments import index_gallery, search
 
 CONFIG = ROOT / "configs/demo/eval_baseline_tiny_11k_dorsal_r.yml"
@@ -34,12 +34,12 @@ def gallery(synthetic_11k_raw, tmp_path):
 @pytest.fixture
 def encoded(monkeypatch):
     """The paths each Encoder.encode call received."""
-    calls, encode = [], feature_encoder.Encoder.encode
+    calls, encode = [], encoder.Encoder.encode
 
     def counting(self, paths):
         calls.append(list(paths))
         return encode(self, paths)
-    monkeypatch.setattr(feature_encoder.Encoder, "encode", counting)
+    monkeypatch.setattr(encoder.Encoder, "encode", counting)
     return calls
 
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from errors import UserError
-from gallery_search import top_k
+from handreid.core.errors import UserError
+from handreid.search.topk import top_k
 
 
 def dense_ranking(query, gallery, k):
@@ -48,8 +48,8 @@ def test_verification_by_counts_equals_the_sorting_implementation(seed, monkeypa
     """float32 scores go through score_counts' two counting passes; the same scores as
     float64 (exact copies) through the sorting implementation: every result must be equal,
     ties (few distinct values, -0.0 beside 0.0, one high-bit bin) included."""
-    import score_counts
-    from reid_metrics import compute_verification_metrics
+    from handreid.metrics import score_counts
+    from handreid.metrics.ranking import compute_verification_metrics
     rng = np.random.default_rng(seed)
     monkeypatch.setattr(score_counts, "BLOCK_ELEMENTS", int(rng.integers(1, 300)))
     num_queries, num_gallery = int(rng.integers(5, 40)), int(rng.integers(20, 80))

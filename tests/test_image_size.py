@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import make_model
-from build_dataloader import get_train_val_loaders
-from config import load_config
+from handreid.model import backbone
+from handreid.data.loaders import get_train_val_loaders
+from handreid.core.config_files import load_config
 from conftest import run_script, write_config
-from errors import ConfigError
+from handreid.core.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +31,7 @@ def test_a_non_square_input_trains_and_evaluates_on_a_vit(make_config, tmp_path)
     config_file = write_config(config, tmp_path / "run.yml")
     run_script("experiments/train_stage1_frozen_text.py", "--config", config_file)
     ckpt = torch.load(config["save_path"], weights_only=True)
-    assert make_model.image_hw(ckpt["image_size"]) == (64, 32)
+    assert backbone.image_hw(ckpt["image_size"]) == (64, 32)
     out = run_script("experiments/run_eval_clip.py", "--config", config_file, "--set",
                      "num_splits=2").stdout
     assert "mAP" in out
@@ -53,10 +53,10 @@ def test_a_resnet_refuses_a_non_square_input_in_one_line(make_config, tmp_path):
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_the_position_embedding_is_resized_by_the_chosen_rule(make_config, tmp_path,
                                                                interpolation):
-    native, _ = make_model.build_model(make_config())
+    native, _ = backbone.build_model(make_config())
     weights = tmp_path / "tiny.pt"
     torch.save(native.state_dict(), weights)
-    resized, _ = make_model.build_model(make_config(pretrained=str(weights),
+    resized, _ = backbone.build_model(make_config(pretrained=str(weights),
                                                     image_size=[64, 32],
                                                     pos_embed_interpolation=interpolation))
     old = native.visual.positional_embedding.detach()

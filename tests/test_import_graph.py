@@ -1,41 +1,33 @@
 """The import graph, read from the source with ast (nothing is imported or run):
 
-- no entry script is imported by another file: library code lives in modules. Tests run the
-  scripts, as subprocesses or through their `main` (the only name a test may take from one);
-- the modules import downward only, by the layers below, and no import circle exists among
-  them (imports within one layer are allowed);
-- every module is in a layer: a new module has to be placed here.
+- the package's folders are its layers (handreid/<layer>/): a module imports its own folder,
+  the folders of its own rank and the ranks below, never upward; evaluation never imports
+  train; no import circle exists among the modules;
+- no entry script (experiments/, datasets/, benchmarks/ scripts, run_all) and no front module
+  of the documents (build_dataloader, make_model, finetune_trainer_stage1) is imported by the
+  package; the fronts only re-export the package;
+- every folder of the package has a rank: a new folder has to be placed here.
 """
 import ast
 import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "handreid"
 
+# The folders of the package, bottom to top; a folder imports its rank and those below.
+RANKS = (("core",), ("model", "data", "metrics", "checkpoint"),
+         ("train", "methods", "evaluation", "casework", "search"))
+RANK_OF = {folder: rank for rank, folders in enumerate(RANKS) for folder in folders}
+NEVER = {("evaluation", "train"): "evaluation rebuilds any checkpoint from its module specs "
+                                  "and feature definition, never from a trainer"}
+# The documents' modules at the top of the checkout: fronts of the package.
+FRONTS = ("build_dataloader", "make_model", "finetune_trainer_stage1")
 # Entry scripts: run as `python <path>`, never imported (tests may call their main()).
 ENTRY_SCRIPTS = ("experiments/*.py", "run_all_finetuned_stage1.py", "datasets/prepare_*.py",
                  "datasets/make_synthetic_hands.py", "benchmarks/bench_*.py",
                  "benchmarks/gpu_check.py")
-# Modules, top to bottom; a module may import its own layer and the layers below it. Named
-# by path without .py; a listed module that does not exist (yet) is fine.
-LAYERS = {
-    "methods and evaluation": (
-        "engine", "train_entry", "method", "selection", "checkpointing", "run_log",
-        "finetune_trainer_stage1", "finetune_trainer_stage2", "finetune_trainer_clip_handid",
-        "evaluation", "feature_encoder", "likelihood_ratio", "result_stats",
-        "evaluation_report", "evaluation_plots"),
-    "model, data and metrics": (
-        "make_model", "checkpoint_format", "legacy_formats", "build_dataloader", "losses",
-        "reid_metrics", "gallery_search", "score_counts", "image_files", "feature_files",
-        "gallery_index", "datasets/split_protocol", "benchmarks/synthetic_data",
-        "benchmarks/reference_metrics"),
-    "runtime and config": ("runtime", "config", "errors", "atomic_files", "method_registry"),
-}
-SOURCE_FOLDERS = (".", "experiments", "datasets", "benchmarks")
-# Folders of the project whose name a PyPI package has: never imported as a package.
-PACKAGE_NAMES_TAKEN = ("datasets",)
-
-LAYER_OF = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
+SCRIPT_FOLDERS = (".", "experiments", "datasets", "benchmarks")
 
 
 def name_of(path):
@@ -46,10 +38,20 @@ def entry_scripts():
     return {name_of(p) for pattern in ENTRY_SCRIPTS for p in ROOT.glob(pattern)}
 
 
+def package_files():
+    return sorted((ROOT / PACKAGE).rglob("*.py"))
+
+
 def source_files():
-    """Every .py of the project outside tests/: the top-level modules and the script folders
-    (not what else lives in the checkout: data, environments)."""
-    return sorted(p for folder in SOURCE_FOLDERS for p in (ROOT / folder).glob("*.py"))
+    """Every .py of the project outside tests/: the package, the fronts, the scripts."""
+    return package_files() + sorted(p for folder in SCRIPT_FOLDERS
+                                    for p in (ROOT / folder).glob("*.py"))
+
+
+def layer_of(name):
+    """The package folder (layer) of a file name like handreid/train/engine, else None."""
+    parts = name.split("/")
+    return parts[1] if parts[0] == PACKAGE and len(parts) > 2 else None
 
 
 def imported_names(tree):
@@ -59,20 +61,24 @@ def imported_names(tree):
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(alias.name, None, node.lineno) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative imports are not used: write the full name"
             found.append((node.module, [alias.name for alias in node.names], node.lineno))
     return found
 
 
 def resolve(dotted, importer):
-    """The project file (name without .py) a module name imports from `importer`'s folder, or
-    None for anything outside the project. A script's own folder comes first on sys.path."""
+    """The project file (name without .py) a module name imports from `importer`, or None for
+    anything outside the project. A script's own folder comes first on sys.path; the package
+    and the fronts are installed."""
     parts = dotted.split(".")
-    folders = [importer.parent, ROOT] if importer.parent != ROOT else [ROOT]
+    folders = [ROOT] if importer.parent == ROOT or parts[0] == PACKAGE else [importer.parent,
+                                                                              ROOT]
     for folder in folders:
-        path = folder.joinpath(*parts).with_suffix(".py")
-        if path.is_file():
-            return name_of(path)
+        for path in (folder.joinpath(*parts).with_suffix(".py"),
+                     folder.joinpath(*parts, "__init__.py")):
+            if path.is_file():
+                return name_of(path)
     return None
 
 
@@ -86,7 +92,7 @@ def project_imports(path):
             if module:
                 edges.append((module, f"{dotted}.{name}", line))
         target = resolve(dotted, path)
-        if target:
+        if target and not (names and all(resolve(f"{dotted}.{n}", path) for n in names)):
             edges.append((target, dotted, line))
     return edges
 
@@ -98,45 +104,45 @@ def graph():
 
 
 def violations():
-    """{(importer, imported): message} of the edges that break a rule."""
-    entries, found = entry_scripts(), {}
+    entries, found = entry_scripts(), []
     for source, edges in graph().items():
         for target, dotted, line in edges:
-            where = f"{source}.py:{line}"
-            if dotted.split(".")[0] in PACKAGE_NAMES_TAKEN:
-                found[(source + ".py", target + ".py")] = (
-                    f"{where} imports {dotted}: an installed PyPI package of that name "
-                    "would be imported instead; import it from its own folder's scripts, or "
-                    "make it a top-level module")
-            elif target in entries:
-                found[(source + ".py", target + ".py")] = (
-                    f"{where} imports the entry script {target}.py: move what it needs into a "
-                    "module (the script keeps its argument parsing and main)")
-            elif source not in entries and LAYER_OF.get(target, 0) < LAYER_OF.get(source, 0):
-                found[(source + ".py", target + ".py")] = (
-                    f"{where} imports {target} upward (layer "
-                    f"{list(LAYERS)[LAYER_OF[target]]!r} is above "
-                    f"{list(LAYERS)[LAYER_OF[source]]!r})")
+            where = f"{source}.py:{line} imports {dotted}"
+            source_layer, target_layer = layer_of(source), layer_of(target)
+            if target in entries:
+                found.append(f"{where}: an entry script; move what it needs into the package "
+                             "(the script keeps its argument parsing and main)")
+            elif target in FRONTS and source.startswith(PACKAGE + "/"):
+                found.append(f"{where}: a front of the documents; import the package module "
+                             "it re-exports")
+            elif source in FRONTS and not target.startswith(PACKAGE + "/"):
+                found.append(f"{where}: a front only re-exports the package")
+            elif source_layer and target_layer and (source_layer, target_layer) in NEVER:
+                found.append(f"{where}: {NEVER[(source_layer, target_layer)]}")
+            elif source_layer and target_layer and RANK_OF[target_layer] > RANK_OF[source_layer]:
+                found.append(f"{where}: upward ({target_layer}/ is above {source_layer}/)")
+            elif source.startswith(PACKAGE + "/") and not target.startswith(PACKAGE + "/"):
+                found.append(f"{where}: the package imports only itself")
     return found
 
 
-def test_every_module_is_an_entry_script_or_in_a_layer():
-    entries = entry_scripts()
-    unplaced = [name + ".py" for name in map(name_of, source_files())
-                if name not in entries and name not in LAYER_OF]
-    assert not unplaced, (f"{unplaced}: place each new module in a layer of LAYERS in "
-                          f"{Path(__file__).name} (or name it like an entry script)")
-    assert not entries & set(LAYER_OF)
-    assert len(LAYER_OF) == sum(map(len, LAYERS.values())), "a module is in two layers"
+def test_every_folder_of_the_package_has_a_rank_and_holds_its_modules():
+    folders = {p.name for p in (ROOT / PACKAGE).iterdir()
+               if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(RANK_OF), (f"{sorted(folders ^ set(RANK_OF))}: give each folder of "
+                                     f"{PACKAGE}/ a rank in RANKS of {Path(__file__).name}")
+    loose = [name_of(p) for p in (ROOT / PACKAGE).glob("*.py") if p.name != "__init__.py"]
+    assert not loose, f"{loose}: a module lives in the folder of its layer"
+    assert len(RANK_OF) == sum(map(len, RANKS)), "a folder has two ranks"
 
 
-def test_no_entry_script_is_imported_and_no_import_points_upward():
+def test_no_script_or_front_is_imported_and_no_import_points_upward():
     found = violations()
-    assert not found, "\n".join(message for _, message in sorted(found.items()))
+    assert not found, "\n".join(sorted(found))
 
 
 def test_no_import_circle_among_the_modules():
-    modules = set(LAYER_OF)
+    modules = {name_of(p) for p in package_files()}
     imports = {source: sorted({t for t, _, _ in edges if t in modules})
                for source, edges in graph().items() if source in modules}
     state, stack = {}, []

@@ -9,11 +9,11 @@ import open_clip
 import pytest
 import torch
 
-import make_model
-from config import load_config
-from errors import ConfigError, UserError
-from checkpoint_format import load_checkpoint, save_checkpoint
-from make_model import BNNeck, HandIdModel, build_model, preprocess_spec, resolve_backbone
+from handreid.model import backbone
+from handreid.core.config_files import load_config
+from handreid.core.errors import ConfigError, UserError
+from handreid.checkpoint.model_checkpoint import load_checkpoint, save_checkpoint
+from handreid.model.backbone import BNNeck, HandIdModel, build_model, preprocess_spec, resolve_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,9 +172,9 @@ def test_missing_or_wrong_local_weights_are_user_errors(tmp_path):
 
 def test_unavailable_weights_fail_fast_with_how_to_fix(tmp_path):
     code = textwrap.dedent("""
-        from config import load_config
-        from errors import run_cli
-        from make_model import build_model
+        from handreid.core.config_files import load_config
+        from handreid.core.errors import run_cli
+        from handreid.model.backbone import build_model
         run_cli(lambda: build_model(load_config(None, [("model", "vitb16")])) and None)
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
@@ -287,7 +287,7 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(saved, monkeypatch):
     def broken_save(obj, f):
         f.write(b"partial")
         raise OSError("disk full")
-    monkeypatch.setattr(make_model.torch, "save", broken_save)
+    monkeypatch.setattr(backbone.torch, "save", broken_save)
     with pytest.raises(UserError, match=r"cannot write .*model.pth: disk full \(.* GiB free "):
         save_checkpoint(path, HandIdModel(clip_model, classifier), config, ["a", "b", "c"], 5)
     assert path.read_bytes() == before

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import evaluation
+from handreid.evaluation import protocol
 import run_all_finetuned_stage1
-from build_dataloader import decode_image
-from config import load_config
-from errors import ConfigError, UserError
+from handreid.data.loaders import decode_image
+from handreid.core.config_files import load_config
+from handreid.core.errors import ConfigError, UserError
 from conftest import DEMO_TRAIN_CONFIG, ROOT, results_json, run_script
 from experiments import export_onnx, extract_features, search
-from feature_encoder import load_model
+from handreid.evaluation.encoder import load_model
 
 EVAL_CONFIG = ROOT / "configs/demo/eval_tiny_11k_dorsal_r.yml"
 BASELINE_CONFIG = ROOT / "configs/demo/eval_baseline_tiny_11k_dorsal_r.yml"
@@ -185,7 +185,7 @@ def test_exported_features_equal_the_evaluation_features(own_overrides, own_root
 
     config = load_config(EVAL_CONFIG, [s for s in sets if s != "--set"])
     model, _ = load_model(config)
-    evaluated = evaluation.evaluate(model, config, torch.device("cpu"))
+    evaluated = protocol.evaluate(model, config, torch.device("cpu"))
     row_of_inode = {os.stat(p).st_ino: i for i, p in enumerate(paths)}
     compared = 0
     for split in evaluated.splits:

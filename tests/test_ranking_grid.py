@@ -2,8 +2,8 @@
 print with enough digits to tell candidates apart, and names in any script stay legible."""
 from PIL import Image, ImageDraw
 
-import evaluation_plots
-from evaluation_plots import (FRAME, THUMB, caption_font, fit_caption, save_ranking_grid,
+from handreid.evaluation import plots
+from handreid.evaluation.plots import (FRAME, THUMB, caption_font, fit_caption, save_ranking_grid,
                               score_decimals)
 
 
@@ -37,7 +37,7 @@ def test_a_long_label_is_cut_to_its_tile_and_never_reaches_the_next(tmp_path):
 def test_names_in_other_scripts_are_drawn_with_a_font_that_has_them():
     for name in ("李 四", "Jürgen Ødegård", "Алексей"):
         font, text = caption_font(f"query\n{name}")
-        covered = next(c for f, c in evaluation_plots.caption_fonts() if f is font)
+        covered = next(c for f, c in plots.caption_fonts() if f is font)
         assert all(ord(c) in covered for c in text if c != "\n"), (name, text)
         if text != f"query\n{name}":             # no font here has them: code points
             assert "U+674E" in text and "U+56DB" in text

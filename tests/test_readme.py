@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from config import SCHEMA, load_config
+from handreid.core.config_files import SCHEMA, load_config
 from conftest import ROOT
 
 README = ROOT / "README.md"

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from config import load_config
+from handreid.core.config_files import load_config
 from conftest import ROOT
 from experiments import run_eval_clip
-from finetune_trainer_stage1 import Stage1
-from train_entry import train_main
+from handreid.methods.stage1 import Stage1
+from handreid.train.entry import train_main
 
 
 def train(argv):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import reid_metrics
-from errors import UserError
-from reid_metrics import (MetricInputError, compute_open_set_metrics, compute_reid_metrics,
+from handreid.metrics import ranking
+from handreid.core.errors import UserError
+from handreid.metrics.ranking import (MetricInputError, compute_open_set_metrics, compute_reid_metrics,
                           compute_verification_metrics, rerank_k_reciprocal)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,7 +364,7 @@ def test_rerank_chunks_do_not_change_the_result(monkeypatch):
     query, gallery = torch.from_numpy(normalised(rng, 20, 8)), torch.from_numpy(
         normalised(rng, 70, 8))
     whole = rerank_k_reciprocal(query, gallery, 6, 3, 0.3)
-    monkeypatch.setattr(reid_metrics, "RERANK_CHUNK_ELEMENTS", 37)
+    monkeypatch.setattr(ranking, "RERANK_CHUNK_ELEMENTS", 37)
     assert torch.allclose(rerank_k_reciprocal(query, gallery, 6, 3, 0.3), whole, atol=1e-6)
 
 

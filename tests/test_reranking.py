@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import reid_metrics
-from errors import UserError
-from reid_metrics import MetricInputError, rerank_k_reciprocal
+from handreid.metrics import ranking
+from handreid.core.errors import UserError
+from handreid.metrics.ranking import MetricInputError, rerank_k_reciprocal
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -79,14 +79,14 @@ def test_chunks_and_tie_fallback_do_not_change_the_result(monkeypatch, margin):
     # tiny chunks: many chunks of the nearest-neighbour pass and of the sparse steps.
     query, gallery = tied_case(11, 9, 50)
     expected = reference(query, gallery, 6, 3, 0.3)
-    monkeypatch.setattr(reid_metrics, "NEAREST_MARGIN", margin)
-    monkeypatch.setattr(reid_metrics, "NEAREST_CHUNK_ELEMENTS", 150)
-    monkeypatch.setattr(reid_metrics, "RERANK_CHUNK_ELEMENTS", 37)
+    monkeypatch.setattr(ranking, "NEAREST_MARGIN", margin)
+    monkeypatch.setattr(ranking, "NEAREST_CHUNK_ELEMENTS", 150)
+    monkeypatch.setattr(ranking, "RERANK_CHUNK_ELEMENTS", 37)
     assert np.abs(rerank(query, gallery, 6, 3, 0.3) - expected).max() < 1e-5
 
 
 def test_size_beyond_the_limit_is_refused_in_one_line(monkeypatch):
-    monkeypatch.setattr(reid_metrics, "RERANK_MAX_PAIRS", 100)
+    monkeypatch.setattr(ranking, "RERANK_MAX_PAIRS", 100)
     with pytest.raises(MetricInputError, match=r"^re-ranking 11 queries x 10 gallery images "
                        r"needs a .* GiB distance matrix, beyond its limit of 100 query x "
                        r"gallery pairs") as error:

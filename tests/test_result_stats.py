@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-import result_stats
-from errors import UserError
+from handreid.evaluation import result_stats
+from handreid.core.errors import UserError
 from conftest import run_script
 from experiments import compare_results
 from test_run_all import SCRIPT, write_experiment

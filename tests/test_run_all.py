@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import run_all_finetuned_stage1
-from config import load_config
-from evaluation_report import evaluate_config
-from runtime import check_not_running
+from handreid.core.config_files import load_config
+from handreid.evaluation.evaluate import evaluate_config
+from handreid.core.runtime import check_not_running
 from conftest import ONE_THREAD, ROOT, run_script, write_config
 from test_evaluation import save_tiny_checkpoint
 

@@ -81,7 +81,7 @@ def test_every_entry_script_loads_config_before_torch():
 
 
 def test_an_override_of_what_the_run_is_gets_its_own_names():
-    from config import load_config
+    from handreid.core.config_files import load_config
     for config in ("configs/finetuning_stage1_frozen_text/train_vitb16_hd.yml",
                    "configs/finetuning_stage2_clipreid/train_vitb16_11k_dorsal_r.yml"):
         own = load_config(ROOT / config)
@@ -101,7 +101,7 @@ def test_an_override_of_what_the_run_is_gets_its_own_names():
 def test_an_evaluation_imports_lir_and_scikit_learn_only_when_it_computes_ratios():
     # Importing them took about 1 s of every evaluation's start (issue: 58% of a small
     # protocol's wall time went to imports).
-    code = ("import sys; import evaluation_report, run_all_finetuned_stage1; "
+    code = ("import sys; import handreid.evaluation.evaluate, run_all_finetuned_stage1; "
             "print(sorted({'lir', 'sklearn'} & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

@@ -11,20 +11,20 @@ import pytest
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 
-import checkpoint_format
-import make_model
-from build_dataloader import get_train_val_loaders
-from config import load_config
-from errors import ConfigError, UserError
+from handreid.checkpoint import model_checkpoint
+from handreid.model import backbone
+from handreid.data.loaders import get_train_val_loaders
+from handreid.core.config_files import load_config
+from handreid.core.errors import ConfigError, UserError
 from conftest import ROOT, kill_when, run_torchrun, write_config
-from engine import Engine
-from run_log import metrics_path
-from checkpointing import resume_path
-from evaluation_report import evaluate_config
+from handreid.train.engine import Engine
+from handreid.train.run_log import metrics_path
+from handreid.train.checkpointing import resume_path
+from handreid.evaluation.evaluate import evaluate_config
 import run_all_finetuned_stage1
-from finetune_trainer_stage2 import ClipReid
-from train_entry import train_main
-from runtime import seed_everything
+from handreid.methods.clipreid import ClipReid
+from handreid.train.entry import train_main
+from handreid.core.runtime import seed_everything
 from test_evaluation import save_tiny_checkpoint
 
 
@@ -41,15 +41,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    clip_model, _ = make_model.build_model(load_config(None, [("model", "tiny")]))
+    clip_model, _ = backbone.build_model(load_config(None, [("model", "tiny")]))
     return clip_model.eval()
 
 
 def test_prompt_learner_is_the_text_tower_on_its_tokens(tiny):
-    learner = make_model.PromptLearner(make_model.TINY_ARCH, TEMPLATE, num_classes=3,
+    learner = backbone.PromptLearner(backbone.TINY_ARCH, TEMPLATE, num_classes=3,
                                        width=tiny.token_embedding.embedding_dim)
     assert learner.context.shape == (3, 4, tiny.token_embedding.embedding_dim)
-    literal = make_model.open_clip.get_tokenizer(make_model.TINY_ARCH)([TEMPLATE])
+    literal = backbone.open_clip.get_tokenizer(backbone.TINY_ARCH)([TEMPLATE])
     with torch.no_grad():
         # Learned tokens equal to the embedding of the word X give the literal template.
         learner.context[1] = tiny.token_embedding(literal)[0, learner.positions]
@@ -64,20 +64,20 @@ def test_prompt_learner_is_the_text_tower_on_its_tokens(tiny):
                                       "A photo of an Xray hand."])
 def test_template_without_placeholder_is_a_config_error(template):
     with pytest.raises(ConfigError, match="no X placeholder"):
-        make_model.template_tokens(make_model.TINY_ARCH, template)
+        backbone.template_tokens(backbone.TINY_ARCH, template)
 
 
 def test_template_that_does_not_fit_the_context_is_a_config_error():
     with pytest.raises(ConfigError, match="shorten or reword"):
-        make_model.template_tokens(make_model.TINY_ARCH, "a hand " * 40 + "X.")
+        backbone.template_tokens(backbone.TINY_ARCH, "a hand " * 40 + "X.")
 
 
 def test_image_pair_vit_projects_the_pre_projection_feature(tiny):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        pre, proj = make_model.encode_image_pair(tiny.visual, images)
+        pre, proj = backbone.encode_image_pair(tiny.visual, images)
         assert torch.allclose(proj, tiny.encode_image(images), atol=1e-5)
-    assert (pre.shape[1], proj.shape[1]) == make_model.image_pair_dims(tiny.visual) == (128, 64)
+    assert (pre.shape[1], proj.shape[1]) == backbone.image_pair_dims(tiny.visual) == (128, 64)
 
 
 def test_image_pair_modified_resnet_pools_layer4_and_attention():
@@ -87,9 +87,9 @@ def test_image_pair_modified_resnet_pools_layer4_and_attention():
                             width=8).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        pre, proj = make_model.encode_image_pair(visual, images)
+        pre, proj = backbone.encode_image_pair(visual, images)
         assert torch.allclose(proj, visual(images), atol=1e-5)
-    assert (pre.shape[1], proj.shape[1]) == make_model.image_pair_dims(visual) == (256, 24)
+    assert (pre.shape[1], proj.shape[1]) == backbone.image_pair_dims(visual) == (256, 24)
 
 
 # ---------------------------------------------------------------- training (engine method)
@@ -128,7 +128,7 @@ def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make
     config = stage2_config(make_config, tmp_path)
     seed_everything(config["seed"])
     train_loader, val_loader, _ = get_train_val_loaders(config)
-    clip_model, _ = make_model.build_model(config)
+    clip_model, _ = backbone.build_model(config)
     method = Recording(config, clip_model, train_loader.dataset.classes)
     initial = clone(method.model.state_dict())
     summary = Engine(method, train_loader, config, "cpu", val_loader).train()
@@ -165,11 +165,11 @@ def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make
                        prompts_done["extras.prompt_learner.context"])
 
     # Evaluation rebuilds the model from the checkpoint alone: the concatenated feature.
-    model, _ = checkpoint_format.load_checkpoint(config["save_path"], config)
+    model, _ = model_checkpoint.load_checkpoint(config["save_path"], config)
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         features = model.features(images)
-        pre, proj = make_model.encode_image_pair(model.clip_model.visual, images)
+        pre, proj = backbone.encode_image_pair(model.clip_model.visual, images)
     assert features.shape == (3, 128 + 64)
     assert torch.allclose(features, torch.cat([pre, proj], 1))
     model.feature["neck_feat"] = "after"  # the features after each head's BN
@@ -180,7 +180,7 @@ def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make
     # prompt_epochs: 0 starts phase 2 from these prompts.
     again = stage2_config(make_config, tmp_path, prompt_epochs=0,
                           prompt_checkpoint=config["save_path"])
-    reused = ClipReid(again, make_model.build_model(again)[0], train_loader.dataset.classes)
+    reused = ClipReid(again, backbone.build_model(again)[0], train_loader.dataset.classes)
     assert [phase.name for phase in reused.phases()] == ["image_encoder"]
     assert torch.equal(reused.model.extras["prompt_learner"].context,
                        ckpt["modules"]["prompt_learner"]["context"])
@@ -237,7 +237,7 @@ def test_torchrun_with_two_gloo_processes_runs_both_phases(make_config, tmp_path
     # 52 train images: 26 rows of the feature table per process, 4 batches of up to 8.
     assert "phase prompts: 1 epochs, 4 steps per epoch" in log_text
     assert [phase for _, phase, *_ in learned(config)] == ["prompts", "image_encoder"]
-    model, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
+    model, ckpt = model_checkpoint.load_checkpoint(config["save_path"], config)
     assert ckpt["epoch"] == 2 and ckpt["method"] == "clipreid"
 
 

@@ -13,19 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint_format
-import make_model
-from build_dataloader import get_train_val_loaders
-from config import load_config
-from errors import ConfigError, UserError
+from handreid.checkpoint import model_checkpoint
+from handreid.model import backbone
+from handreid.data.loaders import get_train_val_loaders
+from handreid.core.config_files import load_config
+from handreid.core.errors import ConfigError, UserError
 from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_torchrun, write_config
-from finetune_trainer_stage1 import Stage1
-from train_entry import train_main
-from method import Phase, lr_factor
-from run_log import metrics_path
-from checkpointing import read_resume_state, resume_path
-from finetune_trainer_stage1 import FinetuneTrainerStage1
-from runtime import seed_everything
+from handreid.methods.stage1 import Stage1
+from handreid.train.entry import train_main
+from handreid.train.method import Phase, lr_factor
+from handreid.train.run_log import metrics_path
+from handreid.train.checkpointing import read_resume_state, resume_path
+from handreid.methods.stage1 import FinetuneTrainerStage1
+from handreid.core.runtime import seed_everything
 
 
 def main(argv):
@@ -44,7 +44,7 @@ def build(config):
     """Loaders, model and trainer as the entry script builds them."""
     seed_everything(config["seed"])
     train_loader, val_loader, num_classes = get_train_val_loaders(config)
-    clip_model, classifier = make_model.build_model(config, num_classes)
+    clip_model, classifier = backbone.build_model(config, num_classes)
     return clip_model, classifier, train_loader, val_loader
 
 
@@ -92,7 +92,7 @@ def test_training_learns_and_changes_only_the_image_encoder(make_config):
     log_text = Path(config["log_path"]).read_text()
     assert "resolved config" in log_text and "epoch 3/3  loss" in log_text
     best = max(rows, key=lambda r: (r["val_acc"], r["epoch"]))  # ties: the later epoch
-    _, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
+    _, ckpt = model_checkpoint.load_checkpoint(config["save_path"], config)
     assert (ckpt["epoch"], ckpt["selection"]["val_accuracy"]) == (best["epoch"], best["val_acc"])
     assert ckpt["identity_names"] == train_loader.dataset.classes
     finished = torch.load(resume_path(config), weights_only=True)
@@ -185,7 +185,7 @@ def test_corrupt_foreign_or_mismatched_state_is_a_clear_error(make_config):
                                         r"pass --overwrite"):
         read_resume_state(make_config(batch_size=8, epochs=2, lr=2e-3))
     with pytest.raises(UserError, match="trained on aspect 'dorsal_r'"):
-        checkpoint_format.load_checkpoint(config["save_path"], make_config(aspect="palmar_l"))
+        model_checkpoint.load_checkpoint(config["save_path"], make_config(aspect="palmar_l"))
 
     path = resume_path(config)
     data = path.read_bytes()
@@ -218,7 +218,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(make_conf
 def test_torchrun_with_two_gloo_processes_writes_one_checkpoint(make_config, tmp_path):
     config = make_config(batch_size=4, epochs=1, warmup_epochs=0)
     run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))
-    _, ckpt = checkpoint_format.load_checkpoint(config["save_path"], config)
+    _, ckpt = model_checkpoint.load_checkpoint(config["save_path"], config)
     assert ckpt["epoch"] == 1
     log_text = Path(config["log_path"]).read_text()
     # 52 train images: 26 per process, 6 full batches of 4 each.

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-import legacy_formats
-import method_registry
-from checkpointing import (Checkpointer, ResumeState, SavePoints, load_resume_state,
+from handreid.checkpoint import legacy
+from handreid.core import registry
+from handreid.train.checkpointing import (Checkpointer, ResumeState, SavePoints, load_resume_state,
                            settings_changed, sum_fingerprint)
-from config import SCHEMA
-from errors import ConfigError, UserError
-from method import Phase, phase_of
-from selection import Best, Selection
+from handreid.core.config_files import SCHEMA
+from handreid.core.errors import ConfigError, UserError
+from handreid.train.method import Phase, phase_of
+from handreid.train.selection import Best, Selection
 
 
 class Clock:
@@ -215,7 +215,7 @@ def test_a_first_release_checkpoint_converts_by_its_head(head, has_head, feature
     v1 = {"head": head, "embed_dim": 8, "identity_names": ["a", "b", "c"],
           "classifier_state_dict": {"w": torch.ones(1)} if has_head else None,
           "val_accuracy": 70.0}
-    converted = legacy_formats.checkpoint_from_v1(v1)
+    converted = legacy.checkpoint_from_v1(v1)
     assert converted["method"] == "stage1" and converted["feature"] == feature
     assert bool(converted["modules"]) == has_head == bool(converted["module_specs"])
     assert converted["selection"] == {"metric": "val_accuracy", "value": 70.0,
@@ -225,14 +225,14 @@ def test_a_first_release_checkpoint_converts_by_its_head(head, has_head, feature
 # ---------------------------------------------------------------- methods and phases
 
 def test_every_method_names_its_own_train_command():
-    import make_model  # noqa: F401  (declares the built-in methods beside their model parts)
-    assert method_registry.train_command("clipreid").startswith(
+    from handreid.model import backbone  # noqa: F401  (declares the built-in methods beside their model parts)
+    assert registry.train_command("clipreid").startswith(
         "python experiments/train_stage2_clipreid.py")
-    assert method_registry.train_command("clip_handid").startswith(
+    assert registry.train_command("clip_handid").startswith(
         "python experiments/train_clip_handid.py")
-    assert method_registry.train_command("stage1").startswith(
+    assert registry.train_command("stage1").startswith(
         "python experiments/train_stage1_frozen_text.py")
-    assert method_registry.train_command("nobody", "?") == "?"
+    assert registry.train_command("nobody", "?") == "?"
 
 
 def test_phase_of_an_epoch_counts_over_all_phases():
@@ -245,7 +245,7 @@ def test_phase_of_an_epoch_counts_over_all_phases():
 def test_a_read_only_folder_says_so_and_a_full_one_says_how_much_is_free(tmp_path, monkeypatch):
     import errno
     import os
-    from errors import check_writable, write_error
+    from handreid.core.errors import check_writable, write_error
     denied = write_error(tmp_path / "m.pth", PermissionError(errno.EACCES, "Permission denied"))
     assert "read-only or not yours to write, the disk is not full" in str(denied)
     assert "GiB free" not in str(denied)
@@ -261,7 +261,7 @@ def test_a_read_only_folder_says_so_and_a_full_one_says_how_much_is_free(tmp_pat
 
 def test_a_truncated_checkpoint_names_the_train_command_of_its_own_method(make_config,
                                                                           tmp_path):
-    import checkpoint_format
+    from handreid.checkpoint import model_checkpoint
     path = tmp_path / "stage2.pth"
     path.write_bytes(b"PK\x03\x04 truncated")
     for method, script in (("clipreid", "train_stage2_clipreid.py"),
@@ -269,6 +269,6 @@ def test_a_truncated_checkpoint_names_the_train_command_of_its_own_method(make_c
                            ("stage1", "train_stage1_frozen_text.py")):
         with pytest.raises(UserError, match=f"corrupt, truncated .* train again: python "
                                             f"experiments/{script}"):
-            checkpoint_format.load_checkpoint(path, make_config(method=method))
+            model_checkpoint.load_checkpoint(path, make_config(method=method))
         with pytest.raises(UserError, match=f"train first: python experiments/{script}"):
-            checkpoint_format.load_checkpoint(tmp_path / "none.pth", make_config(method=method))
+            model_checkpoint.load_checkpoint(tmp_path / "none.pth", make_config(method=method))

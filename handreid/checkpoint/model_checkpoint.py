@@ -1,0 +1,189 @@
+"""The checkpoint format: what a finished training run hands to evaluation, search and export.
+
+One torch file (format "clip-handid", version 2): the full CLIP state_dict, every extra module
+of the method by name with the spec that rebuilds it (make_model.build_module), the retrieval
+feature, the resolved config, the identity names, the epoch and the selection record.
+First-release Stage-1 files are converted on load (legacy_formats.py). Written atomically.
+"""
+from pathlib import Path
+
+import torch
+
+from handreid.checkpoint import legacy
+from handreid.model import backbone
+from handreid.core import registry
+from handreid.core.atomic_files import atomic_write
+from handreid.core.errors import UserError
+
+CHECKPOINT_FORMAT = "clip-handid"
+CHECKPOINT_VERSION = 2
+CHECKPOINT_KEYS = ("method", "config", "backbone", "quick_gelu", "image_size", "embed_dim",
+                   "clip_state_dict", "modules", "module_specs", "feature", "identity_names",
+                   "epoch", "selection")
+
+
+def save_checkpoint(path, model, config, identity_names, epoch, method="stage1",
+                    module_specs=None, selection=None, state=None):
+    """Write a checkpoint atomically (a kill mid-write leaves the old file): the full CLIP
+    state_dict, every extra module's state by name with how to rebuild it (module_specs;
+    default: Stage 1's classifier), the retrieval feature, the resolved config, the identity
+    names, the epoch and the selection record ({"metric", "value", per-signal values}).
+    `state` (a HandIdModel state_dict) replaces the model's current weights, e.g. those
+    of an earlier best epoch."""
+    arch, pretrained = backbone.resolve_backbone(config)
+    state = model.state_dict() if state is None else state
+    if module_specs is None:
+        module_specs = {} if model.classifier is None else {
+            "classifier": backbone.classifier_spec(config["head"], backbone.embed_dim(config),
+                                                     len(identity_names))}
+    obj = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "method": method,
+        "config": dict(config),
+        "backbone": f"{arch}/{pretrained}",
+        "quick_gelu": backbone.quick_gelu(config),
+        "image_size": backbone.image_size(config, arch),
+        "embed_dim": backbone.embed_dim(config),
+        "clip_state_dict": _substate(state, "clip_model."),
+        "modules": {name: _substate(state, f"extras.{name}.") for name in model.extras},
+        "module_specs": module_specs,
+        "feature": dict(model.feature),
+        "identity_names": list(identity_names),
+        "epoch": int(epoch),
+        "selection": selection or {},
+    }
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _substate(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_checkpoint(path, train_command):
+    """The checkpoint at `path` in today's layout (first-release files converted); UserError
+    naming `train_command` (the expected method's) if it is missing, unreadable or foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}; train first: {train_command} "
+                        f"(or set save_path: to an existing checkpoint)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path}: corrupt, truncated or not a torch file "
+                        f"({type(err).__name__}); delete it and train again: "
+                        f"{train_command}") from None
+    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found not in (CHECKPOINT_FORMAT, legacy.CHECKPOINT_V1[0]):
+        raise UserError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (found {found!r}); "
+                        f"point save_path: at a checkpoint written by this project's training")
+    version = (CHECKPOINT_VERSION if found == CHECKPOINT_FORMAT
+               else legacy.CHECKPOINT_V1[1])
+    if ckpt.get("format_version") != version:
+        raise UserError(f"{path} has {found} format version {ckpt.get('format_version')!r}, "
+                        f"this code reads version {version}; retrain with this code: "
+                        f"{train_command}")
+    absent = [key for key in (CHECKPOINT_KEYS if found == CHECKPOINT_FORMAT
+                                else legacy.CHECKPOINT_V1_KEYS)
+              if key not in ckpt]
+    if absent:
+        raise UserError(f"{path} is an incomplete {found} checkpoint (no "
+                        f"{', '.join(absent)}); retrain: {train_command}")
+    return ckpt if found == CHECKPOINT_FORMAT else legacy.checkpoint_from_v1(ckpt)
+
+
+def check_matches_config(path, ckpt, config):
+    """UserError unless the checkpoint fits `config`: method, backbone, dataset, aspect, image
+    size, normalisation, Stage-1 head."""
+    trained, method = ckpt["config"], ckpt["method"]
+    if method not in registry.known():
+        raise UserError(f"{path} was written by the training method {method!r}, which this "
+                        f"code does not know (known: {', '.join(registry.known())}); "
+                        f"evaluate it with the code that trained it")
+    if method != config["method"]:
+        raise UserError(f"{path} was trained by method {method!r} but the config says method: "
+                        f"{config['method']}; set method: {method}, or point save_path: at a "
+                        f"{config['method']} checkpoint "
+                        f"({registry.train_command(config['method'])})")
+    arch, pretrained = backbone.resolve_backbone(config)
+    if ckpt["backbone"].split("/", 1)[0] != arch or \
+            ckpt["quick_gelu"] != backbone.quick_gelu(config):
+        raise UserError(f"{path} holds a {ckpt['backbone']} model (model: {trained['model']}) "
+                        f"but the config says model: {config['model']} ({arch}/{pretrained}); "
+                        f"set model: {trained['model']} or point save_path: at a matching "
+                        f"checkpoint")
+    for key in ("dataset", "aspect") if config["dataset"] == "11k" else ("dataset",):
+        if trained.get(key) != config[key]:
+            raise UserError(f"{path} was trained on {key} {trained.get(key)!r} but the config "
+                            f"says {key}: {config[key]}; point save_path: at the checkpoint "
+                            f"of {config[key]} or set {key}: {trained.get(key)}")
+    if backbone.image_hw(ckpt["image_size"]) != \
+            backbone.image_hw(backbone.image_size(config, arch)):
+        trained_size = backbone.size_text(ckpt["image_size"])
+        raise UserError(f"{path} was trained at image_size {trained_size} but the config "
+                        f"gives {backbone.size_text(backbone.image_size(config, arch))}; "
+                        f"set image_size: {trained_size}")
+    if trained.get("normalize", "clip") != config["normalize"]:
+        raise UserError(f"{path} was trained with normalize: {trained.get('normalize', 'clip')} "
+                        f"but the config says normalize: {config['normalize']}; set normalize: "
+                        f"{trained.get('normalize', 'clip')}")
+    if method == "stage1" and trained.get("head", "linear") != config["head"]:
+        raise UserError(f"{path} has a {trained.get('head')} head but the config says head: "
+                        f"{config['head']}; set head: {trained.get('head')}")
+
+
+def check_modules(path, ckpt):
+    """Every module the feature or the specs name is there and of a kind this code builds."""
+    specs, states = ckpt["module_specs"], ckpt["modules"]
+    needed = [ckpt["feature"].get("module")] + list(ckpt["feature"].get("modules", []))
+    for name in [n for n in needed if n] + list(specs):
+        if name not in specs or name not in states:
+            raise UserError(f"{path} is a {ckpt['method']} checkpoint without its module "
+                            f"{name!r}; it is incomplete: retrain it "
+                            f"({registry.train_command(ckpt['method'])})")
+    unknown = sorted({spec["kind"] for spec in specs.values()} - set(backbone.MODULE_KINDS))
+    if unknown or ckpt["feature"].get("kind") not in backbone.FEATURE_KINDS:
+        what = f"module kind {unknown[0]!r}" if unknown else \
+            f"feature {ckpt['feature'].get('kind')!r}"
+        raise UserError(f"{path} uses a {what} that this code does not know; evaluate it with "
+                        f"the code that trained it")
+
+
+def load_strict(module, state_dict, path, what, train_command):
+    """Load `state_dict` into `module` strictly; UserError naming what does not fit."""
+    expected = module.state_dict()
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    resized = [k for k in expected.keys() & state_dict.keys()
+               if expected[k].shape != state_dict[k].shape]
+    if missing or unexpected or resized:
+        example = sorted(missing or unexpected or resized)[0]
+        raise UserError(f"{path}: {what} weights do not fit the configured model "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(resized)} "
+                        f"with another shape, e.g. '{example}'); use the config it was "
+                        f"trained with or retrain: {train_command}")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint(path, config, device="cpu", freeze_text=True):
+    """-> (HandIdModel, ckpt) from a checkpoint of any known method, checked against `config`
+    (method, backbone, dataset, aspect, image size, head) and loaded strictly; the model
+    computes the checkpoint's retrieval feature. No weights are downloaded: the architecture
+    is built random-initialised, then overwritten."""
+    command = registry.train_command(config["method"])
+    ckpt = read_checkpoint(path, command)
+    check_matches_config(path, ckpt, config)
+    check_modules(path, ckpt)
+    # The network the checkpoint trained (layer4's stride is the checkpoint's, not the config's).
+    built = {**config, "resnet_last_stride": ckpt["config"].get("resnet_last_stride", 2)}
+    with backbone.weights_follow():
+        clip_model = backbone.create_clip(built)
+    load_strict(clip_model, ckpt["clip_state_dict"], path, "CLIP", command)
+    if freeze_text:
+        backbone.freeze_text_tower(clip_model)
+    extras = {}
+    for name, spec in ckpt["module_specs"].items():
+        extras[name] = backbone.build_module(spec)
+        load_strict(extras[name], ckpt["modules"][name], path, name, command)
+    model = backbone.HandIdModel(clip_model, extras=extras, feature=ckpt["feature"])
+    return model.to(device), ckpt

@@ -1,0 +1,119 @@
+"""Image files given by a user: which files count as images, whether one decodes, and the
+images of a folder, one image or a list file as checked (path, identity) pairs.
+
+The prepare scripts (datasets/split_protocol.py), the loaders and the scripts that run a
+model on one's own images (extract_features.py, search.py, compare.py) share these checks.
+"""
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from handreid.core.errors import UserError
+
+# What the loaders read: formats Pillow decodes without plugins.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Photo formats Pillow does not read by itself: named, not mistaken for a list of paths.
+UNSUPPORTED_SUFFIXES = {".heic": "HEIC", ".heif": "HEIF"}
+WORKERS = min(8, os.cpu_count() or 1)  # threads decoding or hashing files (PIL frees the GIL)
+
+
+def warn_skipped(what, names, shown=5):
+    """One stderr line: how many were skipped, and the first few names."""
+    if names:
+        more = f", ... (+{len(names) - shown} more)" if len(names) > shown else ""
+        print(f"warning: skipped {len(names)} {what}: {', '.join(names[:shown])}{more}",
+              file=sys.stderr)
+
+
+def image_problem(path):
+    """None if the image decodes, else why not. Decoding at 1/8 scale (JPEG draft mode) is cheap
+    and, unlike Image.verify(), catches the truncated files an interrupted download leaves."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except FileNotFoundError:
+        return "missing"
+    except UnidentifiedImageError:
+        return "not an image"
+    except Exception as err:  # PIL raises many types for broken files; any means unusable
+        return f"unreadable: {err}"
+    return None
+
+
+def _images_in_folder(folder, skipped):
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    items = []
+    for path in files:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(f"{path} (not an image: {', '.join(IMAGE_SUFFIXES)})")
+            continue
+        parts = path.relative_to(folder).parts
+        items.append((os.path.abspath(path), parts[0] if len(parts) > 1 else ""))
+    return items
+
+
+def _unsupported(path):
+    """UserError for an image file of a format the loaders do not read."""
+    kind = UNSUPPORTED_SUFFIXES.get(path.suffix.lower(), path.suffix or "no suffix")
+    return UserError(f"{path} is a {kind} file, which this code does not read (it reads "
+                     f"{', '.join(IMAGE_SUFFIXES)}); convert it, e.g. to JPEG or PNG")
+
+
+def _images_in_list(list_file):
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{list_file} is neither an image this code reads "
+                        f"({', '.join(IMAGE_SUFFIXES)}) nor a UTF-8 text file with one image "
+                        f"path a line; give an image, a folder of images or such a list") from None
+    except OSError as err:
+        raise UserError(f"cannot read the image list {list_file} ({err}); give a folder, an "
+                        "image, or a UTF-8 text file with one image path a line") from None
+    items = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        path, _, identity = line.partition("\t")
+        path = Path(path.strip())
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() in UNSUPPORTED_SUFFIXES:
+                raise _unsupported(path)
+            raise UserError(f"{list_file} line {number} ({line.strip()[:60]!r}) is not the path "
+                            f"of an image ({', '.join(IMAGE_SUFFIXES)}): read as a list of image "
+                            f"paths, this file is not one; give an image, a folder of images or "
+                            f"a text file with one image path a line")
+        items.append((os.path.abspath(list_file.parent / path), identity.strip()))
+    return items
+
+
+def list_images(source, what="--images"):
+    """[(absolute path, identity or '')] of a folder, an image file or a list file, sorted as
+    given; the images that do not decode and files that are not images are reported on stderr
+    and left out. Raises UserError when none is left."""
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"{what} {source} does not exist; give an image, a folder of images or "
+                        "a text file listing image paths")
+    skipped = []
+    if source.is_dir():
+        items = _images_in_folder(source, skipped)
+    elif source.suffix.lower() in IMAGE_SUFFIXES:
+        items = [(os.path.abspath(source), "")]
+    elif source.suffix.lower() in UNSUPPORTED_SUFFIXES:
+        raise _unsupported(source)
+    else:
+        items = _images_in_list(source)
+    with ThreadPoolExecutor(WORKERS) as pool:
+        problems = list(pool.map(lambda item: image_problem(item[0]), items))
+    skipped += [f"{path} ({problem})" for (path, _), problem in zip(items, problems) if problem]
+    warn_skipped(f"files of {what}", skipped)
+    items = [item for item, problem in zip(items, problems) if not problem]
+    if not items:
+        raise UserError(f"{what} {source} holds no readable image ({', '.join(IMAGE_SUFFIXES)})"
+                        + ("; see the skipped files above" if skipped else ""))
+    return items

@@ -1,0 +1,86 @@
+"""A model loaded from an eval config, its fingerprint, and image paths -> retrieval features.
+
+Shared by the scripts that use a trained (or the baseline) model outside the protocol:
+extract_features.py, search.py, export_onnx.py, calibrate.py and compare.py. The fingerprint
+changes with anything that changes a feature (weights, feature function, preprocessing, flip):
+features and calibrations made by one model are refused for another by comparing it.
+"""
+import hashlib
+import json
+
+import torch
+
+from handreid.evaluation import protocol
+from handreid.checkpoint import model_checkpoint
+from handreid.model import backbone
+from handreid.data.loaders import eval_loader
+from handreid.core.runtime import resolve_device
+
+
+def load_model(config):
+    """-> (HandIdModel, checkpoint info or None) for the config's variant."""
+    if config["variant"] == "baseline":
+        # Random-initialised backbones (model: tiny, pretrained: none) then give the same
+        # baseline on every run.
+        torch.manual_seed(config["seed"])
+        clip_model, classifier = backbone.build_model(config, num_classes=None)
+        return backbone.HandIdModel(clip_model, classifier), None
+    model, ckpt = model_checkpoint.load_checkpoint(config["save_path"], config)
+    info = {"path": str(config["save_path"]), "method": ckpt["method"], "epoch": ckpt["epoch"],
+            "selection": ckpt["selection"], "val_accuracy": ckpt["selection"].get("val_accuracy"),
+            "feature": ckpt["feature"], "backbone": ckpt["backbone"],
+            "num_train_identities": len(ckpt["identity_names"]), "train_config": ckpt["config"]}
+    return model, info
+
+
+def weights_digest(model):
+    """sha256 of every tensor of the model's state (names, shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def describe_model(config, model, checkpoint):
+    """What makes the features: a JSON-ready dict whose 'fingerprint' changes with anything
+    that changes a feature (weights, feature function, preprocessing, flip)."""
+    spec = backbone.preprocess_spec(config)
+    # The model's own definition (from its checkpoint: embedding, BNNeck output, CLIP-ReID's
+    # concatenation ...), not the config's head, which Stage-2 checkpoints do not use.
+    feature = {"definition": dict(model.feature), "flip": config["flip"],
+               "l2_normalised": True}
+    preprocessing = {"image_size": spec["image_size"], "mean": list(spec["mean"]),
+                     "std": list(spec["std"]),
+                     "resize": "RGB, squash-resized to image_size (a side, or height x "
+                               "width; bicubic)",
+                     "draft_decode": config["cache_images"]}
+    weights = weights_digest(model)
+    fingerprint = hashlib.sha256(json.dumps(
+        [weights, feature, {k: preprocessing[k] for k in ("image_size", "mean", "std")}],
+        sort_keys=True).encode()).hexdigest()
+    return {"name": config["name"], "model": config["model"], "variant": config["variant"],
+            "checkpoint": checkpoint and {k: v for k, v in checkpoint.items()
+                                          if k != "train_config"},
+            "feature": feature, "preprocessing": preprocessing, "weights_sha256": weights,
+            "fingerprint": fingerprint}
+
+
+class Encoder:
+    """A model loaded from an eval config, ready to turn image paths into features."""
+
+    def __init__(self, config):
+        self.config = config
+        self.device = resolve_device(config)
+        model, checkpoint = load_model(config)
+        self.description = describe_model(config, model, checkpoint)  # on CPU, before moving
+        self.model = model.to(self.device)
+
+    def encode(self, paths):
+        """float32 numpy [N, D], L2-normalised, row i = paths[i]: the evaluation's own decode,
+        batching, precision and feature function."""
+        loader = eval_loader(self.config, list(paths))
+        features = protocol.extract_features(self.model, loader, self.device,
+                                               flip=self.config["flip"], amp=self.config["amp"])
+        return features.float().cpu().numpy()

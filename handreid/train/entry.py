@@ -1,0 +1,84 @@
+"""What every train script does after its imports: parse --config/--set/--overwrite, check the
+config for the script's method, load the data, build the method, run the engine, print where
+the files are. A train script is a few lines: train_main(MethodClass, description).
+"""
+import torch.distributed as dist
+
+from handreid.core import registry
+from handreid.data.loaders import get_train_val_loaders
+from handreid.train.checkpointing import read_resume_state
+from handreid.core.config_files import load_config, make_parser
+from handreid.train.engine import Engine
+from handreid.core.errors import ConfigError, check_writable
+from handreid.core.runtime import (check_not_running, configure_backends, init_distributed, is_main_process,
+                     resolve_precision, seed_everything)
+
+
+def training_parser(description, default_config=None):
+    """--config, --set and --overwrite, as every train script takes them."""
+    parser = make_parser(description, default_config)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train from scratch even if save_path holds a finished or "
+                             "unfinished run (its files are replaced as the new run writes)")
+    return parser
+
+
+def check_method(config, name):
+    """ConfigError unless `config` is for the method `name` that a train script trains."""
+    if config["method"] != name:
+        raise ConfigError(f"this script trains method {name} but the config says method: "
+                          f"{config['method']}; set method: {name}, or train it with "
+                          f"{registry.train_command(config['method'], 'its own script')}")
+
+
+def report(summary, is_main):
+    """Rank 0 prints where the run's files are."""
+    if not is_main:
+        return
+    value = summary["best_value"]
+    best = (f"epoch {summary['best_epoch']}" + ("" if value is None else
+                                                 f", {summary['selection']} {value:.4g}"))
+    print(f"checkpoint ({best}): {summary['save_path']}")
+    print(f"log: {summary['log_path']}\nmetrics: {summary['metrics_path']}\n"
+          f"curve: {summary['curve_path']}\nresume state / finished-run record: "
+          f"{summary['resume_path']}")
+
+
+def run_training(method_class, config, overwrite=False):
+    """Data, model, method, engine for `config`; -> (the engine's summary, is rank 0)."""
+    device = init_distributed(config)
+    configure_backends(config, device)
+    try:
+        # Refuse a bad amp, a running or finished run or a mismatched resume state before
+        # loading data.
+        resolve_precision(config["amp"], device)
+        if is_main_process():
+            check_not_running(config["save_path"])
+        read_resume_state(config, overwrite)
+        if is_main_process():
+            for path in (config["save_path"], config["log_path"]):
+                check_writable(path)
+        seed_everything(config["seed"])
+        train_loader, val_loader, num_classes = get_train_val_loaders(config)
+        method = method_class.build(config, list(train_loader.dataset.classes), num_classes)
+        if is_main_process():
+            # Room for one checkpoint now, not at the first save point epochs later.
+            check_writable(config["save_path"], room=sum(
+                t.numel() * t.element_size() for t in method.model.state_dict().values()))
+        engine = Engine(method, train_loader, config, device, val_loader, overwrite=overwrite)
+        summary = engine.train()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing; no rank tears down before it ends
+            dist.destroy_process_group()
+    return summary, engine.is_main
+
+
+def train_main(method_class, description, argv=None, default_config=None):
+    """A train script's main(): the first line of `description` is its --help text."""
+    args = training_parser(description.partition("\n")[0], default_config).parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    check_method(config, method_class.name)
+    method_class.check_config(config)
+    report(*run_training(method_class, config, args.overwrite))
+    return 0
