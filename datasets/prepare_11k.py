@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from handreid.data import split_protocol  # beside this script
-from handreid.core.config_files import ASPECTS
+from handreid.core.schema import ASPECTS
 from handreid.core.errors import run_cli, UserError
 from handreid.data.image_files import warn_skipped
 

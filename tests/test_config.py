@@ -1,7 +1,8 @@
 """Config schema: defaults, validation errors (one line, exit code 2), --set overrides."""
 import pytest
 
-from handreid.core.config_files import dataset_dir, load_config, make_parser, parse_override, SCHEMA
+from handreid.core.config_files import dataset_dir, load_config, make_parser, parse_override
+from handreid.core.schema import SCHEMA
 from handreid.core.errors import ConfigError
 from conftest import ROOT, run_script
 

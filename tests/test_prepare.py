@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from handreid.core.config_files import ASPECTS
+from handreid.core.schema import ASPECTS
 from conftest import run_script
 
 PREPARE = {"11k": "datasets/prepare_11k.py", "hd": "datasets/prepare_hd.py"}

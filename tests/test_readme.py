@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from handreid.core.config_files import SCHEMA, load_config
+from handreid.core.config_files import load_config
+from handreid.core.schema import SCHEMA
 from conftest import ROOT
 
 README = ROOT / "README.md"

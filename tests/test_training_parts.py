@@ -12,7 +12,7 @@ from handreid.checkpoint import legacy
 from handreid.core import registry
 from handreid.train.checkpointing import (Checkpointer, ResumeState, SavePoints, load_resume_state,
                            settings_changed, sum_fingerprint)
-from handreid.core.config_files import SCHEMA
+from handreid.core.schema import SCHEMA
 from handreid.core.errors import ConfigError, UserError
 from handreid.train.method import Phase, phase_of
 from handreid.train.selection import Best, Selection

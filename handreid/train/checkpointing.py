@@ -22,7 +22,7 @@ import torch
 from handreid.checkpoint import model_checkpoint
 from handreid.checkpoint import legacy
 from handreid.core.atomic_files import atomic_write
-from handreid.core.config_files import SCHEMA
+from handreid.core.schema import SCHEMA
 from handreid.core.errors import UserError
 from handreid.core.runtime import check_not_running
 from handreid.train.selection import Best
