@@ -36,7 +36,7 @@ from pathlib import Path
 
 from handreid.evaluation import protocol
 from handreid.evaluation import result_stats
-from handreid.core.config_files import ArgumentParser, load_config
+from handreid.core.config_files import ArgumentParser, config_text, load_config, resolve_config
 from handreid.core.errors import check_writable, ConfigError, run_cli, UserError
 from handreid.core.atomic_files import atomic_write_text
 from handreid.train.checkpointing import needs_training
@@ -72,6 +72,9 @@ def parse_args(argv):
                              "save_path, log and results: <stem>_seed<N>); overrides seeds:")
     parser.add_argument("--out", default="logs/results/summary",
                         help="summary table path without suffix (default: %(default)s)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print each config resolved, each key with the file or --set it "
+                             "came from, and stop")
     return parser.parse_args(argv)
 
 
@@ -279,6 +282,10 @@ def csv_table(rows):
 def main(argv=None):
     args = parse_args(argv)
     load_config(None, args.overrides)  # a bad --set is one error, not one per config
+    if args.print_config:
+        for config_path in find_configs(args.configs):
+            print(f"# {config_path}\n{config_text(*resolve_config(config_path, args.overrides))}")
+        return
     check_writable(Path(args.out).with_suffix(".md"))  # before the first evaluation
     rows, failures, store = [], [], protocol.FeatureStore()
     for config_path in find_configs(args.configs):

@@ -16,7 +16,7 @@ for. compare.py and search.py read it and refuse it for any other model.
 """
 from handreid.evaluation import protocol
 from handreid.casework import likelihood_ratio
-from handreid.core.config_files import load_config, make_parser
+from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli, UserError
 from handreid.evaluation.encoder import Encoder
 
@@ -26,7 +26,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing calibration file")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     path = likelihood_ratio.calibration_path(config)
     if path.exists() and not args.overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it")

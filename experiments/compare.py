@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core.config_files import load_config, make_parser
+from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli, UserError
 import numpy as np
 from handreid.casework import likelihood_ratio
@@ -57,7 +57,7 @@ def main(argv=None):
     parser.add_argument("--no-lr", action="store_true",
                         help="print the score and the EER threshold only (no calibration)")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     check_image(args.image_a, "IMAGE_A")
     check_image(args.image_b, "IMAGE_B")
     encoder = Encoder(config)

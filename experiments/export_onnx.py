@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core.config_files import load_config, make_parser
+from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import check_writable, run_cli, UserError
 from handreid.core.atomic_files import atomic_write, refuse_to_replace
 import torch
@@ -100,7 +100,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.out.suffix != ".onnx":
         parser.error(f"--out {args.out} must end in .onnx")
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     refuse_to_replace(args.out, args.overwrite)
     check_writable(args.out)  # before the model is exported
     spec = preprocess_spec(config)

@@ -17,7 +17,7 @@ mixed precision by `amp`), so they equal the evaluation's features of the same i
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core.config_files import load_config, make_parser
+from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import check_writable, run_cli
 from handreid.core.atomic_files import refuse_to_replace
 from handreid.evaluation.encoder import Encoder
@@ -35,7 +35,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.out.suffix != ".npz":
         parser.error(f"--out {args.out} must end in .npz")
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     refuse_to_replace(args.out, args.overwrite)
     check_writable(args.out)  # before any image is encoded
     items = list_images(args.images)

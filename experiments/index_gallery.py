@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core.config_files import load_config, make_parser
+from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli, UserError
 from handreid.search import gallery_index
 from handreid.evaluation.encoder import Encoder
@@ -81,7 +81,7 @@ def main(argv=None):
                              f"measured against (default: {DEFAULT_CHUNK_SIZE})")
     args = parser.parse_args(argv)
     check_chunk_size(args.chunk_size)
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     index = None
     if args.index.exists() and not args.rebuild:
         index = gallery_index.load_index(args.index)

@@ -22,14 +22,14 @@ Outputs in `results_dir`:
                                 of the calibrated likelihood ratios.
 """
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core.config_files import load_config, make_parser
+from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli
 from handreid.evaluation.evaluate import evaluate_config
 
 
 def main(argv=None):
     args = make_parser(__doc__.splitlines()[0]).parse_args(argv)
-    evaluate_config(load_config(args.config, args.overrides))
+    evaluate_config(config_from_args(args))
 
 
 if __name__ == "__main__":

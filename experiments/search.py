@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core.config_files import load_config, make_parser
+from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import check_writable, run_cli, UserError
 from handreid.core.atomic_files import atomic_write, atomic_write_text, keep_previous
 import numpy as np
@@ -181,7 +181,7 @@ def main(argv=None):
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
     check_chunk_size(args.chunk_size)
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     out = args.out or Path(config["results_dir"]) / "search"
     check_writable(out / "search.csv")  # before any image is encoded
     if args.gallery and not args.gallery.exists():

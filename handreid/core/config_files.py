@@ -6,6 +6,7 @@ schema.SCHEMA; docs/config.md documents them. A bad key, type or value raises Co
 (exit code 2).
 """
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -63,28 +64,77 @@ def _read_yaml(path):
     return data
 
 
-def load_config(path=None, overrides=()):
-    """Defaults <- YAML file <- `key=value` overrides; validated, derived paths filled in."""
+def read_chain(path):
+    """[(file, its keys)] of a config file and the files it inherits from through `base:` (a
+    path relative to the file that names it), the farthest base first."""
+    chain, path = [], Path(path)
+    while True:
+        data = _read_yaml(path)
+        chain.insert(0, (path, data))
+        base = data.pop("base", None)
+        if base is None:
+            return chain
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: 'base' must be the path of another config file, "
+                              f"relative to {path.name}")
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base file not found: {base_path} (base: is a path "
+                              f"relative to the folder of {path.name})")
+        seen = [file.resolve() for file, _ in chain]
+        if base_path.resolve() in seen:
+            loop = [str(file) for file, _ in reversed(chain)] + [str(base_path)]
+            raise ConfigError(f"{path}: the base: chain is a loop ({' -> '.join(loop)}); "
+                              "remove one of these base: lines")
+        path = base_path
+
+
+def resolve_config(path=None, overrides=()):
+    """(config, origins): defaults <- the base: chain of the YAML file, farthest first <- the
+    file <- `key=value` overrides, validated, derived paths filled in; origins names, per key,
+    the file or `--set` its value came from ("default" or "derived" otherwise)."""
     config = {key: spec["default"] for key, spec in SCHEMA.items()}
-    sources = []
-    if path is not None:
-        sources.append((str(path), _read_yaml(path).items()))
-    sources.append(("--set", [parse_override(o) if isinstance(o, str) else o for o in overrides]))
+    origins = dict.fromkeys(config, "default")
+    chain = read_chain(path) if path is not None else []
+    set_items = [parse_override(o) if isinstance(o, str) else o for o in overrides]
+    sources = [(str(file), data.items()) for file, data in chain] + [("--set", set_items)]
     for where, items in sources:
         for key, value in items:
             if key not in SCHEMA:
                 raise ConfigError(f"{where}: unknown key '{key}'{suggest(key)}")
             config[key] = check_value(key, value, where)
-    _rename_overridden_run(config, dict(sources[0][1]) if path is not None else {},
-                           {key for key, _ in sources[-1][1]})
-    if config["name"] is None:
-        config["name"] = Path(path).stem if path is not None else "experiment"
-    if config["data_dir"] is None:
-        config["data_dir"] = DEFAULT_DATA_DIRS[config["dataset"]]
-    if config["save_path"] is None:
-        config["save_path"] = f"saved_models/{config['name']}.pth"
-    if config["log_path"] is None:
-        config["log_path"] = f"logs/{config['name']}.log"
+            origins[key] = where
+    from_files = {key: value for _, data in chain for key, value in data.items()}
+    _rename_overridden_run(config, from_files, {key for key, _ in set_items})
+    derived = {"name": lambda: Path(path).stem if path is not None else "experiment",
+               "data_dir": lambda: DEFAULT_DATA_DIRS[config["dataset"]],
+               "save_path": lambda: f"saved_models/{config['name']}.pth",
+               "log_path": lambda: f"logs/{config['name']}.log"}
+    for key, value in derived.items():
+        if config[key] is None:
+            config[key], origins[key] = value(), "derived"
+    return config, origins
+
+
+def load_config(path=None, overrides=()):
+    """The resolved config of a YAML file (and its bases) with `key=value` overrides."""
+    return resolve_config(path, overrides)[0]
+
+
+def config_text(config, origins):
+    """The resolved config as YAML, each key with the file or --set it came from."""
+    width = max(map(len, config))
+    return "\n".join(f"{key + ':':<{width + 1}} {json.dumps(value)}  # {origins[key]}"
+                      for key, value in config.items())
+
+
+def config_from_args(args):
+    """The config of a parsed command line (--config, --set); with --print-config it prints
+    the resolved config with each key's origin and the script stops there (exit code 0)."""
+    config, origins = resolve_config(args.config, args.overrides)
+    if getattr(args, "print_config", False):
+        print(config_text(config, origins))
+        raise SystemExit(0)
     return config
 
 
@@ -136,11 +186,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def make_parser(description, default_config=None):
-    """An argument parser with --config and repeatable --set key=value."""
+    """An argument parser with --config, repeatable --set key=value and --print-config (read
+the result with config_from_args)."""
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, required=default_config is None,
                         help="YAML config file" + (f" (default: {default_config})"
                                                    if default_config else ""))
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key; repeatable")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config, each key with the file or --set it "
+                             "came from, and stop")
     return parser

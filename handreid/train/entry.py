@@ -7,7 +7,7 @@ import torch.distributed as dist
 from handreid.core import registry
 from handreid.data.loaders import get_train_val_loaders
 from handreid.train.checkpointing import read_resume_state
-from handreid.core.config_files import load_config, make_parser
+from handreid.core.config_files import config_from_args, make_parser
 from handreid.train.engine import Engine
 from handreid.core.errors import ConfigError, check_writable
 from handreid.core.runtime import (check_not_running, configure_backends, init_distributed, is_main_process,
@@ -77,7 +77,7 @@ def run_training(method_class, config, overwrite=False):
 def train_main(method_class, description, argv=None, default_config=None):
     """A train script's main(): the first line of `description` is its --help text."""
     args = training_parser(description.partition("\n")[0], default_config).parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     check_method(config, method_class.name)
     method_class.check_config(config)
     report(*run_training(method_class, config, args.overwrite))
