@@ -17,7 +17,7 @@ from handreid.train.method import Phase, decay_groups, lr_factor
 from handreid.train.run_log import metrics_path
 from handreid.methods.stage1 import FinetuneTrainerStage1
 from handreid.methods.clipreid import ClipReid
-from test_trainer import build
+from conftest import build
 
 CONFIGS = "configs/finetuning_stage2_clipreid/"
 
@@ -229,15 +229,14 @@ def test_intermediate_layer_out_of_range_is_a_config_error(make_config, tmp_path
         main(["--config", write_config(config, tmp_path / "c.yml")])
 
 
-def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config, tmp_path):
-    from test_evaluation import save_tiny_checkpoint
-
+def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config, tmp_path,
+                                                                    tiny_checkpoint):
     assert backbone.preprocess_spec(make_config())["mean"] == pytest.approx(
         (0.48145466, 0.4578275, 0.40821073))
     assert backbone.preprocess_spec(make_config(normalize="half"))["std"] == (0.5, 0.5, 0.5)
     assert backbone.preprocess_spec(make_config(normalize="imagenet"))["mean"] == (
         0.485, 0.456, 0.406)
-    save_tiny_checkpoint(make_config(), tmp_path / "m.pth")
+    tiny_checkpoint(make_config(), tmp_path / "m.pth")
     with pytest.raises(backbone.UserError, match="trained with normalize: clip"):
         model_checkpoint.load_checkpoint(tmp_path / "m.pth", make_config(normalize="half"))
 
