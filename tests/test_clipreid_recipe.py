@@ -203,8 +203,14 @@ def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make
     with torch.no_grad():
         outputs = method.forward(method.model, images)
         pre, proj, *_, (inner,) = outputs
-        # The class token after block 1 of 2, before ln_post, as CLIP-ReID's x11[:, 0].
-        tokens = visual.transformer.resblocks[0](visual._embeds(images))
+        # The class token after block 1 of 2, before ln_post, as CLIP-ReID's x11[:, 0]: the
+        # tokens block 1 puts out when the ViT itself encodes the images.
+        block_outputs = []
+        hook = visual.transformer.resblocks[0].register_forward_hook(
+            lambda block, inputs, output: block_outputs.append(output))
+        visual(images)
+        hook.remove()
+        (tokens,) = block_outputs
         assert torch.allclose(inner, tokens[:, 0], atol=1e-5)
         two = backbone.encode_image_pair(visual, images)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(two, (pre, proj)))
