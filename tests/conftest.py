@@ -1,5 +1,10 @@
-"""Shared fixtures: a small synthetic raw 11k / HD dataset made by the project's own script,
-prepared by the project's own prepare scripts, and configs pointing at them."""
+"""Shared fixtures and helpers: a small synthetic raw 11k / HD dataset made by the project's own
+script, prepared by the project's own prepare scripts, configs pointing at them, a tiny
+checkpoint, and what tests of training runs compare.
+
+torch and the package's torch modules are imported inside the fixtures and helpers that use
+them: the tests that only read the source run without torch (test_import_graph.py)."""
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from handreid.core.config_files import load_config
@@ -99,10 +103,91 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture
 def one_thread():
     """This test's torch ops on one thread (bit-identical comparisons between runs)."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_checkpoint():
+    """tiny_checkpoint(config, path, **changes): save a tiny model trained on `config` (with
+    `changes`) at `path`, as if training had stopped at epoch 4 with val accuracy 0.625."""
+    import torch
+
+    from handreid.checkpoint import model_checkpoint
+    from handreid.data.loaders import list_split
+    from handreid.model import backbone
+
+    def save(config, path, **changes):
+        config = dict(config, **changes)
+        names = sorted({name for _, name in list_split(config, "train")})
+        torch.manual_seed(1)
+        clip_model, classifier = backbone.build_model(config, num_classes=len(names))
+        model_checkpoint.save_checkpoint(
+            path, backbone.HandIdModel(clip_model, classifier), config, names, epoch=4,
+            selection={"metric": "val_accuracy", "value": 0.625, "val_accuracy": 0.625})
+    return save
+
+
+def build(config):
+    """(clip_model, classifier, train_loader, val_loader) of a Stage-1 run, as the entry
+    script builds them."""
+    from handreid.core.runtime import seed_everything
+    from handreid.data.loaders import get_train_val_loaders
+    from handreid.model import backbone
+
+    seed_everything(config["seed"])
+    train_loader, val_loader, num_classes = get_train_val_loaders(config)
+    clip_model, classifier = backbone.build_model(config, num_classes)
+    return clip_model, classifier, train_loader, val_loader
+
+
+def clone(state):
+    """A detached copy of a state dict (the model's state at this moment)."""
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def changed(before, after, prefix):
+    """The keys under `prefix` whose tensors differ between two state dicts; asserts the prefix
+    names some key (a typo would make "nothing changed" pass)."""
+    import torch
+
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return {k for k in keys if not torch.equal(before[k], after[k])}
+
+
+def learned(config):
+    """What must be identical between two runs of `config` (timings are not): per epoch of its
+    metrics file, (epoch, phase, train loss, val loss, lr)."""
+    from handreid.train.run_log import metrics_path
+
+    rows = [json.loads(line) for line in metrics_path(config).read_text().splitlines()]
+    return [(r["epoch"], r["phase"], r["train_loss"], r["val_loss"], r["lr"]) for r in rows]
+
+
+def metric_lines(config):
+    """Epochs written to `config`'s metrics file so far (0 before the first)."""
+    from handreid.train.run_log import metrics_path
+
+    path = metrics_path(config)
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def write_experiment(folder, data_dir):
+    """In `folder`: a fine-tuned eval config of the tiny model with its train config, and a
+    baseline eval config (run_all's input)."""
+    common = f"model: tiny\ndata_dir: {data_dir}\nnum_workers: 0\nplots: false\n"
+    save = f"save_path: {folder / 'tiny.pth'}\n"
+    (folder / "eval_tiny.yml").write_text(f"name: tiny\nvariant: finetuned\n{common}{save}")
+    (folder / "train_tiny.yml").write_text(
+        f"name: tiny\n{common}{save}log_path: {folder / 'logs/train.log'}\nbatch_size: 16\n"
+        f"lr: 1.0e-3\nhead_lr_mult: 1.0\nwarmup_epochs: 0\n")
+    (folder / "eval_baseline_tiny.yml").write_text(f"name: baseline_tiny\nvariant: baseline\n"
+                                                   f"{common}")
 
 
 def run_torchrun(script, config_file, processes=2):

@@ -17,7 +17,8 @@ from handreid.data.loaders import get_train_val_loaders
 from handreid.core.config_files import load_config
 from handreid.core.errors import ConfigError, UserError
 from handreid.evaluation.evaluate import evaluate_config
-from conftest import ROOT, kill_when, run_script, run_torchrun, write_config
+from conftest import (ROOT, changed, clone, kill_when, learned, metric_lines, run_script,
+                      run_torchrun, write_config)
 from handreid.train.engine import Engine
 from handreid.train.method import lr_factor
 from handreid.train.run_log import metrics_path
@@ -25,8 +26,6 @@ from handreid.train.checkpointing import resume_path
 from handreid.methods.clip_handid import ClipHandId
 from handreid.train.entry import train_main
 from handreid.core.runtime import seed_everything
-from test_evaluation import save_tiny_checkpoint
-from test_stage2 import changed, clone, learned, metric_lines
 
 
 def main(argv):
@@ -163,13 +162,14 @@ def test_shipped_configs_name_their_outputs(path):
             "learned", 42, 0.0)
 
 
-def test_run_all_trains_it_and_tables_all_four_methods(make_config, tmp_path, capsys):
+def test_run_all_trains_it_and_tables_all_four_methods(make_config, tmp_path, capsys,
+                                                       tiny_checkpoint):
     common = f"model: tiny\ndata_dir: {make_config()['data_dir']}\nnum_workers: 0\nplots: false\n"
     (tmp_path / "eval_baseline.yml").write_text(f"name: baseline\nvariant: baseline\n{common}")
     for name, method in (("one", "stage1"), ("two", "clipreid"), ("three", "clip_handid")):
         save = f"save_path: {tmp_path / name}.pth\nmethod: {method}\n"
         (tmp_path / f"eval_{name}.yml").write_text(f"name: {name}\n{common}{save}")
-    save_tiny_checkpoint(make_config(), tmp_path / "one.pth")  # Stage 1: already trained
+    tiny_checkpoint(make_config(), tmp_path / "one.pth")  # Stage 1: already trained
     stage2 = make_config(method="clipreid", prompt_epochs=1, epochs=1, batch_size=16,
                          sampler="pk", name="two", save_path=str(tmp_path / "two.pth"))
     write_config(stage2, tmp_path / "train_two.yml")

@@ -17,7 +17,7 @@ from handreid.train.method import Phase, decay_groups, lr_factor
 from handreid.train.run_log import metrics_path
 from handreid.methods.stage1 import FinetuneTrainerStage1
 from handreid.methods.clipreid import ClipReid
-from test_trainer import build
+from conftest import build
 
 CONFIGS = "configs/finetuning_stage2_clipreid/"
 
@@ -203,8 +203,14 @@ def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make
     with torch.no_grad():
         outputs = method.forward(method.model, images)
         pre, proj, *_, (inner,) = outputs
-        # The class token after block 1 of 2, before ln_post, as CLIP-ReID's x11[:, 0].
-        tokens = visual.transformer.resblocks[0](visual._embeds(images))
+        # The class token after block 1 of 2, before ln_post, as CLIP-ReID's x11[:, 0]: the
+        # tokens block 1 puts out when the ViT itself encodes the images.
+        block_outputs = []
+        hook = visual.transformer.resblocks[0].register_forward_hook(
+            lambda block, inputs, output: block_outputs.append(output))
+        visual(images)
+        hook.remove()
+        (tokens,) = block_outputs
         assert torch.allclose(inner, tokens[:, 0], atol=1e-5)
         two = backbone.encode_image_pair(visual, images)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(two, (pre, proj)))
@@ -229,15 +235,14 @@ def test_intermediate_layer_out_of_range_is_a_config_error(make_config, tmp_path
         main(["--config", write_config(config, tmp_path / "c.yml")])
 
 
-def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config, tmp_path):
-    from test_evaluation import save_tiny_checkpoint
-
+def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config, tmp_path,
+                                                                    tiny_checkpoint):
     assert backbone.preprocess_spec(make_config())["mean"] == pytest.approx(
         (0.48145466, 0.4578275, 0.40821073))
     assert backbone.preprocess_spec(make_config(normalize="half"))["std"] == (0.5, 0.5, 0.5)
     assert backbone.preprocess_spec(make_config(normalize="imagenet"))["mean"] == (
         0.485, 0.456, 0.406)
-    save_tiny_checkpoint(make_config(), tmp_path / "m.pth")
+    tiny_checkpoint(make_config(), tmp_path / "m.pth")
     with pytest.raises(backbone.UserError, match="trained with normalize: clip"):
         model_checkpoint.load_checkpoint(tmp_path / "m.pth", make_config(normalize="half"))
 

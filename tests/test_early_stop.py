@@ -20,7 +20,7 @@ from handreid.train.run_log import metrics_path
 from handreid.train.checkpointing import resume_path
 from handreid.methods.stage1 import Stage1
 from handreid.train.entry import train_main
-from test_engine import HeadThenAll, toy_engine
+from toy_method import HeadThenAll, toy_engine
 
 
 def main(argv):

@@ -19,72 +19,20 @@ from handreid.model import backbone
 from handreid.data.loaders import IdentityBatchSampler, get_train_val_loaders, set_loader_epoch
 from handreid.core.errors import ConfigError, UserError
 from handreid.core.atomic_files import atomic_write
-from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_script, write_config
+from conftest import ONE_THREAD, ROOT, run_script, write_config
 from handreid.train.engine import Engine
-from handreid.train.method import Method, Phase
 from handreid.train.run_log import metrics_path
 from handreid.train.checkpointing import resume_path
 from handreid.model.losses import batch_hard_triplet
 from handreid.core.runtime import check_not_running, run_lock, seed_everything
+from toy_method import HeadThenAll, toy_engine
 
 TRAIN = "experiments/train_stage1_frozen_text.py"
 EVAL = "experiments/run_eval_clip.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---------------------------------------------------------------- a method in a few lines
-
-class HeadThenAll(Method):
-    """A toy method: phase 1 trains only a BNNeck head, phase 2 the image encoder too, with
-    cross-entropy + batch-hard triplet over pk batches; retrieval uses the BN feature."""
-    name = "toy_head_then_all"
-
-    def __init__(self, config, identity_names):
-        super().__init__(config, identity_names)
-        clip_model, _ = backbone.build_model(config)
-        self.spec = {"kind": "bnneck", "dim": backbone.embed_dim(config),
-                     "num_classes": len(identity_names)}
-        self.model = backbone.HandIdModel(clip_model, extras={"neck": backbone.build_module(
-            self.spec)}, feature={"kind": "bn", "module": "neck"})
-
-    def phases(self):
-        return [Phase("head", 1, selects=False), Phase.from_config(self.config, "all")]
-
-    def module_specs(self):
-        return {"neck": self.spec}
-
-    def start_phase(self, phase, train_loader, device):
-        super().start_phase(phase, train_loader, device)
-        if phase.name == "head":
-            self.model.clip_model.visual.requires_grad_(False)
-        return train_loader
-
-    def param_groups(self, phase):
-        return [{"name": "trained", "lr": self.config["lr"], "weight_decay": 0.0,
-                 "params": [p for p in self.model.parameters() if p.requires_grad]}]
-
-    def forward(self, model, images):
-        embedding = model.clip_model.encode_image(images)
-        neck = model.extras["neck"]
-        return neck.fc(neck.bn(embedding)), embedding
-
-    def loss(self, phase, outputs, labels):
-        logits, embedding = outputs
-        return {"ce": F.cross_entropy(logits, labels),
-                **self.triplet_term(embedding, labels)}, logits
-
-    def classify(self, model, images):
-        return self.forward(model, images)[0]
-
-
-def toy_engine(config, stop_at=None):
-    seed_everything(config["seed"])
-    train_loader, val_loader, _ = get_train_val_loaders(config)
-    method = HeadThenAll(config, train_loader.dataset.classes)
-    if stop_at:
-        train_loader = InterruptedLoader(train_loader, stop_at)
-    return Engine(method, train_loader, config, "cpu", val_loader)
-
+# ---------------------------------------------------------------- a new method (toy_method.py)
 
 @pytest.mark.parametrize("stop_at", [2, 3], ids=["at-the-phase-boundary", "inside-phase-2"])
 def test_a_new_method_trains_resumes_exactly_and_evaluates(make_config, tmp_path, stop_at):

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from handreid.evaluation import protocol
-from handreid.checkpoint import model_checkpoint
 from handreid.model import backbone
 from handreid.data.loaders import eval_loader, list_split
 from handreid.core.config_files import load_config
@@ -192,17 +191,6 @@ def eval_config(make_config, tmp_path):
     return path, config
 
 
-def save_tiny_checkpoint(config, path, **changes):
-    config = dict(config, **changes)
-    names = sorted({name for _, name in list_split(config, "train")})
-    torch.manual_seed(1)
-    clip_model, classifier = backbone.build_model(config, num_classes=len(names))
-    model_checkpoint.save_checkpoint(path, backbone.HandIdModel(clip_model, classifier), config,
-                               names, epoch=4, selection={"metric": "val_accuracy",
-                                                          "value": 0.625,
-                                                          "val_accuracy": 0.625})
-
-
 def test_baseline_run_writes_results_and_keeps_earlier_ones(eval_config, tmp_path):
     from experiments import run_eval_clip
 
@@ -279,9 +267,9 @@ def test_open_set_and_reranked_run(eval_config, tmp_path, capsys):
         protocol.check_data(load_config(path, [("rerank", True), ("rerank_lambda", 1.5)]))
 
 
-def test_finetuned_run_loads_the_checkpoint(eval_config, tmp_path):
+def test_finetuned_run_loads_the_checkpoint(eval_config, tmp_path, tiny_checkpoint):
     path, config = eval_config
-    save_tiny_checkpoint(config, config["save_path"])
+    tiny_checkpoint(config, config["save_path"])
     proc = run_script(EVAL_SCRIPT, *eval_args(path, tmp_path, "--set", "plots=false"))
     assert "rank-1" in proc.stdout and "mean ± std over 2 splits" in proc.stdout
     result = json.loads((tmp_path / "results/tiny_eval_finetuned.json").read_text())
@@ -303,9 +291,10 @@ def test_missing_checkpoint_is_a_one_line_error(eval_config, tmp_path):
     ({"aspect": "dorsal_l"}, "was trained on aspect 'dorsal_l'"),
     ({"head": "bnneck"}, "has a bnneck head"),
 ])
-def test_mismatched_checkpoint_is_refused(eval_config, tmp_path, changes, message):
+def test_mismatched_checkpoint_is_refused(eval_config, tmp_path, tiny_checkpoint, changes,
+                                         message):
     path, config = eval_config
-    save_tiny_checkpoint(config, config["save_path"], **changes)
+    tiny_checkpoint(config, config["save_path"], **changes)
     with pytest.raises(UserError, match=message):
         evaluate_config(load_config(path, [("results_dir", str(tmp_path))]))
 

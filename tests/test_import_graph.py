@@ -6,10 +6,14 @@
 - no entry script (experiments/, datasets/, benchmarks/ scripts, run_all) and no front module
   of the documents (build_dataloader, make_model, finetune_trainer_stage1) is imported by the
   package; the fronts only re-export the package;
-- every folder of the package has a rank: a new folder has to be placed here.
+- every folder of the package has a rank: a new folder has to be placed here;
+- the test suite's own hygiene: no test module imports another, no test reaches a private
+  attribute, and the tests that only read the source (like this file) run without torch.
 """
 import ast
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +191,94 @@ def test_tests_take_only_main_from_an_entry_script():
                   and node.attr != "main"]
     assert not wrong, ("tests call an entry script through its main() only; import library "
                        "code from its module:\n" + "\n".join(wrong))
+
+
+# ---------------------------------------------------------------- the test suite itself
+
+TESTS = ROOT / "tests"
+# Test files that only read the source: they must run where torch is not installed.
+SOURCE_ONLY_TESTS = ("tests/test_import_graph.py",)
+# The heavy modules a source-only test must not need.
+HEAVY_MODULES = ("torch", "torchvision", "open_clip")
+# Private names of the standard library a test may need, each for a reason no public name
+# serves. ast cannot tell whose object `x._name` is, so every other private name is refused.
+ALLOWED_PRIVATE = {
+    "os._exit": "ends a process at once, skipping cleanup: how a test fakes a crash",
+    "sys._getframe": "the caller's frame, which inspect builds on",
+}
+
+
+def is_private(name):
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_test_module_imports_another():
+    modules = {p.stem for p in TESTS.glob("test_*.py")}
+    found = []
+    for path in sorted(TESTS.glob("*.py")):
+        for dotted, names, line in imported_names(ast.parse(path.read_text(), str(path))):
+            parts = dotted.split(".")
+            named = parts[1:2] if parts[0] == "tests" else parts[:1]
+            if set(named) & modules or (dotted == "tests" and set(names or []) & modules):
+                found.append(f"{path.name}:{line} imports {dotted}")
+    assert not found, ("a test module imports no other test module; move what tests share "
+                       "into tests/conftest.py (a fixture or a helper):\n" + "\n".join(found))
+
+
+def private_uses(tree):
+    """[(line, what)] of the private names `tree` reaches: attributes (x._name), names
+    imported from a module, and names given as strings to getattr/setattr/delattr/hasattr
+    or to monkeypatch.setattr/delattr ("module._name" or obj, "_name")."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and is_private(node.attr):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.ImportFrom):
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names
+                      if is_private(alias.name)]
+        elif isinstance(node, ast.Call):
+            function = node.func
+            name = function.id if isinstance(function, ast.Name) else getattr(function, "attr",
+                                                                              None)
+            if name in ("getattr", "setattr", "delattr", "hasattr"):
+                found += [(node.lineno, ast.unparse(node)) for argument in node.args
+                          if isinstance(argument, ast.Constant) and isinstance(argument.value, str)
+                          and is_private(argument.value.rsplit(".", 1)[-1])]
+    return sorted(found)
+
+
+def test_no_test_reaches_a_private_attribute():
+    found = [f"{path.name}:{line} {what}" for path in sorted(TESTS.glob("*.py"))
+             for line, what in private_uses(ast.parse(path.read_text(), str(path)))
+             if what not in ALLOWED_PRIVATE]
+    assert not found, ("tests use public names only (a private name may change with any "
+                       "release); go through the public API:\n" + "\n".join(found))
+
+
+def test_private_uses_finds_each_kind_of_access():
+    # The check above passes on a clean suite; this shows it would see each kind of access.
+    source = ("import os\nfrom handreid.train import _x\nm._buffers.pop('a')\n"
+              "monkeypatch.setattr(engine, '_step', f)\nmonkeypatch.setattr('a.b._c', f)\n"
+              "getattr(v, '_embeds')\nos._exit(1)\nm.__class__\ngetattr(v, 'name')\n")
+    assert private_uses(ast.parse(source)) == [
+        (2, "handreid.train._x"), (3, "m._buffers"), (4, "monkeypatch.setattr(engine, '_step', f)"),
+        (5, "monkeypatch.setattr('a.b._c', f)"), (6, "getattr(v, '_embeds')"), (7, "os._exit")]
+
+
+def test_source_only_tests_run_without_torch():
+    """Each heavy module made unimportable (sys.modules[name] = None), pytest runs the
+    source-only test files in a fresh interpreter: conftest.py imports torch only where a
+    fixture or helper needs it."""
+    this_test = f"{Path(__file__).relative_to(ROOT).as_posix()}::" \
+                f"{test_source_only_tests_run_without_torch.__name__}"
+    runner = ("import sys, pytest\n"
+              f"sys.modules.update(dict.fromkeys({HEAVY_MODULES!r}))\n"
+              "sys.exit(pytest.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", runner, *SOURCE_ONLY_TESTS, "-q",
+                           "-p", "no:cacheprovider", "--deselect", this_test],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    tests = sum(1 for path in SOURCE_ONLY_TESTS for node in ast.walk(
+        ast.parse((ROOT / path).read_text())) if isinstance(node, ast.FunctionDef)
+        and node.name.startswith("test_")) - 1
+    assert proc.returncode == 0 and f"{tests} passed" in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-3000:]

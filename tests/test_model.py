@@ -150,7 +150,9 @@ def test_openai_style_torchscript_archive_loads_as_fp32(tmp_path):
     # OpenAI's .pt files are fp16 TorchScript archives with the attention mask as a plain
     # attribute; script the tiny CLIP the same way.
     source = open_clip.create_model("handid_tiny")
-    source.attn_mask = source._buffers.pop("attn_mask")
+    attn_mask = source.attn_mask
+    delattr(source, "attn_mask")  # a buffer no longer, so the next line sets a plain attribute
+    source.attn_mask = attn_mask
     path = tmp_path / "tiny-openai.pt"
     torch.jit.save(torch.jit.script(source.half()), str(path))
     loaded, _ = build_model(cfg(pretrained=str(path)))

@@ -10,11 +10,11 @@ from scipy import stats
 
 from handreid.evaluation import result_stats
 from handreid.core.errors import UserError
-from conftest import run_script
+from conftest import run_script, write_experiment
 from experiments import compare_results
-from test_run_all import SCRIPT, write_experiment
 
 COMPARE = "experiments/compare_results.py"
+RUN_ALL = "run_all_finetuned_stage1.py"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def seeded(prepared_11k, tmp_path_factory):
         if name == "eval":
             text = text.replace("name: tiny\n", "name: tiny_flip\n") + "flip: sum\n"
         (folder / f"{name}_tiny_flip.yml").write_text(text)
-    proc = run_script(SCRIPT, "--configs", folder / "eval_*.yml", "--train", "--seeds", "0",
+    proc = run_script(RUN_ALL, "--configs", folder / "eval_*.yml", "--train", "--seeds", "0",
                       "1", "--set", "num_splits=2", "--set", "epochs=1", "--set",
                       f"results_dir={folder / 'results'}", "--out", folder / "summary")
     with (folder / "summary.csv").open() as handle:

@@ -15,22 +15,9 @@ import run_all_finetuned_stage1
 from handreid.core.config_files import load_config
 from handreid.evaluation.evaluate import evaluate_config
 from handreid.core.runtime import check_not_running
-from conftest import ONE_THREAD, ROOT, run_script, write_config
-from test_evaluation import save_tiny_checkpoint
+from conftest import ONE_THREAD, ROOT, run_script, write_config, write_experiment
 
 SCRIPT = "run_all_finetuned_stage1.py"
-
-
-def write_experiment(folder, data_dir):
-    """A fine-tuned eval config with its train config, and a baseline eval config."""
-    common = f"model: tiny\ndata_dir: {data_dir}\nnum_workers: 0\nplots: false\n"
-    save = f"save_path: {folder / 'tiny.pth'}\n"
-    (folder / "eval_tiny.yml").write_text(f"name: tiny\nvariant: finetuned\n{common}{save}")
-    (folder / "train_tiny.yml").write_text(
-        f"name: tiny\n{common}{save}log_path: {folder / 'logs/train.log'}\nbatch_size: 16\n"
-        f"lr: 1.0e-3\nhead_lr_mult: 1.0\nwarmup_epochs: 0\n")
-    (folder / "eval_baseline_tiny.yml").write_text(f"name: baseline_tiny\nvariant: baseline\n"
-                                                   f"{common}")
 
 
 def test_train_missing_checkpoint_and_continue_past_a_broken_config(prepared_11k, tmp_path):
@@ -61,11 +48,11 @@ def test_train_missing_checkpoint_and_continue_past_a_broken_config(prepared_11k
     assert float(rows[1]["mAP_std"]) == round(finetuned["std"]["mAP"], 4)
 
 
-def test_existing_checkpoint_is_not_retrained(make_config, tmp_path, capsys):
+def test_existing_checkpoint_is_not_retrained(make_config, tmp_path, capsys, tiny_checkpoint):
     """--train leaves an existing checkpoint alone; a clean batch exits 0."""
     config = make_config()
     write_experiment(tmp_path, config["data_dir"])
-    save_tiny_checkpoint(config, tmp_path / "tiny.pth")
+    tiny_checkpoint(config, tmp_path / "tiny.pth")
     before = (tmp_path / "tiny.pth").stat().st_mtime_ns
     code = run_all_finetuned_stage1.main([
         "--configs", str(tmp_path / "eval_tiny.yml"), "--train", "--set", "num_splits=1",
@@ -209,11 +196,12 @@ def test_a_configs_pattern_that_matches_nothing_is_an_error(tmp_path):
     assert not (tmp_path / "s.md").exists()
 
 
-def test_a_fine_tuned_model_that_ranks_as_the_baseline_is_flagged(make_config, tmp_path, capsys):
+def test_a_fine_tuned_model_that_ranks_as_the_baseline_is_flagged(make_config, tmp_path, capsys,
+                                                                  tiny_checkpoint):
     # The "checkpoint" holds the same random-init weights as the seed-1 baseline: every metric
     # is equal, which a real fine-tuning never gives.
     config = make_config(seed=1, num_splits=2, plots=False, results_dir=str(tmp_path / "r"))
-    save_tiny_checkpoint(config, config["save_path"])
+    tiny_checkpoint(config, config["save_path"])
     write_config(config, tmp_path / "eval_tuned.yml")
     write_config({**config, "variant": "baseline"}, tmp_path / "eval_base.yml")
     code = run_all_finetuned_stage1.main(["--configs", str(tmp_path / "eval_*.yml"),

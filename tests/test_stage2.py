@@ -16,7 +16,8 @@ from handreid.model import backbone
 from handreid.data.loaders import get_train_val_loaders
 from handreid.core.config_files import load_config
 from handreid.core.errors import ConfigError, UserError
-from conftest import ROOT, kill_when, run_torchrun, write_config
+from conftest import (ROOT, changed, clone, kill_when, learned, metric_lines, run_torchrun,
+                      write_config)
 from handreid.train.engine import Engine
 from handreid.train.run_log import metrics_path
 from handreid.train.checkpointing import resume_path
@@ -25,7 +26,6 @@ import run_all_finetuned_stage1
 from handreid.methods.clipreid import ClipReid
 from handreid.train.entry import train_main
 from handreid.core.runtime import seed_everything
-from test_evaluation import save_tiny_checkpoint
 
 
 def main(argv):
@@ -113,16 +113,6 @@ class Recording(ClipReid):
         return super().start_phase(phase, train_loader, device)
 
 
-def clone(state):
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-def changed(before, after, prefix):
-    keys = [k for k in before if k.startswith(prefix)]
-    assert keys, prefix
-    return {k for k in keys if not torch.equal(before[k], after[k])}
-
-
 def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make_config,
                                                                              tmp_path):
     config = stage2_config(make_config, tmp_path)
@@ -186,17 +176,6 @@ def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make
                        ckpt["modules"]["prompt_learner"]["context"])
 
 
-def learned(config):
-    """What must be identical between two runs (timings are not)."""
-    rows = [json.loads(line) for line in metrics_path(config).read_text().splitlines()]
-    return [(r["epoch"], r["phase"], r["train_loss"], r["val_loss"], r["lr"]) for r in rows]
-
-
-def metric_lines(config):
-    path = metrics_path(config)
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def test_kill_9_in_each_phase_resumes_bit_identically(make_config, tmp_path):
     # Under the shipped recipe's CLIP-ReID mechanisms (per-epoch lr, bias lr x2, decay on all
     # tensors, classifier init, pixel erasing, the last epoch kept, three triplet features).
@@ -241,13 +220,14 @@ def test_torchrun_with_two_gloo_processes_runs_both_phases(make_config, tmp_path
     assert ckpt["epoch"] == 2 and ckpt["method"] == "clipreid"
 
 
-def test_run_all_trains_stage2_and_tables_all_three_methods(make_config, tmp_path, capsys):
+def test_run_all_trains_stage2_and_tables_all_three_methods(make_config, tmp_path, capsys,
+                                                             tiny_checkpoint):
     common = f"model: tiny\ndata_dir: {make_config()['data_dir']}\nnum_workers: 0\nplots: false\n"
     (tmp_path / "eval_baseline.yml").write_text(f"name: baseline\nvariant: baseline\n{common}")
     for name, method in (("one", "stage1"), ("two", "clipreid")):
         save = f"save_path: {tmp_path / name}.pth\nmethod: {method}\n"
         (tmp_path / f"eval_{name}.yml").write_text(f"name: {name}\n{common}{save}")
-    save_tiny_checkpoint(make_config(), tmp_path / "one.pth")  # Stage 1: already trained
+    tiny_checkpoint(make_config(), tmp_path / "one.pth")  # Stage 1: already trained
     train = stage2_config(make_config, tmp_path, name="two", prompt_epochs=1, epochs=1,
                           save_path=str(tmp_path / "two.pth"))
     write_config(train, tmp_path / "train_two.yml")
@@ -289,8 +269,9 @@ def test_bad_settings_are_one_line_errors(make_config, tmp_path, overrides, mess
         main(["--config", write_config(config, tmp_path / "bad.yml")])
 
 
-def test_prompts_from_a_checkpoint_without_prompts_is_an_error(make_config, tmp_path):
-    save_tiny_checkpoint(make_config(), tmp_path / "s1.pth")
+def test_prompts_from_a_checkpoint_without_prompts_is_an_error(make_config, tmp_path,
+                                                               tiny_checkpoint):
+    tiny_checkpoint(make_config(), tmp_path / "s1.pth")
     config = stage2_config(make_config, tmp_path, prompt_epochs=0,
                            prompt_checkpoint=str(tmp_path / "s1.pth"))
     with pytest.raises(UserError, match=re.escape(

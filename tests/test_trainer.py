@@ -14,18 +14,15 @@ import pytest
 import torch
 
 from handreid.checkpoint import model_checkpoint
-from handreid.model import backbone
-from handreid.data.loaders import get_train_val_loaders
 from handreid.core.config_files import load_config
 from handreid.core.errors import ConfigError, UserError
-from conftest import ONE_THREAD, ROOT, InterruptedLoader, run_torchrun, write_config
+from conftest import ONE_THREAD, ROOT, InterruptedLoader, build, run_torchrun, write_config
 from handreid.methods.stage1 import Stage1
 from handreid.train.entry import train_main
 from handreid.train.method import Phase, lr_factor
 from handreid.train.run_log import metrics_path
 from handreid.train.checkpointing import read_resume_state, resume_path
 from handreid.methods.stage1 import FinetuneTrainerStage1
-from handreid.core.runtime import seed_everything
 
 
 def main(argv):
@@ -38,14 +35,6 @@ METRIC_KEYS = {"epoch", "phase", "train_loss", "loss_ce", "train_acc", "val_acc"
                "val_map", "lr", "images_per_s", "data_time_fraction", "checkpoint_seconds",
                "epoch_time", "best"}
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def build(config):
-    """Loaders, model and trainer as the entry script builds them."""
-    seed_everything(config["seed"])
-    train_loader, val_loader, num_classes = get_train_val_loaders(config)
-    clip_model, classifier = backbone.build_model(config, num_classes)
-    return clip_model, classifier, train_loader, val_loader
 
 
 def metrics(config):
