@@ -26,8 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from PIL import Image
 
-from handreid.data.loaders import (device_augment, eval_loader, get_train_val_loaders,
-                              list_split, set_loader_epoch)
+from handreid.data.device_augment import device_augment
+from handreid.data.loaders import eval_loader, get_train_val_loaders, list_split, set_loader_epoch
 from handreid.core.config_files import load_config
 from handreid.core.atomic_files import atomic_write_text
 from handreid.model.backbone import HandIdModel, build_model, preprocess_spec
