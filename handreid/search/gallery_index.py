@@ -9,7 +9,7 @@ feature definition and the flip rule) and, per file, its size, mtime_ns, inode a
 An update lists the folder and stats every file: a file whose (size, mtime_ns, inode) equals
 the stored one keeps its feature without being read; only the others are hashed (sha256),
 and of those only content not seen before is decoded and encoded (a touched or moved file
-keeps its feature). A file modified within RACY_NS of the scan that recorded it is hashed
+keeps its feature: feature_cache's content rule). A file modified within RACY_NS of the scan that recorded it is hashed
 again at the next update, since a file system's mtime has a coarse tick and a same-size
 rewrite in that tick would look unchanged (git's "racily clean" rule). Removed files leave
 the index; an image that does not decode is named on stderr and skipped (the rest proceeds).
@@ -19,7 +19,6 @@ Search: exact by default; an index built with a faiss structure ("flat": faiss' 
 structure's recall@k against exact search is measured on the index's own features whenever
 it is built, printed and stored.
 """
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import numpy as np
 from handreid.core.atomic_files import atomic_write
 from handreid.data.image_files import IMAGE_SUFFIXES, WORKERS, image_problem
 from handreid.core.errors import UserError
+from handreid.search.feature_cache import file_digests
 from handreid.search.topk import top_k
 
 FORMAT_VERSION = 1
@@ -98,17 +98,8 @@ def scan(folder):
     return items
 
 
-def file_digest(path):
-    """sha256 hex of the file; None if it cannot be read (e.g. removed since the scan)."""
-    try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError:
-        return None
-
-
 def _threaded(function, items):
-    with ThreadPoolExecutor(WORKERS) as pool:  # hashing and decoding release the GIL
+    with ThreadPoolExecutor(WORKERS) as pool:  # decoding releases the GIL
         return list(pool.map(function, items))
 
 
@@ -130,7 +121,7 @@ def update(index, folder, encoder):
         else:
             to_hash.append(n)
     digests = [None if row is None else index.digests[row] for row in same]
-    for n, digest in zip(to_hash, _threaded(file_digest, [items[n][0] for n in to_hash])):
+    for n, digest in zip(to_hash, file_digests([items[n][0] for n in to_hash])):
         digests[n] = digest
         if digest is not None and digest in by_digest:
             same[n] = by_digest[digest]
