@@ -1,7 +1,7 @@
 """Are two hand photos of the same person? The score, where it falls against the EER threshold
 of the model's evaluation, and the calibrated likelihood ratio with its verbal equivalent.
 
-    python experiments/compare.py --config <eval config> IMAGE_A IMAGE_B [--no-lr]
+    python experiments/compare_photos.py --config <eval config> IMAGE_A IMAGE_B [--no-lr]
 
 Prints the cosine score of the two images' retrieval features (the evaluation's own decode,
 feature function and flip rule); the EER threshold (mean over splits) of this model's latest
