@@ -35,6 +35,10 @@ import sys
 import traceback
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 from handreid.evaluation import protocol
 from handreid.evaluation import result_stats
 from handreid.core.config_files import ArgumentParser, config_text, load_config, resolve_config

@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 ROOT = Path(__file__).resolve().parents[1]
-# The device path runs on this CPU's OpenMP threads. On a shared machine, threads that spin
-# while waiting for each other lose most of their time slices (several-fold slower); passive
-# waiting keeps the figure about the data path. Set before torch starts OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from PIL import Image

@@ -16,6 +16,9 @@ import resource
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
 
 import numpy as np
 import torch

@@ -22,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 import numpy as np
 import torch
 

@@ -14,6 +14,11 @@ the log10 LR tabulated over the cosine scores -1..1, the calibrator, its bounds,
 description and size, and the fingerprint of the model, feature and flip rule it was fitted
 for. compare_photos.py and search.py read it and refuse it for any other model.
 """
+
+from handreid.core.startup import start
+
+start()
+
 from handreid.evaluation import protocol
 from handreid.casework import likelihood_ratio
 from handreid.core.config_files import config_from_args, make_parser

@@ -16,7 +16,10 @@ calibrate command (exit 1); --no-lr prints the score and threshold alone (exit 0
 import json
 from pathlib import Path
 
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli, UserError
 import numpy as np

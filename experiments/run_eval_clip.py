@@ -23,7 +23,11 @@ Outputs in `results_dir`:
   <name>_<variant>_lr.png       with likelihood_ratio: true, split 0's Tippett and ECE plots
                                 of the calibrated likelihood ratios.
 """
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli
 from handreid.evaluation.evaluate import evaluate_config

@@ -27,7 +27,10 @@ import io
 import sys
 from pathlib import Path
 
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.casework import likelihood_ratio
 from handreid.core.atomic_files import atomic_write_text, keep_previous
