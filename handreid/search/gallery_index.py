@@ -1,9 +1,9 @@
 """A persistent gallery index: the features of a gallery folder, built once, updated
-incrementally, searched exactly (gallery_search.top_k) or through faiss.
+incrementally, searched exactly (topk.top_k) or through faiss.
 
 The index file (an .npz written atomically) holds the features, the absolute paths, the
 identities (first sub-folder of the gallery folder, '' for images directly in it), the
-description of the model that made them (feature_encoder.describe_model: its fingerprint, the
+description of the model that made them (encoder.describe_model: its fingerprint, the
 feature definition and the flip rule) and, per file, its size, mtime_ns, inode and sha256.
 
 An update lists the folder and stats every file: a file whose (size, mtime_ns, inode) equals
@@ -54,7 +54,7 @@ class GalleryIndex:
     identities: list      # first sub-folder, '' where none
     stats: np.ndarray     # int64 [N, 3]: size, mtime_ns, inode
     digests: list         # sha256 hex of each file
-    description: dict     # feature_encoder.describe_model of the model that made them
+    description: dict     # encoder.describe_model of the model that made them
     gallery: str          # the gallery folder (absolute)
     scanned_ns: int       # time.time_ns() when the scan that recorded the stats began
     faiss: dict = None    # {"kind", settings, "recall": {"k", "queries", "value"}} or None
@@ -62,7 +62,7 @@ class GalleryIndex:
 
     def search(self, query_features, k, chunk_size):
         """-> (scores [queries, k], gallery indices [queries, k]), best first: exact
-        (gallery_search.top_k, ties in gallery order) or through the index's faiss structure
+        (topk.top_k, ties in gallery order) or through the index's faiss structure
         (queries it returns fewer than k results for are searched exactly)."""
         if not self.faiss:
             return top_k(query_features, self.features, k, chunk_size)
@@ -106,7 +106,7 @@ def _threaded(function, items):
 def update(index, folder, encoder):
     """-> (the index of `folder` now, summary dict): features of `index` (None: build anew)
     reused where the file (or its content elsewhere) is unchanged, the rest encoded with
-    `encoder` (a feature_encoder.Encoder of the index's model). Prints what it skipped."""
+    `encoder` (an evaluation.encoder.Encoder of the index's model). Prints what it skipped."""
     scanned_ns = time.time_ns()
     items = scan(folder)
     old = {} if index is None else {p: i for i, p in enumerate(index.paths)}
