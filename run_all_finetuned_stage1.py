@@ -6,8 +6,9 @@
     python run_all_finetuned_stage1.py --set num_splits=2    # an override for every config
     python run_all_finetuned_stage1.py --train --seeds 0 1 2 # one model per training seed
 
-Each config runs through experiments/run_eval_clip.py (in this process; its JSON, CSV row and
-plots land in the config's results_dir). A failing config is reported with a one-line reason
+Each config is evaluated in this process by handreid.evaluation.evaluate.evaluate_config, the
+evaluation experiments/run_eval_clip.py runs (its JSON, CSV row and plots land in the config's
+results_dir). A failing config is reported with a one-line reason
 and the rest still run; the exit code is 1 if any failed. With --train, a fine-tuned eval
 config whose checkpoint is missing first runs its train config (eval_X.yml -> train_X.yml in
 the same folder) in a subprocess, with the same --set overrides, through the train script of its
@@ -33,6 +34,10 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+
+from handreid.core.startup import start
+
+start()
 
 from handreid.evaluation import protocol
 from handreid.evaluation import result_stats

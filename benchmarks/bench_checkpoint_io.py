@@ -25,6 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 ROOT = Path(__file__).resolve().parents[1]
 
 import torch

@@ -17,17 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 ROOT = Path(__file__).resolve().parents[1]
-# The device path runs on this CPU's OpenMP threads. On a shared machine, threads that spin
-# while waiting for each other lose most of their time slices (several-fold slower); passive
-# waiting keeps the figure about the data path. Set before torch starts OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from PIL import Image
 
-from handreid.data.loaders import (device_augment, eval_loader, get_train_val_loaders,
-                              list_split, set_loader_epoch)
+from handreid.data.device_augment import device_augment
+from handreid.data.loaders import eval_loader, get_train_val_loaders, list_split, set_loader_epoch
 from handreid.core.config_files import load_config
 from handreid.core.atomic_files import atomic_write_text
 from handreid.model.backbone import HandIdModel, build_model, preprocess_spec

@@ -9,6 +9,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 ROOT = Path(__file__).resolve().parents[1]
 
 import torch

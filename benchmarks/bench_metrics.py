@@ -1,4 +1,4 @@
-"""Benchmark reid_metrics.compute_reid_metrics against torchreid's python loop on a random
+"""Benchmark metrics.ranking.compute_reid_metrics against torchreid's python loop on a random
 Market-1501-sized case (3368 queries x 15913 gallery images, 751 query identities).
 
     python benchmarks/bench_metrics.py [--loop-queries N] [--out results.md] [--rerank-full]
@@ -16,6 +16,9 @@ import resource
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
 
 import numpy as np
 import torch
@@ -24,8 +27,9 @@ from handreid.core.errors import run_cli, UserError
 from handreid.core.atomic_files import atomic_write_text
 from reference_metrics import (market_like_case, reference_metrics_loop,
                                reference_rerank, torchreid_python_loop)
-from handreid.metrics.ranking import (compute_open_set_metrics, compute_reid_metrics,
-                          compute_verification_metrics, rerank_k_reciprocal)
+from handreid.metrics.ranking import compute_reid_metrics
+from handreid.metrics.reranking import rerank_k_reciprocal
+from handreid.metrics.verification import compute_open_set_metrics, compute_verification_metrics
 
 
 def timed(function, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""Benchmark k-reciprocal re-ranking: reid_metrics.rerank_k_reciprocal (nearest-neighbour lists,
+"""Benchmark k-reciprocal re-ranking: metrics.reranking.rerank_k_reciprocal (nearest-neighbour lists,
 sparse V) beside torchreid's algorithm on dense (Q+G)^2 matrices, and alone on a large gallery.
 
     python benchmarks/bench_rerank.py [--queries 1000] [--dense-gallery 10000]
@@ -22,13 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 import numpy as np
 import torch
 
 from handreid.core.errors import run_cli, UserError
 from handreid.core.atomic_files import atomic_write_text
 from reference_metrics import market_like_case, reference_rerank
-from handreid.metrics.ranking import compute_reid_metrics, rerank_k_reciprocal
+from handreid.metrics.ranking import compute_reid_metrics
+from handreid.metrics.reranking import rerank_k_reciprocal
 
 K1, K2, LAMBDA, DIM = 20, 6, 0.3, 512
 METHODS = ("dense (torchreid's algorithm)", "sparse (rerank_k_reciprocal)")

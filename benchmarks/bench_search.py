@@ -16,6 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 import torch
 
 from handreid.core.errors import run_cli, UserError

@@ -28,6 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,6 +24,10 @@ import shutil
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()
+
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm

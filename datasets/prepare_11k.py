@@ -9,7 +9,11 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from handreid.data import split_protocol  # beside this script
+from handreid.core.startup import start
+
+start()
+
+from handreid.data import split_protocol
 from handreid.core.schema import ASPECTS
 from handreid.core.errors import run_cli, UserError
 from handreid.data.image_files import warn_skipped

@@ -18,7 +18,11 @@ import os
 import random
 from pathlib import Path, PurePosixPath
 
-from handreid.data import split_protocol  # beside this script
+from handreid.core.startup import start
+
+start()
+
+from handreid.data import split_protocol
 from handreid.core.config_files import DEFAULT_DATA_DIRS
 from handreid.core.errors import run_cli, UserError
 from handreid.data.image_files import IMAGE_SUFFIXES, warn_skipped

@@ -8,7 +8,11 @@
 import re
 from collections import defaultdict
 
-from handreid.data import split_protocol  # beside this script
+from handreid.core.startup import start
+
+start()
+
+from handreid.data import split_protocol
 from handreid.core.errors import run_cli, UserError
 from handreid.data.image_files import IMAGE_SUFFIXES, warn_skipped
 

@@ -12,8 +12,13 @@ logistic) and the log10 LRs are bounded by the ELUB of those pairs.
 Writes <save_path stem>.calibration.npz (baseline: <results_dir>/<name>_baseline.calibration.npz):
 the log10 LR tabulated over the cosine scores -1..1, the calibrator, its bounds, the data's
 description and size, and the fingerprint of the model, feature and flip rule it was fitted
-for. compare.py and search.py read it and refuse it for any other model.
+for. compare_photos.py and search.py read it and refuse it for any other model.
 """
+
+from handreid.core.startup import start
+
+start()
+
 from handreid.evaluation import protocol
 from handreid.casework import likelihood_ratio
 from handreid.core.config_files import config_from_args, make_parser

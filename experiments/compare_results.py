@@ -14,7 +14,10 @@ aspect, gallery rule, splits, flip rule, AP rule) are refused.
 import json
 from pathlib import Path
 
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import ArgumentParser
 from handreid.core.errors import run_cli, UserError
 from handreid.core.atomic_files import atomic_write_text

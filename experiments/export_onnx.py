@@ -19,7 +19,10 @@ import time
 import warnings
 from pathlib import Path
 
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import check_writable, run_cli, UserError
 from handreid.core.atomic_files import atomic_write, refuse_to_replace

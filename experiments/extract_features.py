@@ -16,7 +16,10 @@ mixed precision by `amp`), so they equal the evaluation's features of the same i
 """
 from pathlib import Path
 
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import check_writable, run_cli
 from handreid.core.atomic_files import refuse_to_replace

@@ -29,7 +29,10 @@ import argparse
 import os
 from pathlib import Path
 
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli, UserError
 from handreid.search import gallery_index

@@ -4,7 +4,9 @@
     python experiments/run_eval_clip.py --config configs/baseline/eval_vitb16_11k_dorsal_r.yml --set num_splits=1
 
 `variant: baseline` evaluates the pretrained CLIP image encoder as it is; `variant: finetuned`
-loads the Stage-1 checkpoint at `save_path`, strictly checked against the config.
+loads the checkpoint at `save_path`, whichever method trained it (stage1, clipreid or
+clip_handid: the checkpoint holds its module specs and feature definition), strictly checked
+against the config.
 
 Outputs in `results_dir`:
   <name>_<variant>.json         the latest results: resolved config, checkpoint (path, epoch,
@@ -21,7 +23,11 @@ Outputs in `results_dir`:
   <name>_<variant>_lr.png       with likelihood_ratio: true, split 0's Tippett and ECE plots
                                 of the calibrated likelihood ratios.
 """
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli
 from handreid.evaluation.evaluate import evaluate_config

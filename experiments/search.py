@@ -25,54 +25,29 @@ calibrated log10 likelihood ratio (printed and in search.csv's log10_lr column).
 import csv
 import io
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import config_from_args, make_parser
-from handreid.core.errors import check_writable, run_cli, UserError
-from handreid.core.atomic_files import atomic_write, atomic_write_text, keep_previous
-import numpy as np
-from handreid.search import gallery_index
 from handreid.casework import likelihood_ratio
-from handreid.evaluation.plots import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR, save_ranking_grid,
-                              score_decimals)
+from handreid.core.atomic_files import atomic_write_text, keep_previous
+from handreid.core.errors import check_writable, run_cli, UserError
+from handreid.data.image_files import list_images
 from handreid.evaluation.encoder import Encoder
-from handreid.search.feature_files import EXPORT_COMMAND, UNREADABLE_NPZ, load_features
+from handreid.evaluation.plots import (OTHER_COLOUR, QUERY_COLOUR, SAME_COLOUR,
+                                       save_ranking_grid, score_decimals)
+from handreid.search import gallery_index
+from handreid.search.feature_cache import cached_features
+from handreid.search.feature_files import EXPORT_COMMAND, load_features
 from handreid.search.topk import DEFAULT_CHUNK_SIZE, check_chunk_size, top_k
-from handreid.data.image_files import WORKERS, list_images
 
 UNKNOWN_COLOUR = "#808080"
 MAX_GRID_ROWS = 100
 CSV_FIELDS = ["query", "query_identity", "rank", "score", "gallery", "gallery_identity", "match",
               "log10_lr"]
-
-
-def cached_gallery_features(encoder, paths, cache_dir):
-    """Features of the gallery images, from <cache_dir>/<fingerprint>.npz where the content
-    was seen before with this model; the rest is encoded and added to the cache."""
-    fingerprint = encoder.description["fingerprint"]
-    cache_path = cache_dir / f"{fingerprint[:16]}.npz"
-    with ThreadPoolExecutor(WORKERS) as pool:
-        digests = list(pool.map(gallery_index.file_digest, paths))
-    cached = {}
-    if cache_path.is_file():
-        try:
-            with np.load(cache_path, allow_pickle=False) as data:
-                if str(data["fingerprint"]) == fingerprint:
-                    cached = dict(zip(data["digests"].tolist(), data["features"]))
-        except UNREADABLE_NPZ:
-            print(f"warning: ignoring the unreadable gallery cache {cache_path}", file=sys.stderr)
-    todo = sorted({d: p for p, d in zip(paths, digests) if d not in cached}.items())
-    if todo:
-        cached.update(zip([d for d, _ in todo], encoder.encode([p for _, p in todo])))
-        arrays = {"digests": np.array(list(cached), dtype=str),
-                  "features": np.stack(list(cached.values())).astype(np.float32),
-                  "fingerprint": np.array(fingerprint)}
-        atomic_write(cache_path, lambda handle: np.savez(handle, **arrays))
-    print(f"gallery: {len(paths)} images, {len(paths) - len(todo)} features from the cache "
-          f"{cache_path}, {len(todo)} encoded")
-    return np.stack([cached[d] for d in digests])
 
 
 def load_gallery(encoder, gallery, out):
@@ -91,7 +66,9 @@ def load_gallery(encoder, gallery, out):
         return features, paths, identities
     items = list_images(gallery, "--gallery")
     paths = [p for p, _ in items]
-    features = cached_gallery_features(encoder, paths, out / "gallery_cache")
+    features, encoded, cache_path = cached_features(encoder, paths, out / "gallery_cache")
+    print(f"gallery: {len(paths)} images, {len(paths) - encoded} features from the cache "
+          f"{cache_path}, {encoded} encoded")
     return features, paths, [i for _, i in items]
 
 

@@ -12,8 +12,11 @@ Re-running the same command after Ctrl-C, SIGTERM or a crash resumes after the l
 epoch; a finished run is refused unless --overwrite. Outputs: see engine.py; the method:
 finetune_trainer_clip_handid.py.
 """
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core import config_files  # noqa: F401
+
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.errors import run_cli
 from handreid.train.entry import train_main
 from handreid.methods.clip_handid import ClipHandId

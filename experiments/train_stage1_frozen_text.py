@@ -10,8 +10,11 @@ Re-running the same command after Ctrl-C, SIGTERM or a crash resumes after the l
 epoch; a finished run is refused unless --overwrite. Outputs: see engine.py.
 Several nodes: torchrun --nnodes=N ... with save_path on a disk that every node sees.
 """
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core import config_files  # noqa: F401
+
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.errors import run_cli
 from handreid.train.entry import train_main
 from handreid.methods.stage1 import Stage1

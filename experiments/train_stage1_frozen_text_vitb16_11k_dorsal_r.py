@@ -2,8 +2,10 @@
 configs/finetuning_stage1_frozen_text/train_vitb16_11k_dorsal_r.yml as the default --config."""
 from pathlib import Path
 
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core import config_files  # noqa: F401
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.errors import run_cli
 from handreid.train.entry import train_main
 from handreid.methods.stage1 import Stage1

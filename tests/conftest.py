@@ -11,6 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from handreid.core.startup import start
+
+start()  # as the entry scripts do: tests run their main() in this process
+
 import pytest
 import yaml
 

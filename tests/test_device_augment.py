@@ -5,8 +5,9 @@ from the generator."""
 import pytest
 import torch
 
-from handreid.data.loaders import (DeviceAugment, device_augment, eval_transform,
-                              get_train_val_loaders, set_loader_epoch, train_transform)
+from handreid.data.device_augment import DeviceAugment, device_augment
+from handreid.data.loaders import (eval_transform, get_train_val_loaders, set_loader_epoch,
+                                   train_transform)
 from handreid.model.backbone import preprocess_spec
 
 SIDE, PAD, SAMPLES = 32, 4, 3000

@@ -16,7 +16,9 @@ from handreid.core.config_files import load_config
 from handreid.core.errors import ConfigError, UserError
 from handreid.evaluation.evaluate import evaluate_config
 from conftest import run_script
-from handreid.metrics.ranking import compute_reid_metrics, compute_verification_metrics, rerank_k_reciprocal
+from handreid.metrics.ranking import compute_reid_metrics
+from handreid.metrics.reranking import rerank_k_reciprocal
+from handreid.metrics.verification import compute_verification_metrics
 
 EVAL_SCRIPT = "experiments/run_eval_clip.py"
 

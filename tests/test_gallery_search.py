@@ -49,7 +49,7 @@ def test_verification_by_counts_equals_the_sorting_implementation(seed, monkeypa
     float64 (exact copies) through the sorting implementation: every result must be equal,
     ties (few distinct values, -0.0 beside 0.0, one high-bit bin) included."""
     from handreid.metrics import score_counts
-    from handreid.metrics.ranking import compute_verification_metrics
+    from handreid.metrics.verification import compute_verification_metrics
     rng = np.random.default_rng(seed)
     monkeypatch.setattr(score_counts, "BLOCK_ELEMENTS", int(rng.integers(1, 300)))
     num_queries, num_gallery = int(rng.integers(5, 40)), int(rng.integers(20, 80))

@@ -1,5 +1,5 @@
 """likelihood_ratio.py (lir calibration, Cllr, ELUB bounds, two-fold persons), the
-likelihood_ratio option of run_eval_clip.py, calibrate.py, compare.py and search.py's LRs."""
+likelihood_ratio option of run_eval_clip.py, calibrate.py, compare_photos.py and search.py's LRs."""
 import json
 import re
 import shutil
@@ -14,7 +14,7 @@ from handreid.data.loaders import list_split
 from handreid.core.config_files import load_config
 from handreid.core.errors import run_cli, UserError
 from conftest import DEMO_TRAIN_CONFIG, results_json, run_script
-from experiments import calibrate, compare, run_eval_clip, search
+from experiments import calibrate, compare_photos, run_eval_clip, search
 
 EVAL_CONFIG = "configs/demo/eval_tiny_11k_dorsal_r.yml"
 
@@ -161,16 +161,16 @@ def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path
     person = sorted(image_dir.iterdir())[0]
     image_a, image_b = sorted(person.iterdir())[:2]
     args = ("--config", EVAL_CONFIG, *sets, image_a, image_b)
-    no_calibration = cli(compare, capsys, *args)
+    no_calibration = cli(compare_photos, capsys, *args)
     one_line_error(no_calibration, "calibrate.py --config")
     assert "score (cosine similarity)" in no_calibration[1]
     assert "EER threshold " in no_calibration[1]
-    assert "score is" in ok(compare, capsys, *args, "--no-lr")
+    assert "score is" in ok(compare_photos, capsys, *args, "--no-lr")
 
     assert "logistic calibrator" in ok(calibrate, capsys, "--config", EVAL_CONFIG, *sets)
     calibration_file = work / "model.calibration.npz"
     one_line_error(cli(calibrate, capsys, "--config", EVAL_CONFIG, *sets), "--overwrite")
-    shown = ok(compare, capsys, *args)
+    shown = ok(compare_photos, capsys, *args)
     assert "ENFSI" in shown and "support for" in shown
     compared = printed_llr(shown)
 
@@ -192,11 +192,12 @@ def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path
                                epoch=1, selection={"metric": "val_loss", "value": 1.0})
     shutil.copy(calibration_file, tmp_path / "other.calibration.npz")
     other = ("--set", f"save_path={tmp_path / 'other.pth'}")
-    one_line_error(cli(compare, capsys, *args, *other), "fitted for another model")
+    one_line_error(cli(compare_photos, capsys, *args, *other), "fitted for another model")
     one_line_error(cli(search, capsys, *search_args, *other, "--out", tmp_path / "search2"),
                    "fitted for another model")
     # A different flip rule is another feature: refused too.
-    one_line_error(cli(compare, capsys, *args, "--set", "flip=off"), "fitted for another model")
+    one_line_error(cli(compare_photos, capsys, *args, "--set", "flip=off"),
+                   "fitted for another model")
 
 
 @pytest.mark.parametrize("case", ["missing", "unreadable"])
@@ -206,7 +207,7 @@ def test_compare_refuses_a_bad_image(trained, prepared_11k, tmp_path, capsys, ca
     if case == "unreadable":
         bad.write_text("not an image")
     good = next((prepared_11k / "train_val_test_split_dorsal_r/query0").rglob("*.jpg"))
-    one_line_error(cli(compare, capsys, "--config", EVAL_CONFIG, *sets, good, bad),
+    one_line_error(cli(compare_photos, capsys, "--config", EVAL_CONFIG, *sets, good, bad),
                    "IMAGE_B", str(bad), "missing" if case == "missing" else "not an image")
 
 

@@ -1,6 +1,7 @@
-"""reid_metrics.compute_reid_metrics: hand-computed cases, input errors, and agreement with a
+"""metrics.ranking.compute_reid_metrics: hand-computed cases, input errors, and agreement with a
 per-query loop reference of torchreid's eval_market1501 semantics and with torchreid's python
-loop itself on random cases."""
+loop itself on random cases; metrics.verification (verification and open set) against per-pair
+and per-search loops."""
 import importlib.util
 from fractions import Fraction
 from pathlib import Path
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from handreid.metrics import ranking
 from handreid.core.errors import UserError
-from handreid.metrics.ranking import (MetricInputError, compute_open_set_metrics, compute_reid_metrics,
-                          compute_verification_metrics, rerank_k_reciprocal)
+from handreid.metrics.inputs import MetricInputError
+from handreid.metrics.ranking import compute_reid_metrics
+from handreid.metrics.verification import compute_open_set_metrics, compute_verification_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # The loop references live in benchmarks/reference_metrics.py (one copy: benchmarks and tests).
@@ -280,11 +281,10 @@ def test_bad_input_is_a_clear_error(args, kwargs, message):
         compute_reid_metrics(*args, **kwargs)
 
 
-# ------------------------------------------------------------ verification, open set, re-ranking
+# ------------------------------------------------------------ verification and open set
 
 reference_verification_loop = reference_metrics.reference_verification_loop
 reference_open_set_loop = reference_metrics.reference_open_set_loop
-reference_rerank = reference_metrics.reference_rerank
 
 
 def test_verification_hand_case():
@@ -337,37 +337,6 @@ def test_open_set_hand_case():
     assert result["rank1_mated"] == pytest.approx(50.0)
 
 
-def normalised(rng, count, dim):
-    features = rng.normal(size=(count, dim)).astype(np.float32)
-    return features / np.linalg.norm(features, axis=1, keepdims=True)
-
-
-@pytest.mark.parametrize("num_queries,num_gallery,dim,k1,k2,lambda_value", [
-    (8, 30, 6, 20, 6, 0.3),   # k1 + 1 > Q + G: every image is a neighbour
-    (15, 45, 4, 5, 3, 0.5),
-    (6, 20, 3, 3, 1, 0.0),    # k2 = 1: no query expansion
-    (10, 40, 8, 2, 9, 1.0),   # k2 > k1 + 1
-])
-def test_rerank_equals_torchreid_algorithm(num_queries, num_gallery, dim, k1, k2, lambda_value):
-    rng = np.random.default_rng(num_queries + k1)
-    query, gallery = normalised(rng, num_queries, dim), normalised(rng, num_gallery, dim)
-    expected = reference_rerank(1 - query @ gallery.T, 1 - query @ query.T,
-                                1 - gallery @ gallery.T, k1, k2, lambda_value)
-    result = rerank_k_reciprocal(torch.from_numpy(query), torch.from_numpy(gallery), k1, k2,
-                                 lambda_value)
-    assert result.shape == (num_queries, num_gallery)
-    assert np.abs(result.numpy() - expected).max() < 1e-5
-
-
-def test_rerank_chunks_do_not_change_the_result(monkeypatch):
-    rng = np.random.default_rng(0)
-    query, gallery = torch.from_numpy(normalised(rng, 20, 8)), torch.from_numpy(
-        normalised(rng, 70, 8))
-    whole = rerank_k_reciprocal(query, gallery, 6, 3, 0.3)
-    monkeypatch.setattr(ranking, "RERANK_CHUNK_ELEMENTS", 37)
-    assert torch.allclose(rerank_k_reciprocal(query, gallery, 6, 3, 0.3), whole, atol=1e-6)
-
-
 @pytest.mark.parametrize("call,message", [
     (lambda: compute_verification_metrics(np.ones((1, 2)), ["a"], ["a", "b"], far=(0.0,)),
      r"far must be rates strictly between 0 and 1"),
@@ -381,10 +350,6 @@ def test_rerank_chunks_do_not_change_the_result(monkeypatch):
      r"no non-mated search"),
     (lambda: compute_open_set_metrics(np.ones((1, 2)), ["a"], ["a", "b"], fpir=(1,)),
      r"fpir must be rates"),
-    (lambda: rerank_k_reciprocal(torch.ones(2, 3), torch.ones(4, 3), k1=0),
-     r"re-ranking needs an integer k1 >= 1, got 0"),
-    (lambda: rerank_k_reciprocal(torch.ones(2, 3), torch.ones(4, 2)),
-     r"re-ranking needs \[Q, D\] and \[G, D\] feature matrices"),
 ])
 def test_forensic_bad_input_is_a_clear_error(call, message):
     with pytest.raises(MetricInputError, match=message):

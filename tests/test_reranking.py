@@ -1,4 +1,4 @@
-"""reid_metrics.rerank_k_reciprocal (nearest-neighbour lists, sparse V) against torchreid's
+"""metrics.reranking.rerank_k_reciprocal (nearest-neighbour lists, sparse V) against torchreid's
 re-ranking written out loop by loop on dense matrices (benchmarks/reference_metrics.py), on
 random features and on features with exact ties; its chunking, tie fallback and size limit."""
 import importlib.util
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from handreid.metrics import ranking
 from handreid.core.errors import UserError
-from handreid.metrics.ranking import MetricInputError, rerank_k_reciprocal
+from handreid.metrics import reranking
+from handreid.metrics.inputs import MetricInputError
+from handreid.metrics.reranking import rerank_k_reciprocal
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -79,14 +80,14 @@ def test_chunks_and_tie_fallback_do_not_change_the_result(monkeypatch, margin):
     # tiny chunks: many chunks of the nearest-neighbour pass and of the sparse steps.
     query, gallery = tied_case(11, 9, 50)
     expected = reference(query, gallery, 6, 3, 0.3)
-    monkeypatch.setattr(ranking, "NEAREST_MARGIN", margin)
-    monkeypatch.setattr(ranking, "NEAREST_CHUNK_ELEMENTS", 150)
-    monkeypatch.setattr(ranking, "RERANK_CHUNK_ELEMENTS", 37)
+    monkeypatch.setattr(reranking, "NEAREST_MARGIN", margin)
+    monkeypatch.setattr(reranking, "NEAREST_CHUNK_ELEMENTS", 150)
+    monkeypatch.setattr(reranking, "RERANK_CHUNK_ELEMENTS", 37)
     assert np.abs(rerank(query, gallery, 6, 3, 0.3) - expected).max() < 1e-5
 
 
 def test_size_beyond_the_limit_is_refused_in_one_line(monkeypatch):
-    monkeypatch.setattr(ranking, "RERANK_MAX_PAIRS", 100)
+    monkeypatch.setattr(reranking, "RERANK_MAX_PAIRS", 100)
     with pytest.raises(MetricInputError, match=r"^re-ranking 11 queries x 10 gallery images "
                        r"needs a .* GiB distance matrix, beyond its limit of 100 query x "
                        r"gallery pairs") as error:
@@ -110,3 +111,40 @@ def test_unnormalised_features_equal_the_dense_algorithm():
     gallery = (rng.normal(size=(50, 8)) * rng.uniform(0.2, 2, (50, 1))).astype(np.float32)
     expected = reference(query, gallery, 5, 3, 0.3)
     assert np.abs(rerank(query, gallery, 5, 3, 0.3) - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("num_queries,num_gallery,dim,k1,k2,lambda_value", [
+    (8, 30, 6, 20, 6, 0.3),   # k1 + 1 > Q + G: every image is a neighbour
+    (15, 45, 4, 5, 3, 0.5),
+    (6, 20, 3, 3, 1, 0.0),    # k2 = 1: no query expansion
+    (10, 40, 8, 2, 9, 1.0),   # k2 > k1 + 1
+])
+def test_rerank_equals_torchreid_algorithm(num_queries, num_gallery, dim, k1, k2, lambda_value):
+    rng = np.random.default_rng(num_queries + k1)
+    query, gallery = normalised(rng, num_queries, dim), normalised(rng, num_gallery, dim)
+    expected = reference_metrics.reference_rerank(1 - query @ gallery.T, 1 - query @ query.T,
+                                                  1 - gallery @ gallery.T, k1, k2, lambda_value)
+    result = rerank_k_reciprocal(torch.from_numpy(query), torch.from_numpy(gallery), k1, k2,
+                                 lambda_value)
+    assert result.shape == (num_queries, num_gallery)
+    assert np.abs(result.numpy() - expected).max() < 1e-5
+
+
+def test_rerank_chunks_do_not_change_the_result(monkeypatch):
+    rng = np.random.default_rng(0)
+    query, gallery = torch.from_numpy(normalised(rng, 20, 8)), torch.from_numpy(
+        normalised(rng, 70, 8))
+    whole = rerank_k_reciprocal(query, gallery, 6, 3, 0.3)
+    monkeypatch.setattr(reranking, "RERANK_CHUNK_ELEMENTS", 37)
+    assert torch.allclose(rerank_k_reciprocal(query, gallery, 6, 3, 0.3), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: rerank_k_reciprocal(torch.ones(2, 3), torch.ones(4, 3), k1=0),
+     r"re-ranking needs an integer k1 >= 1, got 0"),
+    (lambda: rerank_k_reciprocal(torch.ones(2, 3), torch.ones(4, 2)),
+     r"re-ranking needs \[Q, D\] and \[G, D\] feature matrices"),
+])
+def test_bad_parameters_are_a_clear_error(call, message):
+    with pytest.raises(MetricInputError, match=message):
+        call()

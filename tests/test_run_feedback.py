@@ -60,24 +60,66 @@ def test_a_wait_policy_the_user_set_is_kept_and_tensorboard_can_be_off(prepared_
     assert not (tmp_path / "logs/run_tensorboard").exists()
 
 
-def first_heavy_import(path):
-    """The first module a file imports that is not the standard library (followed into the
-    project's own modules): config must come before torch for OMP_WAIT_POLICY to apply."""
-    for node in ast.parse(path.read_text()).body:
-        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
-                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-        for name in names:
-            top = name.split(".")[0]
-            if top in sys.stdlib_module_names:
-                continue
-            own = ROOT / f"{name.replace('.', '/')}.py"
-            return first_heavy_import(own) if own.is_file() and top != "config" else top
-    return None
+def entry_scripts():
+    """The project's files run as scripts: those with an `if __name__ == "__main__":` block."""
+    files = [p for folder in (".", "experiments", "datasets", "benchmarks")
+             for p in (ROOT / folder).glob("*.py")]
+    return [p for p in files if any(
+        isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
+        for node in ast.parse(p.read_text()).body)]
 
 
-def test_every_entry_script_loads_config_before_torch():
-    for script in [*(ROOT / "experiments").glob("*.py"), ROOT / "run_all_finetuned_stage1.py"]:
-        assert first_heavy_import(script) == "config", script.name
+def imported_modules(node):
+    """Dotted names of the modules an import statement anywhere inside `node` loads."""
+    return [alias.name for inner in ast.walk(node) if isinstance(inner, ast.Import)
+            for alias in inner.names] + [
+        inner.module for inner in ast.walk(node)
+        if isinstance(inner, ast.ImportFrom) and inner.module and not inner.level]
+
+
+def calls_start(node):
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) \
+        and ast.unparse(node.value.func) == "start"
+
+
+def test_every_entry_script_calls_start_before_anything_can_load_torch():
+    # libgomp reads OMP_WAIT_POLICY once, when torch loads: start() has to come first.
+    scripts = entry_scripts()
+    assert {"run_eval_clip.py", "run_all_finetuned_stage1.py", "prepare_11k.py",
+            "bench_metrics.py", "gpu_check.py"} <= {p.name for p in scripts}
+    for script in scripts:
+        body = ast.parse(script.read_text()).body
+        started = next((n for n, node in enumerate(body) if calls_start(node)), None)
+        assert started is not None, f"{script.name} does not call start()"
+        for node in body[:started]:
+            for module in imported_modules(node):
+                assert module.split(".")[0] in sys.stdlib_module_names \
+                    or module == "handreid.core.startup", f"{script.name} imports {module} " \
+                    "before start()"
+
+
+def test_importing_any_module_of_the_package_changes_no_environment_variable():
+    # Process settings are start()'s alone: a library user's process stays as it was. The
+    # third-party modules the package imports at its top level are loaded first, so that only
+    # the package's own effects are compared.
+    files = sorted((ROOT / "handreid").rglob("*.py"))
+    third_party = sorted({module for path in files for node in ast.parse(path.read_text()).body
+                          for module in imported_modules(node)
+                          if module.split(".")[0] not in sys.stdlib_module_names
+                          and module.split(".")[0] != "handreid"})
+    code = ("import importlib, os, pkgutil, sys\n"
+            "for name in sys.argv[1:]: importlib.import_module(name)\n"
+            "before = dict(os.environ)\n"
+            "import handreid\n"
+            "names = [m.name for m in pkgutil.walk_packages(handreid.__path__, 'handreid.')]\n"
+            "for name in names: importlib.import_module(name)\n"
+            "print(len(names) + 1, sorted(k for k in {*before, *os.environ}\n"
+            "                             if before.get(k) != os.environ.get(k)))\n")
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    proc = subprocess.run([sys.executable, "-c", code, *third_party], cwd=ROOT,
+                          capture_output=True, text=True, env=environment, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(len(files)), "[]"]
 
 
 def test_an_override_of_what_the_run_is_gets_its_own_names():

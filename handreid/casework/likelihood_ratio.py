@@ -55,7 +55,7 @@ DEFAULT_CALIBRATOR = "logistic"
 LR_METRICS = ("cllr", "cllr_min", "cllr_cal", "misleading_same", "misleading_different",
               "max_log10_lr", "min_log10_lr")
 # The calibrated LLR is tabulated at these cosine scores in a calibration file and read by
-# linear interpolation: one function of the score, equal in compare.py and search.py.
+# linear interpolation: one function of the score, equal in compare_photos.py and search.py.
 SCORE_GRID = np.linspace(-1.0, 1.0, 20001)
 # ENFSI Guideline for Evaluative Reporting in Forensic Science (2015), verbal equivalents of
 # the LR: (lowest LR of the band, words). Below 1 the same words hold for 1/LR in support of

@@ -7,18 +7,12 @@ schema.SCHEMA; docs/config.md documents them. A bad key, type or value raises Co
 """
 import argparse
 import json
-import os
 from pathlib import Path
 
 import yaml
 
 from handreid.core.errors import ConfigError
 from handreid.core.schema import SCHEMA, check_value, suggest
-
-# CPU runs: OpenMP worker threads that spin while they wait take the cores from everything
-# else on a busy machine (a 2-core CPU run was 4x slower). libgomp reads this when torch
-# loads, so every entry point imports config before torch; a value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # data_dir of each dataset when the config leaves it out (the prepare scripts' --out default)
 DEFAULT_DATA_DIRS = {"11k": "datasets/11khands", "hd": "datasets/HD", "folder": "datasets/folder"}

@@ -2,7 +2,8 @@
 images of a folder, one image or a list file as checked (path, identity) pairs.
 
 The prepare scripts (datasets/split_protocol.py), the loaders and the scripts that run a
-model on one's own images (extract_features.py, search.py, compare.py) share these checks.
+model on one's own images (extract_features.py, search.py, compare_photos.py) share these
+checks.
 """
 import os
 import sys

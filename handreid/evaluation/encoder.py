@@ -1,9 +1,10 @@
 """A model loaded from an eval config, its fingerprint, and image paths -> retrieval features.
 
 Shared by the scripts that use a trained (or the baseline) model outside the protocol:
-extract_features.py, search.py, export_onnx.py, calibrate.py and compare.py. The fingerprint
-changes with anything that changes a feature (weights, feature function, preprocessing, flip):
-features and calibrations made by one model are refused for another by comparing it.
+extract_features.py, search.py, export_onnx.py, calibrate.py and compare_photos.py. The
+fingerprint changes with anything that changes a feature (weights, feature function,
+preprocessing, flip): features and calibrations made by one model are refused for another by
+comparing it.
 """
 import hashlib
 import json

@@ -16,7 +16,7 @@ import torch
 
 from handreid.evaluation import protocol
 from handreid.core.atomic_files import atomic_write
-from handreid.metrics.ranking import genuine_impostor_scores
+from handreid.metrics.verification import genuine_impostor_scores
 
 THUMB = 96
 FRAME = 4

@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 from handreid.casework import likelihood_ratio
 from handreid.data.loaders import eval_loader, list_split
-from handreid.metrics.ranking import (compute_open_set_metrics, compute_reid_metrics,
-                          compute_verification_metrics, rerank_k_reciprocal)
+from handreid.metrics.ranking import compute_reid_metrics
+from handreid.metrics.reranking import rerank_k_reciprocal
+from handreid.metrics.verification import compute_open_set_metrics, compute_verification_metrics
 from handreid.core.runtime import resolve_precision
 
 RANKING_METRICS = ("rank1", "rank5", "rank10", "mAP", "mAP_trapezoid", "mINP")

@@ -1,7 +1,7 @@
 """Exact verification counts over a query x gallery similarity without copying its scores.
 
 `verification_thresholds(similarity, query_codes, gallery_codes, rates)` gives what
-reid_metrics.compute_verification_metrics needs (the EER threshold with its false-accept and
+verification.compute_verification_metrics needs (the EER threshold with its false-accept and
 false-reject counts, and per FAR rate the impostor score to stay above) from two passes over
 the float32 scores in row blocks, a two-level radix count: pass 1 counts genuine and impostor
 scores per value of the high 16 bits of their order-preserving 32-bit key; pass 2 counts, only
@@ -66,7 +66,7 @@ def verification_thresholds(similarity, query_codes, gallery_codes, allowed_fals
     """-> (eer threshold, false accepts and false rejects at it, n_genuine, n_impostor,
     {allowed: the number of genuine scores above the (allowed+1)-th highest impostor score}).
 
-    Same rule as reid_metrics: the EER threshold is the observed score where FAR - FRR turns
+    Same rule as verification.py: the EER threshold is the observed score where FAR - FRR turns
     negative that minimises |FAR - FRR| (accepted: score >= t), the lower one on a tie."""
     coarse_gen, coarse_imp = _coarse_counts(similarity, query_codes, gallery_codes)
     n_gen, n_imp = int(coarse_gen.sum()), int(coarse_imp.sum())

@@ -2,7 +2,7 @@
 
 It holds: features (float32 [N, D], L2-normalised), paths (absolute), identities ('' where
 the layout has none), and model, a JSON string describing what made them (see
-feature_encoder.describe_model), whose fingerprint search.py compares with its own model's.
+encoder.describe_model), whose fingerprint search.py compares with its own model's.
 """
 import json
 import zipfile

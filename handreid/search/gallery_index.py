@@ -1,15 +1,15 @@
 """A persistent gallery index: the features of a gallery folder, built once, updated
-incrementally, searched exactly (gallery_search.top_k) or through faiss.
+incrementally, searched exactly (topk.top_k) or through faiss.
 
 The index file (an .npz written atomically) holds the features, the absolute paths, the
 identities (first sub-folder of the gallery folder, '' for images directly in it), the
-description of the model that made them (feature_encoder.describe_model: its fingerprint, the
+description of the model that made them (encoder.describe_model: its fingerprint, the
 feature definition and the flip rule) and, per file, its size, mtime_ns, inode and sha256.
 
 An update lists the folder and stats every file: a file whose (size, mtime_ns, inode) equals
 the stored one keeps its feature without being read; only the others are hashed (sha256),
 and of those only content not seen before is decoded and encoded (a touched or moved file
-keeps its feature). A file modified within RACY_NS of the scan that recorded it is hashed
+keeps its feature: feature_cache's content rule). A file modified within RACY_NS of the scan that recorded it is hashed
 again at the next update, since a file system's mtime has a coarse tick and a same-size
 rewrite in that tick would look unchanged (git's "racily clean" rule). Removed files leave
 the index; an image that does not decode is named on stderr and skipped (the rest proceeds).
@@ -19,7 +19,6 @@ Search: exact by default; an index built with a faiss structure ("flat": faiss' 
 structure's recall@k against exact search is measured on the index's own features whenever
 it is built, printed and stored.
 """
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import numpy as np
 from handreid.core.atomic_files import atomic_write
 from handreid.data.image_files import IMAGE_SUFFIXES, WORKERS, image_problem
 from handreid.core.errors import UserError
+from handreid.search.feature_cache import file_digests
 from handreid.search.topk import top_k
 
 FORMAT_VERSION = 1
@@ -54,7 +54,7 @@ class GalleryIndex:
     identities: list      # first sub-folder, '' where none
     stats: np.ndarray     # int64 [N, 3]: size, mtime_ns, inode
     digests: list         # sha256 hex of each file
-    description: dict     # feature_encoder.describe_model of the model that made them
+    description: dict     # encoder.describe_model of the model that made them
     gallery: str          # the gallery folder (absolute)
     scanned_ns: int       # time.time_ns() when the scan that recorded the stats began
     faiss: dict = None    # {"kind", settings, "recall": {"k", "queries", "value"}} or None
@@ -62,7 +62,7 @@ class GalleryIndex:
 
     def search(self, query_features, k, chunk_size):
         """-> (scores [queries, k], gallery indices [queries, k]), best first: exact
-        (gallery_search.top_k, ties in gallery order) or through the index's faiss structure
+        (topk.top_k, ties in gallery order) or through the index's faiss structure
         (queries it returns fewer than k results for are searched exactly)."""
         if not self.faiss:
             return top_k(query_features, self.features, k, chunk_size)
@@ -98,24 +98,15 @@ def scan(folder):
     return items
 
 
-def file_digest(path):
-    """sha256 hex of the file; None if it cannot be read (e.g. removed since the scan)."""
-    try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError:
-        return None
-
-
 def _threaded(function, items):
-    with ThreadPoolExecutor(WORKERS) as pool:  # hashing and decoding release the GIL
+    with ThreadPoolExecutor(WORKERS) as pool:  # decoding releases the GIL
         return list(pool.map(function, items))
 
 
 def update(index, folder, encoder):
     """-> (the index of `folder` now, summary dict): features of `index` (None: build anew)
     reused where the file (or its content elsewhere) is unchanged, the rest encoded with
-    `encoder` (a feature_encoder.Encoder of the index's model). Prints what it skipped."""
+    `encoder` (an evaluation.encoder.Encoder of the index's model). Prints what it skipped."""
     scanned_ns = time.time_ns()
     items = scan(folder)
     old = {} if index is None else {p: i for i, p in enumerate(index.paths)}
@@ -130,7 +121,7 @@ def update(index, folder, encoder):
         else:
             to_hash.append(n)
     digests = [None if row is None else index.digests[row] for row in same]
-    for n, digest in zip(to_hash, _threaded(file_digest, [items[n][0] for n in to_hash])):
+    for n, digest in zip(to_hash, file_digests([items[n][0] for n in to_hash])):
         digests[n] = digest
         if digest is not None and digest in by_digest:
             same[n] = by_digest[digest]

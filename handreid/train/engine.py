@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from handreid.data.loaders import device_augment, set_loader_epoch
+from handreid.data.device_augment import device_augment
+from handreid.data.loaders import set_loader_epoch
 from handreid.train.checkpointing import Checkpointer, ResumeState, read_resume_state, resume_path
 from handreid.core.errors import ConfigError, UserError
 from handreid.train.method import lr_factor, phase_of

@@ -1,7 +1,7 @@
 """Are two hand photos of the same person? The score, where it falls against the EER threshold
 of the model's evaluation, and the calibrated likelihood ratio with its verbal equivalent.
 
-    python experiments/compare.py --config <eval config> IMAGE_A IMAGE_B [--no-lr]
+    python experiments/compare_photos.py --config <eval config> IMAGE_A IMAGE_B [--no-lr]
 
 Prints the cosine score of the two images' retrieval features (the evaluation's own decode,
 feature function and flip rule); the EER threshold (mean over splits) of this model's latest
@@ -16,7 +16,10 @@ calibrate command (exit 1); --no-lr prints the score and threshold alone (exit 0
 import json
 from pathlib import Path
 
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli, UserError
 import numpy as np
