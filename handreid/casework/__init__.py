@@ -1,0 +1,1 @@
+"""Evidence for casework: scores to calibrated, bounded likelihood ratios."""

@@ -1,0 +1,2 @@
+"""Images to batches: a user's image files, the split protocol, datasets, loaders and
+augmentation."""

@@ -1,0 +1,1 @@
+"""The network: the CLIP backbone, the identity heads every method shares, losses."""
