@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from handreid.evaluation import protocol
-from handreid.checkpoint import model_checkpoint
 from handreid.model import backbone
 from handreid.data.loaders import eval_loader, list_split
 from handreid.core.config_files import load_config
 from handreid.core.errors import ConfigError, UserError
 from handreid.evaluation.evaluate import evaluate_config
+from handreid.methods.stage1 import Stage1
 from conftest import run_script
 from handreid.metrics.ranking import compute_reid_metrics, compute_verification_metrics, rerank_k_reciprocal
 
@@ -196,11 +196,9 @@ def save_tiny_checkpoint(config, path, **changes):
     config = dict(config, **changes)
     names = sorted({name for _, name in list_split(config, "train")})
     torch.manual_seed(1)
-    clip_model, classifier = backbone.build_model(config, num_classes=len(names))
-    model_checkpoint.save_checkpoint(path, backbone.HandIdModel(clip_model, classifier), config,
-                               names, epoch=4, selection={"metric": "val_accuracy",
-                                                          "value": 0.625,
-                                                          "val_accuracy": 0.625})
+    Stage1(config, backbone.build_model(config)[0], names).save_checkpoint(
+        path, epoch=4, selection={"metric": "val_accuracy", "value": 0.625,
+                                  "val_accuracy": 0.625})
 
 
 def test_baseline_run_writes_results_and_keeps_earlier_ones(eval_config, tmp_path):

@@ -12,9 +12,8 @@ from handreid.checkpoint import legacy
 from handreid.core import registry
 from handreid.train.checkpointing import (Checkpointer, ResumeState, SavePoints, load_resume_state,
                            settings_changed, sum_fingerprint)
-from handreid.core.schema import SCHEMA
 from handreid.core.errors import ConfigError, UserError
-from handreid.train.method import Phase, phase_of
+from handreid.methods.base import Phase, phase_of
 from handreid.train.selection import Best, Selection
 
 
@@ -177,12 +176,14 @@ def test_foreign_or_corrupt_resume_files_are_one_line_errors(tmp_path):
 
 
 def test_a_setting_the_saved_run_did_not_know_counts_with_its_default():
-    config = {key: spec["default"] for key, spec in SCHEMA.items()}
+    config = {key: spec["default"] for key, spec in registry.config_keys().items()}
     saved = {k: v for k, v in config.items() if k != "bias_lr_factor"}
     assert settings_changed(saved, config) == []
     assert settings_changed(saved, {**config, "bias_lr_factor": 2.0}) == [
         "bias_lr_factor: 1.0 -> 2.0"]
     assert settings_changed(saved, {**config, "num_workers": 7}) == []  # not a training key
+    # A method's own key is a training setting too.
+    assert settings_changed(config, {**config, "prompt_lr": 1.0}) == ["prompt_lr: 0.00035 -> 1.0"]
 
 
 # ---------------------------------------------------------------- legacy files
@@ -225,7 +226,6 @@ def test_a_first_release_checkpoint_converts_by_its_head(head, has_head, feature
 # ---------------------------------------------------------------- methods and phases
 
 def test_every_method_names_its_own_train_command():
-    from handreid.model import backbone  # noqa: F401  (declares the built-in methods beside their model parts)
     assert registry.train_command("clipreid").startswith(
         "python experiments/train_stage2_clipreid.py")
     assert registry.train_command("clip_handid").startswith(
