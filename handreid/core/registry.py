@@ -100,7 +100,8 @@ def load(method):
         importlib.import_module(f"{METHODS_PACKAGE}.{method}")
         return _METHODS[method]
     raise ConfigError(f"method: {method!r} is neither a built-in method "
-                      f"({', '.join(builtin_names())}) nor a .py file; fix method:")
+                      f"({', '.join(builtin_names())}) nor a .py file; name one of those or "
+                      f"the path of a .py file defining a Method subclass")
 
 
 def _load_file(path):
