@@ -13,7 +13,8 @@ from handreid.core import registry
 from handreid.train.checkpointing import (Checkpointer, ResumeState, SavePoints, load_resume_state,
                            settings_changed, sum_fingerprint)
 from handreid.core.errors import ConfigError, UserError
-from handreid.methods.base import Phase, phase_of
+from handreid.core.schema import option
+from handreid.methods.base import Method, Phase, phase_of
 from handreid.train.selection import Best, Selection
 
 
@@ -233,6 +234,17 @@ def test_every_method_names_its_own_train_command():
     assert registry.train_command("stage1").startswith(
         "python experiments/train_stage1_frozen_text.py")
     assert registry.train_command("nobody", "?") == "?"
+
+
+def test_a_method_cannot_take_a_built_in_name_or_a_general_key():
+    with pytest.raises(ConfigError, match="'stage1' of test_training_parts has the name of a "
+                                          "built-in method"):
+        type("Stage1Again", (Method,), {"name": "stage1"})
+    with pytest.raises(ConfigError, match="defines the config key 'lr', which the general "
+                                          "config or another method defines"):
+        type("Greedy", (Method,), {"name": "toy_greedy",
+                                   "config_keys": {"lr": option(float, 1.0, "its own lr")}})
+    assert "toy_greedy" not in registry.known()
 
 
 def test_phase_of_an_epoch_counts_over_all_phases():

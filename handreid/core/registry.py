@@ -41,17 +41,23 @@ _METHODS = {}   # name -> MethodEntry of every method imported so far
 _FILES = {}     # resolved path of a method file -> the name of its method
 
 
+def _import_methods(module=None):
+    """The plugin lookup: the one place core reaches handreid/methods at run time, by name
+    (importlib, never an import statement: core stays below the methods): the package (its
+    DEFAULT and its list of modules) or the module of one built-in method."""
+    return importlib.import_module(METHODS_PACKAGE + (f".{module}" if module else ""))
+
+
 @functools.cache
 def builtin_names():
     """Names of the built-in methods: the modules of handreid/methods/ (not imported)."""
-    package = importlib.import_module(METHODS_PACKAGE)
-    return [module.name for module in pkgutil.iter_modules(package.__path__)
+    return [module.name for module in pkgutil.iter_modules(_import_methods().__path__)
             if module.name not in NOT_METHODS]
 
 
 def default_method():
     """The method of a config that names none (handreid/methods' DEFAULT)."""
-    return importlib.import_module(METHODS_PACKAGE).DEFAULT
+    return _import_methods().DEFAULT
 
 
 def register(method_class):
@@ -95,9 +101,7 @@ def load(method):
     if method.endswith(".py") or "/" in method:
         return _load_file(Path(method))
     if method in builtin_names():
-        # The plugin lookup: the one place core reaches the methods at run time. Importing the
-        # module defines its Method subclass, which registers itself.
-        importlib.import_module(f"{METHODS_PACKAGE}.{method}")
+        _import_methods(method)  # defines its Method subclass, which registers itself
         return _METHODS[method]
     raise ConfigError(f"method: {method!r} is neither a built-in method "
                       f"({', '.join(builtin_names())}) nor a .py file; name one of those or "
