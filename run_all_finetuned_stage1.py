@@ -12,8 +12,9 @@ results_dir). A failing config is reported with a one-line reason
 and the rest still run; the exit code is 1 if any failed. With --train, a fine-tuned eval
 config whose checkpoint is missing first runs its train config (eval_X.yml -> train_X.yml in
 the same folder) in a subprocess, with the same --set overrides, through the train script of its
-`method`: experiments/train_stage1_frozen_text.py (stage1), train_stage2_clipreid.py (clipreid)
-or train_clip_handid.py (clip_handid).
+`method` (the registry's): experiments/train_stage1_frozen_text.py (stage1),
+train_stage2_clipreid.py (clipreid), train_clip_handid.py (clip_handid), or experiments/train.py
+for a method file.
 Ctrl-C is passed on to a training child: it finishes its epoch and saves (the same command
 then resumes it); a second Ctrl-C stops it at once. A --configs pattern that matches nothing
 is an error. With --seeds (or a config's seeds:), a fine-tuned config is trained and
@@ -39,6 +40,7 @@ from handreid.core.startup import start
 
 start()
 
+from handreid.core import registry
 from handreid.evaluation import protocol
 from handreid.evaluation import result_stats
 from handreid.core.config_files import ArgumentParser, config_text, load_config, resolve_config
@@ -49,10 +51,8 @@ from handreid.core.runtime import check_not_running
 from handreid.evaluation.evaluate import evaluate_config
 
 ROOT = Path(__file__).resolve().parent
-# config `method` -> the script that trains it
-TRAIN_SCRIPTS = {"stage1": ROOT / "experiments/train_stage1_frozen_text.py",
-                 "clipreid": ROOT / "experiments/train_stage2_clipreid.py",
-                 "clip_handid": ROOT / "experiments/train_clip_handid.py"}
+# The summary table's order of the methods of one dataset and model; other methods go last.
+METHOD_ORDER = ("baseline", "stage1", "clipreid", "clip_handid")
 DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
                    # the default recipe (CLIP-ReID's), not the named _seed/_clipfh recipes
                    "configs/finetuning_stage1_frozen_text/eval_*_[lr].yml",
@@ -150,11 +150,8 @@ def train_missing(config_path, config, overrides, seed):
                         f"evaluates {config['save_path']}: set the same save_path in both")
     if not needs_training(train):  # the resume state is checked against the train config
         return
-    if train["method"] not in TRAIN_SCRIPTS:
-        raise UserError(f"{train_config} says method: {train['method']}, which no train script "
-                        f"here trains (known: {', '.join(TRAIN_SCRIPTS)}); fix its method:")
-    command = [sys.executable, str(TRAIN_SCRIPTS[train["method"]]), "--config",
-               str(train_config)]
+    command = [sys.executable, str(ROOT / registry.load(train["method"]).train_script),
+               "--config", str(train_config)]
     for override in overrides:
         command += ["--set", override]
     print(f"\n=== training {train_config}" + ("" if seed is None else f" with seed {seed}")
@@ -208,8 +205,8 @@ def run_one(config_path, args, store):
 
 def sort_key(row):
     # Same dataset and model next to each other: baseline, then Stage 1, then Stage 2.
-    order = ("baseline", *TRAIN_SCRIPTS)
-    rank = order.index(row["method"]) if row["method"] in order else len(order)
+    rank = METHOD_ORDER.index(row["method"]) if row["method"] in METHOD_ORDER \
+        else len(METHOD_ORDER)
     return row["dataset"], row["model"], rank, row["config"]
 
 

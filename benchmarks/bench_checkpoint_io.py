@@ -34,11 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from handreid.checkpoint import model_checkpoint
 from handreid.model import backbone
 from handreid.core.config_files import load_config
 from handreid.core.atomic_files import atomic_write, atomic_write_text
-from handreid.methods.stage1 import FinetuneTrainerStage1
+from finetune_trainer_stage1 import FinetuneTrainerStage1
 
 NUM_CLASSES = 8
 # Per model: (batch size, steps per epoch) small enough for a CPU, as "a few images".
@@ -87,14 +86,13 @@ def old_scheme(trainer, summary, folder):
         before, started = written_bytes(), time.perf_counter()
         if best is None or row["val_acc"] >= best:
             best = row["val_acc"]
-            model_checkpoint.save_checkpoint(folder / "old.pth", model, config,
-                                       trainer.method.identity_names, row["epoch"])
+            trainer.method.save_checkpoint(folder / "old.pth", row["epoch"])
         state = {"format": "clip-handid-stage1-resume", "format_version": 1,
                  "config": dict(config), "history": summary["history"], "epoch": row["epoch"],
                  "finished": row["epoch"] == config["epochs"]}
         if not state["finished"]:
             state.update(clip_state_dict=model.clip_model.state_dict(),
-                         classifier_state_dict=model.classifier.state_dict(),
+                         classifier_state_dict=model.extras["classifier"].state_dict(),
                          optimizer=trainer.optimizer.state_dict(),
                          scheduler=trainer.scheduler.state_dict(),
                          scaler=trainer.scaler.state_dict())

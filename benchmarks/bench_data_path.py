@@ -81,7 +81,7 @@ def feature_agreement(config, paths):
     pixel = ((inputs[True] - inputs[False]) * std * 255).abs()
     torch.manual_seed(0)
     clip_model, _ = build_model(dict(config, pretrained="none"))
-    model = HandIdModel(clip_model, None).eval()
+    model = HandIdModel(clip_model).eval()
     with torch.inference_mode():
         feats = {k: torch.nn.functional.normalize(model.features(v), dim=-1)
                  for k, v in inputs.items()}

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from handreid.core.config_files import load_config, parse_override
 from handreid.core.errors import run_cli
 from handreid.core.atomic_files import atomic_write_text
-from handreid.methods.stage1 import FinetuneTrainerStage1
+from finetune_trainer_stage1 import FinetuneTrainerStage1
 from handreid.model.backbone import build_model, preprocess_spec
 from handreid.core.runtime import configure_backends
 

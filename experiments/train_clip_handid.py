@@ -9,8 +9,9 @@ network and the retrieval feature (both BN features concatenated).
     torchrun --nproc_per_node=4 experiments/train_clip_handid.py --config <train config>
 
 Re-running the same command after Ctrl-C, SIGTERM or a crash resumes after the last saved
-epoch; a finished run is refused unless --overwrite. Outputs: see engine.py; the method:
-finetune_trainer_clip_handid.py.
+epoch; a finished run is refused unless --overwrite. Outputs: see docs/engine.md; the
+method: handreid/methods/clip_handid.py. This script trains clip_handid configs only;
+experiments/train.py trains any method.
 """
 
 from handreid.core.startup import start

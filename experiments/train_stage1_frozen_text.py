@@ -7,7 +7,9 @@ optional triplet loss); the best epoch by the `selection` signal on val/ is save
     torchrun --nproc_per_node=4 experiments/train_stage1_frozen_text.py --config <train config>
 
 Re-running the same command after Ctrl-C, SIGTERM or a crash resumes after the last saved
-epoch; a finished run is refused unless --overwrite. Outputs: see engine.py.
+epoch; a finished run is refused unless --overwrite. Outputs: see docs/engine.md;
+the method: handreid/methods/stage1.py. This script trains stage1 configs only;
+experiments/train.py trains any method.
 Several nodes: torchrun --nnodes=N ... with save_path on a disk that every node sees.
 """
 

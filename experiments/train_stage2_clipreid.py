@@ -9,8 +9,9 @@ signal on val/ is saved to save_path, with the learned prompts and the retrieval
     torchrun --nproc_per_node=4 experiments/train_stage2_clipreid.py --config <train config>
 
 Re-running the same command after Ctrl-C, SIGTERM or a crash resumes after the last saved
-epoch, in either phase; a finished run is refused unless --overwrite. Outputs: see engine.py;
-the method: finetune_trainer_stage2.py.
+epoch, in either phase; a finished run is refused unless --overwrite. Outputs: see
+docs/engine.md; the method: handreid/methods/clipreid.py. This script trains clipreid configs
+only; experiments/train.py trains any method.
 """
 
 from handreid.core.startup import start

@@ -121,18 +121,17 @@ def tiny_checkpoint():
     `changes`) at `path`, as if training had stopped at epoch 4 with val accuracy 0.625."""
     import torch
 
-    from handreid.checkpoint import model_checkpoint
     from handreid.data.loaders import list_split
+    from handreid.methods.stage1 import Stage1
     from handreid.model import backbone
 
     def save(config, path, **changes):
         config = dict(config, **changes)
         names = sorted({name for _, name in list_split(config, "train")})
         torch.manual_seed(1)
-        clip_model, classifier = backbone.build_model(config, num_classes=len(names))
-        model_checkpoint.save_checkpoint(
-            path, backbone.HandIdModel(clip_model, classifier), config, names, epoch=4,
-            selection={"metric": "val_accuracy", "value": 0.625, "val_accuracy": 0.625})
+        Stage1(config, backbone.build_model(config)[0], names).save_checkpoint(
+            path, epoch=4, selection={"metric": "val_accuracy", "value": 0.625,
+                                      "val_accuracy": 0.625})
     return save
 
 

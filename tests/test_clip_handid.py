@@ -20,9 +20,10 @@ from handreid.evaluation.evaluate import evaluate_config
 from conftest import (ROOT, changed, clone, kill_when, learned, metric_lines, run_script,
                       run_torchrun, write_config)
 from handreid.train.engine import Engine
-from handreid.train.method import lr_factor
+from handreid.methods.base import lr_factor
 from handreid.train.run_log import metrics_path
 from handreid.train.checkpointing import resume_path
+from handreid.methods import clip_handid, clipreid
 from handreid.methods.clip_handid import ClipHandId
 from handreid.train.entry import train_main
 from handreid.core.runtime import seed_everything
@@ -63,7 +64,7 @@ def text_of_two_images(method):
     method.model.eval()
     with torch.no_grad():
         torch.manual_seed(1)
-        proj = backbone.encode_image_pair(method.model.clip_model.visual,
+        proj = clipreid.encode_image_pair(method.model.clip_model.visual,
                                             torch.randn(2, 3, 64, 64))[1]
         return method.text_features(method.model, proj)
 
@@ -98,14 +99,14 @@ def test_what_trains_and_the_text_features_of_each_inversion(make_config, invers
         "inversion", "neck", "neck_proj"}
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        pre, proj = backbone.encode_image_pair(model.clip_model.visual, images)
+        pre, proj = clipreid.encode_image_pair(model.clip_model.visual, images)
         want = torch.cat([model.extras["neck"].bn(pre), model.extras["neck_proj"].bn(proj)], 1)
         assert torch.allclose(model.features(images), want, atol=1e-6)
     assert want.shape == (3, 128 + 64)
 
 
 def test_inversion_network_is_the_papers_shape():
-    net = backbone.InversionNetwork(512, 512)
+    net = clip_handid.InversionNetwork(512, 512)
     kinds = [type(layer).__name__ for layer in net.net]
     assert kinds == ["Linear", "LayerNorm", "GELU", "Dropout"] * 2 + ["Linear", "LayerNorm"]
     assert (net.net[0].out_features, net.net[3].p, net.net[8].out_features) == (2048, 0.5, 512)
@@ -115,11 +116,11 @@ def test_learned_pseudo_word_is_the_prompt_with_that_token():
     """With the placeholder's own embedding, the learned path encodes the literal prompt."""
     torch.manual_seed(0)
     clip_model = backbone.build_model(load_config(None, [("model", "tiny")]))[0].eval()
-    tokens, positions = backbone.placeholder_prompt(backbone.TINY_ARCH,
+    tokens, positions = clip_handid.placeholder_prompt(backbone.TINY_ARCH,
                                                       "A photo of a sks hand", "sks")
     word = clip_model.token_embedding(tokens[None])[:, positions]
     with torch.no_grad():
-        text = backbone.encode_tokens_with(clip_model, tokens[None], positions, word)
+        text = clipreid.encode_tokens_with(clip_model, tokens[None], positions, word)
         assert torch.allclose(text, clip_model.encode_text(tokens[None]), atol=1e-5)
 
 
@@ -265,7 +266,7 @@ def test_interaction_network_is_per_sample_and_its_feature_evaluates(make_config
     assert torch.allclose(features[0], mixed[0], atol=1e-5)
     assert torch.allclose(features[0], alone[0], atol=1e-5)
     with torch.no_grad():
-        pre, proj = backbone.encode_image_pair(model.clip_model.visual, batch)
+        pre, proj = clipreid.encode_image_pair(model.clip_model.visual, batch)
     assert torch.allclose(features[:, :128], model.extras["neck"].bn(pre), atol=1e-5)
     result = evaluate_config({**config, "variant": "finetuned", "num_splits": 1})
     assert result["checkpoint"]["feature"]["kind"] == "clip_handid"

@@ -13,10 +13,11 @@ from handreid.checkpoint import model_checkpoint
 from handreid.model import backbone
 from handreid.core.config_files import load_config
 from handreid.core.errors import ConfigError
-from handreid.train.method import Phase, decay_groups, lr_factor
+from handreid.methods.base import Phase, decay_groups, lr_factor
 from handreid.train.run_log import metrics_path
-from handreid.methods.stage1 import FinetuneTrainerStage1
+from finetune_trainer_stage1 import FinetuneTrainerStage1
 from handreid.methods.clipreid import ClipReid
+from handreid.methods.stage1 import Stage1
 from conftest import build
 
 CONFIGS = "configs/finetuning_stage2_clipreid/"
@@ -191,7 +192,7 @@ def test_selection_last_keeps_the_last_epoch_and_jsonl_lr_is_the_epochs(make_con
 
 def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make_config):
     from handreid.model import losses
-    from handreid.methods.clipreid import IMAGE_ENCODER
+    from handreid.methods.clipreid import IMAGE_ENCODER, encode_image_pair
 
     config = make_config(method="clipreid", triplet_weight=1.0, triplet_intermediate_layer=1)
     torch.manual_seed(0)
@@ -212,7 +213,7 @@ def test_third_triplet_feature_is_clipreids_and_each_feature_moves_the_loss(make
         hook.remove()
         (tokens,) = block_outputs
         assert torch.allclose(inner, tokens[:, 0], atol=1e-5)
-        two = backbone.encode_image_pair(visual, images)
+        two = encode_image_pair(visual, images)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(two, (pre, proj)))
         terms, _ = method.loss(Phase(IMAGE_ENCODER, 1), outputs, labels)
         parts = [losses.batch_hard_triplet(f, labels, 0.3, False) for f in (inner, pre, proj)]
@@ -249,16 +250,14 @@ def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config,
 
 def test_a_stride_1_resnet_checkpoint_is_rebuilt_with_its_own_stride(make_config, tmp_path):
     config = make_config(model="rn50", pretrained="none", image_size=64, resnet_last_stride=1)
-    clip_model, classifier = backbone.build_model(config, num_classes=3)
+    clip_model, _ = backbone.build_model(config)
     assert clip_model.visual.attnpool.positional_embedding.shape[0] == 1 + 4 * 4
-    model_checkpoint.save_checkpoint(tmp_path / "rn.pth", backbone.HandIdModel(clip_model,
-                                                                          classifier),
-                               config, ["a", "b", "c"], epoch=1)
+    stage1 = Stage1(config, clip_model, ["a", "b", "c"])
+    stage1.save_checkpoint(tmp_path / "rn.pth", epoch=1)
     # The eval config need not repeat the key: the network is the checkpoint's.
     model, _ = model_checkpoint.load_checkpoint(tmp_path / "rn.pth",
                                           make_config(model="rn50", image_size=64))
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model.eval().features(images),
-                              backbone.HandIdModel(clip_model, classifier).eval()
-                              .features(images), atol=1e-5)
+                              stage1.model.eval().features(images), atol=1e-5)

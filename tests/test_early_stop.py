@@ -142,4 +142,5 @@ def test_selection_last_with_early_stopping_is_one_line_exit_2(make_config, tmp_
 
 def toy_engine_without_val(config):
     train_loader, _, _ = get_train_val_loaders(config)
-    return Engine(HeadThenAll(config, train_loader.dataset.classes), train_loader, config, "cpu")
+    return Engine(HeadThenAll.build(config, train_loader.dataset.classes), train_loader, config,
+                  "cpu")

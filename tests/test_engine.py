@@ -21,6 +21,7 @@ from handreid.core.errors import ConfigError, UserError
 from handreid.core.atomic_files import atomic_write
 from conftest import ONE_THREAD, ROOT, run_script, write_config
 from handreid.train.engine import Engine
+from handreid.methods.stage1 import Stage1
 from handreid.train.run_log import metrics_path
 from handreid.train.checkpointing import resume_path
 from handreid.model.losses import batch_hard_triplet
@@ -85,7 +86,7 @@ def test_phase_one_trains_the_head_only(make_config):
     config = make_config(method="toy_head_then_all", epochs=1, batch_size=8, lr=1e-3)
     seed_everything(config["seed"])
     train_loader, val_loader, _ = get_train_val_loaders(config)
-    method = HeadOnly(config, train_loader.dataset.classes)
+    method = HeadOnly.build(config, train_loader.dataset.classes)
     before = {k: v.clone() for k, v in method.model.state_dict().items()}
     Engine(method, train_loader, config, "cpu", val_loader).train()
     after = method.model.state_dict()
@@ -274,7 +275,7 @@ def test_a_20_epoch_run_writes_at_most_6x_its_checkpoint(make_config):
     config = make_config(batch_size=16, epochs=20, num_splits=1)
     seed_everything(config["seed"])
     train_loader, val_loader, num_classes = get_train_val_loaders(config)
-    from handreid.methods.stage1 import FinetuneTrainerStage1
+    from finetune_trainer_stage1 import FinetuneTrainerStage1
     clip_model, classifier = backbone.build_model(config, num_classes)
     trainer = FinetuneTrainerStage1(clip_model, classifier, train_loader, config, "cpu",
                                     val_loader)
@@ -289,10 +290,11 @@ def test_a_20_epoch_run_writes_at_most_6x_its_checkpoint(make_config):
 
 def test_unknown_method_and_missing_module_are_one_line_errors(make_config, tmp_path):
     config = make_config()
-    clip_model, classifier = backbone.build_model(config, num_classes=13)
+    names = [str(i) for i in range(13)]
+    stage1 = Stage1(config, backbone.build_model(config)[0], names)
     path = tmp_path / "model.pth"
-    model_checkpoint.save_checkpoint(path, backbone.HandIdModel(clip_model, classifier), config,
-                               [str(i) for i in range(13)], epoch=1, method="someone_elses")
+    model_checkpoint.save_checkpoint(path, stage1.model, config, names, epoch=1,
+                                     method="someone_elses", module_specs=stage1.module_specs())
     config_file = write_config(make_config(save_path=str(path)), tmp_path / "eval.yml")
     proc = run_script(EVAL, "--config", config_file, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -315,7 +317,7 @@ def test_unknown_method_and_missing_module_are_one_line_errors(make_config, tmp_
 def test_a_first_release_checkpoint_still_loads(make_config, tmp_path):
     config = make_config(head="bnneck")
     clip_model, classifier = backbone.build_model(config, num_classes=3)
-    backbone.HandIdModel(clip_model, classifier)(torch.randn(8, 3, 64, 64))
+    classifier(clip_model.encode_image(torch.randn(8, 3, 64, 64)))  # BN running statistics
     legacy = {"format": "clip-handid-stage1", "format_version": 1, "config": dict(config),
               "backbone": "handid_tiny/none", "quick_gelu": False, "image_size": 64,
               "embed_dim": 64, "clip_state_dict": clip_model.state_dict(),
@@ -326,5 +328,6 @@ def test_a_first_release_checkpoint_still_loads(make_config, tmp_path):
     model, ckpt = model_checkpoint.load_checkpoint(path, config)
     assert ckpt["method"] == "stage1" and ckpt["selection"]["val_accuracy"] == 50.0
     images = torch.randn(4, 3, 64, 64)
-    expected = backbone.HandIdModel(clip_model, classifier).eval().features(images)
+    expected = backbone.HandIdModel(clip_model, {"classifier": classifier},
+                                    {"kind": "bn", "module": "classifier"}).eval().features(images)
     assert torch.equal(model.eval().features(images), expected)

@@ -1,11 +1,12 @@
 """The import graph, read from the source with ast (nothing is imported or run):
 
 - the package's folders are its layers (handreid/<layer>/): a module imports its own folder,
-  the folders of its own rank and the ranks below, never upward; evaluation never imports
-  train; no import circle exists among the modules;
+  the folders of its own rank and the ranks below, never upward; neither evaluation nor a
+  method imports train; no import circle exists among the modules;
 - no entry script (experiments/, datasets/, benchmarks/ scripts, run_all) and no front module
   of the documents (build_dataloader, make_model, finetune_trainer_stage1) is imported by the
-  package; the fronts only re-export the package;
+  package; the fronts import the package only (finetune_trainer_stage1 assembles the
+  documents' class from it);
 - every folder of the package has a rank: a new folder has to be placed here;
 - the test suite's own hygiene: no test module imports another, no test reaches a private
   attribute, and the tests that only read the source (like this file) run without torch.
@@ -24,7 +25,10 @@ RANKS = (("core",), ("model", "data", "metrics", "checkpoint"),
          ("train", "methods", "evaluation", "casework", "search"))
 RANK_OF = {folder: rank for rank, folders in enumerate(RANKS) for folder in folders}
 NEVER = {("evaluation", "train"): "evaluation rebuilds any checkpoint from its module specs "
-                                  "and feature definition, never from a trainer"}
+                                  "and feature definition, never from a trainer",
+         ("methods", "train"): "evaluation imports a checkpoint's method for its module and "
+                               "feature kinds; a method takes what it needs from "
+                               "methods/base.py, never the engine"}
 # The documents' modules at the top of the checkout: fronts of the package.
 FRONTS = ("build_dataloader", "make_model", "finetune_trainer_stage1")
 # Entry scripts: run as `python <path>`, never imported (tests may call their main()).

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from handreid.casework import likelihood_ratio
-from handreid.checkpoint import model_checkpoint
 from handreid.model import backbone
 from handreid.data.loaders import list_split
 from handreid.core.config_files import load_config
 from handreid.core.errors import run_cli, UserError
+from handreid.methods.stage1 import Stage1
 from conftest import DEMO_TRAIN_CONFIG, results_json, run_script
 from experiments import calibrate, compare_photos, run_eval_clip, search
 
@@ -186,10 +186,8 @@ def test_evaluation_calibrate_compare_and_search(trained, prepared_11k, tmp_path
     # A calibration of another checkpoint is refused, by compare and by search.
     config = load_config(DEMO_TRAIN_CONFIG, [s for s in sets if s != "--set"])
     names = sorted({name for _, name in list_split(config, "train")})
-    clip_model, classifier = backbone.build_model(config, num_classes=len(names))
-    model_checkpoint.save_checkpoint(tmp_path / "other.pth",
-                               backbone.HandIdModel(clip_model, classifier), config, names,
-                               epoch=1, selection={"metric": "val_loss", "value": 1.0})
+    Stage1(config, backbone.build_model(config)[0], names).save_checkpoint(
+        tmp_path / "other.pth", epoch=1, selection={"metric": "val_loss", "value": 1.0})
     shutil.copy(calibration_file, tmp_path / "other.calibration.npz")
     other = ("--set", f"save_path={tmp_path / 'other.pth'}")
     one_line_error(cli(compare_photos, capsys, *args, *other), "fitted for another model")

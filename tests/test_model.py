@@ -1,5 +1,5 @@
 """make_model: backbone names, preprocessing, text freezing, identity heads, feature function,
-local and missing weights, and the Stage-1 checkpoint format (tiny model, CPU)."""
+local and missing weights, and the checkpoint format with Stage 1's head (tiny model, CPU)."""
 import os
 import subprocess
 import sys
@@ -13,6 +13,7 @@ from handreid.model import backbone
 from handreid.core.config_files import load_config
 from handreid.core.errors import ConfigError, UserError
 from handreid.checkpoint.model_checkpoint import load_checkpoint, save_checkpoint
+from handreid.methods.stage1 import Stage1
 from handreid.model.backbone import BNNeck, HandIdModel, build_model, preprocess_spec, resolve_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,22 +93,33 @@ def test_build_freezes_everything_outside_the_image_encoder():
     assert all(p.requires_grad for p in unfrozen.parameters())
 
 
+def stage1(config, clip_model, num_classes):
+    """Stage 1's method on `clip_model` with `num_classes` identities."""
+    return Stage1(config, clip_model, [f"{i:07d}" for i in range(1, num_classes + 1)])
+
+
 def test_linear_head_and_features_are_encode_image():
     clip_model, classifier = build_model(cfg(), num_classes=7)
     assert isinstance(classifier, torch.nn.Linear)
     assert (classifier.in_features, classifier.out_features) == (64, 7)
-    model = HandIdModel(clip_model, classifier).eval()
+    method = stage1(cfg(), clip_model, 7)
+    model = method.model.eval()
+    classifier = model.extras["classifier"]
+    assert isinstance(classifier, torch.nn.Linear)
     x = images()
-    logits, features = model(x)
+    logits, features = method.classify(model, x), model.features(x)
     assert torch.equal(features, clip_model.encode_image(x))
     assert torch.equal(logits, classifier(features))
     assert build_model(cfg())[1] is None
-    assert HandIdModel(clip_model)(x)[0] is None
+    headless = HandIdModel(clip_model)
+    assert headless.feature == {"kind": "embedding"} and not headless.extras
+    assert torch.equal(headless(x), clip_model.encode_image(x))
 
 
 def test_features_train_the_image_encoder_only():
-    clip_model, classifier = build_model(cfg(), num_classes=3)
-    logits, _ = HandIdModel(clip_model, classifier)(images())
+    clip_model, _ = build_model(cfg())
+    method = stage1(cfg(), clip_model, 3)
+    logits = method.classify(method.model, images())
     logits.sum().backward()
     assert clip_model.visual.conv1.weight.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in clip_model.named_parameters()
@@ -118,11 +130,13 @@ def test_bnneck_features_are_taken_after_the_batch_norm():
     clip_model, classifier = build_model(cfg(head="bnneck"), num_classes=6)
     assert isinstance(classifier, BNNeck)
     assert classifier.fc.bias is None and not classifier.bn.bias.requires_grad
-    model = HandIdModel(clip_model, classifier)
+    method = stage1(cfg(head="bnneck"), clip_model, 6)
+    model, classifier = method.model, method.model.extras["classifier"]
+    assert isinstance(classifier, BNNeck) and not classifier.bn.bias.requires_grad
     x = images(8)
-    model(x)  # one training step moves the running statistics away from (0, 1)
+    method.forward(model, x)  # one training step moves the running statistics away from (0, 1)
     model.eval()
-    logits, features = model(x)
+    logits, features = method.classify(model, x), model.features(x)
     raw = clip_model.encode_image(x)
     assert torch.allclose(features, classifier.bn(raw))
     assert not torch.allclose(features, raw)
@@ -196,19 +210,18 @@ def test_unavailable_weights_fail_fast_with_how_to_fix(tmp_path):
 def saved(tmp_path):
     """(path, config, clip_model, classifier) of a saved tiny bnneck checkpoint."""
     config = cfg(head="bnneck")
-    clip_model, classifier = build_model(config, num_classes=3)
-    HandIdModel(clip_model, classifier)(images(8))  # non-trivial BN running statistics
+    method = stage1(config, build_model(config)[0], 3)
+    method.forward(method.model, images(8))  # non-trivial BN running statistics
     path = tmp_path / "model.pth"
-    save_checkpoint(path, HandIdModel(clip_model, classifier), config,
-                    ["0000001", "0000002", "0000003"], epoch=4,
-                    selection={"metric": "val_accuracy", "value": 66.7, "val_accuracy": 66.7})
-    return path, config, clip_model, classifier
+    method.save_checkpoint(path, epoch=4, selection={"metric": "val_accuracy", "value": 66.7,
+                                                     "val_accuracy": 66.7})
+    return path, config, method.model.clip_model, method.model.extras["classifier"]
 
 
 def test_checkpoint_round_trip_is_exact(saved):
     path, config, clip_model, classifier = saved
     loaded, ckpt = load_checkpoint(path, config)
-    loaded_clip, loaded_head = loaded.clip_model, loaded.classifier
+    loaded_clip, loaded_head = loaded.clip_model, loaded.extras["classifier"]
     for source, loaded in ((clip_model, loaded_clip), (classifier, loaded_head)):
         expected = source.state_dict()
         assert expected.keys() == loaded.state_dict().keys()
@@ -225,8 +238,10 @@ def test_checkpoint_round_trip_is_exact(saved):
     assert all(p.requires_grad == n.startswith("visual.")
                for n, p in loaded_clip.named_parameters())
     x = images()
-    assert torch.equal(HandIdModel(loaded_clip, loaded_head).eval().features(x),
-                       HandIdModel(clip_model, classifier).eval().features(x))
+    bn = {"kind": "bn", "module": "classifier"}
+    assert torch.equal(
+        HandIdModel(loaded_clip, {"classifier": loaded_head}, bn).eval().features(x),
+        HandIdModel(clip_model, {"classifier": classifier}, bn).eval().features(x))
 
 
 def test_missing_checkpoint_says_train_first(tmp_path):
@@ -291,6 +306,7 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(saved, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(backbone.torch, "save", broken_save)
     with pytest.raises(UserError, match=r"cannot write .*model.pth: disk full \(.* GiB free "):
-        save_checkpoint(path, HandIdModel(clip_model, classifier), config, ["a", "b", "c"], 5)
+        save_checkpoint(path, HandIdModel(clip_model, {"classifier": classifier}), config,
+                        ["a", "b", "c"], 5, "stage1", {})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]

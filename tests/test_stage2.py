@@ -23,6 +23,7 @@ from handreid.train.run_log import metrics_path
 from handreid.train.checkpointing import resume_path
 from handreid.evaluation.evaluate import evaluate_config
 import run_all_finetuned_stage1
+from handreid.methods import clipreid
 from handreid.methods.clipreid import ClipReid
 from handreid.train.entry import train_main
 from handreid.core.runtime import seed_everything
@@ -46,7 +47,7 @@ def tiny():
 
 
 def test_prompt_learner_is_the_text_tower_on_its_tokens(tiny):
-    learner = backbone.PromptLearner(backbone.TINY_ARCH, TEMPLATE, num_classes=3,
+    learner = clipreid.PromptLearner(backbone.TINY_ARCH, TEMPLATE, num_classes=3,
                                        width=tiny.token_embedding.embedding_dim)
     assert learner.context.shape == (3, 4, tiny.token_embedding.embedding_dim)
     literal = backbone.open_clip.get_tokenizer(backbone.TINY_ARCH)([TEMPLATE])
@@ -64,20 +65,20 @@ def test_prompt_learner_is_the_text_tower_on_its_tokens(tiny):
                                       "A photo of an Xray hand."])
 def test_template_without_placeholder_is_a_config_error(template):
     with pytest.raises(ConfigError, match="no X placeholder"):
-        backbone.template_tokens(backbone.TINY_ARCH, template)
+        clipreid.template_tokens(backbone.TINY_ARCH, template)
 
 
 def test_template_that_does_not_fit_the_context_is_a_config_error():
     with pytest.raises(ConfigError, match="shorten or reword"):
-        backbone.template_tokens(backbone.TINY_ARCH, "a hand " * 40 + "X.")
+        clipreid.template_tokens(backbone.TINY_ARCH, "a hand " * 40 + "X.")
 
 
 def test_image_pair_vit_projects_the_pre_projection_feature(tiny):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        pre, proj = backbone.encode_image_pair(tiny.visual, images)
+        pre, proj = clipreid.encode_image_pair(tiny.visual, images)
         assert torch.allclose(proj, tiny.encode_image(images), atol=1e-5)
-    assert (pre.shape[1], proj.shape[1]) == backbone.image_pair_dims(tiny.visual) == (128, 64)
+    assert (pre.shape[1], proj.shape[1]) == clipreid.image_pair_dims(tiny.visual) == (128, 64)
 
 
 def test_image_pair_modified_resnet_pools_layer4_and_attention():
@@ -87,9 +88,9 @@ def test_image_pair_modified_resnet_pools_layer4_and_attention():
                             width=8).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        pre, proj = backbone.encode_image_pair(visual, images)
+        pre, proj = clipreid.encode_image_pair(visual, images)
         assert torch.allclose(proj, visual(images), atol=1e-5)
-    assert (pre.shape[1], proj.shape[1]) == backbone.image_pair_dims(visual) == (256, 24)
+    assert (pre.shape[1], proj.shape[1]) == clipreid.image_pair_dims(visual) == (256, 24)
 
 
 # ---------------------------------------------------------------- training (engine method)
@@ -159,7 +160,7 @@ def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         features = model.features(images)
-        pre, proj = backbone.encode_image_pair(model.clip_model.visual, images)
+        pre, proj = clipreid.encode_image_pair(model.clip_model.visual, images)
     assert features.shape == (3, 128 + 64)
     assert torch.allclose(features, torch.cat([pre, proj], 1))
     model.feature["neck_feat"] = "after"  # the features after each head's BN

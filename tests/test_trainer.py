@@ -19,10 +19,10 @@ from handreid.core.errors import ConfigError, UserError
 from conftest import ONE_THREAD, ROOT, InterruptedLoader, build, run_torchrun, write_config
 from handreid.methods.stage1 import Stage1
 from handreid.train.entry import train_main
-from handreid.train.method import Phase, lr_factor
+from handreid.methods.base import Phase, lr_factor
 from handreid.train.run_log import metrics_path
 from handreid.train.checkpointing import read_resume_state, resume_path
-from handreid.methods.stage1 import FinetuneTrainerStage1
+from finetune_trainer_stage1 import FinetuneTrainerStage1
 
 
 def main(argv):

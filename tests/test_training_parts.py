@@ -12,9 +12,9 @@ from handreid.checkpoint import legacy
 from handreid.core import registry
 from handreid.train.checkpointing import (Checkpointer, ResumeState, SavePoints, load_resume_state,
                            settings_changed, sum_fingerprint)
-from handreid.core.schema import SCHEMA
 from handreid.core.errors import ConfigError, UserError
-from handreid.train.method import Phase, phase_of
+from handreid.core.schema import option
+from handreid.methods.base import Method, Phase, phase_of
 from handreid.train.selection import Best, Selection
 
 
@@ -177,12 +177,14 @@ def test_foreign_or_corrupt_resume_files_are_one_line_errors(tmp_path):
 
 
 def test_a_setting_the_saved_run_did_not_know_counts_with_its_default():
-    config = {key: spec["default"] for key, spec in SCHEMA.items()}
+    config = {key: spec["default"] for key, spec in registry.config_keys().items()}
     saved = {k: v for k, v in config.items() if k != "bias_lr_factor"}
     assert settings_changed(saved, config) == []
     assert settings_changed(saved, {**config, "bias_lr_factor": 2.0}) == [
         "bias_lr_factor: 1.0 -> 2.0"]
     assert settings_changed(saved, {**config, "num_workers": 7}) == []  # not a training key
+    # A method's own key is a training setting too.
+    assert settings_changed(config, {**config, "prompt_lr": 1.0}) == ["prompt_lr: 0.00035 -> 1.0"]
 
 
 # ---------------------------------------------------------------- legacy files
@@ -225,7 +227,6 @@ def test_a_first_release_checkpoint_converts_by_its_head(head, has_head, feature
 # ---------------------------------------------------------------- methods and phases
 
 def test_every_method_names_its_own_train_command():
-    from handreid.model import backbone  # noqa: F401  (declares the built-in methods beside their model parts)
     assert registry.train_command("clipreid").startswith(
         "python experiments/train_stage2_clipreid.py")
     assert registry.train_command("clip_handid").startswith(
@@ -233,6 +234,17 @@ def test_every_method_names_its_own_train_command():
     assert registry.train_command("stage1").startswith(
         "python experiments/train_stage1_frozen_text.py")
     assert registry.train_command("nobody", "?") == "?"
+
+
+def test_a_method_cannot_take_a_built_in_name_or_a_general_key():
+    with pytest.raises(ConfigError, match="'stage1' of test_training_parts has the name of a "
+                                          "built-in method"):
+        type("Stage1Again", (Method,), {"name": "stage1"})
+    with pytest.raises(ConfigError, match="defines the config key 'lr', which the general "
+                                          "config or another method defines"):
+        type("Greedy", (Method,), {"name": "toy_greedy",
+                                   "config_keys": {"lr": option(float, 1.0, "its own lr")}})
+    assert "toy_greedy" not in registry.known()
 
 
 def test_phase_of_an_epoch_counts_over_all_phases():

@@ -7,7 +7,7 @@ from conftest import InterruptedLoader
 from handreid.data.loaders import get_train_val_loaders
 from handreid.model import backbone
 from handreid.train.engine import Engine
-from handreid.train.method import Method, Phase
+from handreid.methods.base import Method, Phase
 from handreid.core.runtime import seed_everything
 
 
@@ -16,9 +16,8 @@ class HeadThenAll(Method):
     cross-entropy + batch-hard triplet over pk batches; retrieval uses the BN feature."""
     name = "toy_head_then_all"
 
-    def __init__(self, config, identity_names):
-        super().__init__(config, identity_names)
-        clip_model, _ = backbone.build_model(config)
+    def __init__(self, config, clip_model, identity_names):
+        super().__init__(config, clip_model, identity_names)
         self.spec = {"kind": "bnneck", "dim": backbone.embed_dim(config),
                      "num_classes": len(identity_names)}
         self.model = backbone.HandIdModel(clip_model, extras={"neck": backbone.build_module(
@@ -57,7 +56,7 @@ class HeadThenAll(Method):
 def toy_engine(config, stop_at=None):
     seed_everything(config["seed"])
     train_loader, val_loader, _ = get_train_val_loaders(config)
-    method = HeadThenAll(config, train_loader.dataset.classes)
+    method = HeadThenAll.build(config, train_loader.dataset.classes)
     if stop_at:
         train_loader = InterruptedLoader(train_loader, stop_at)
     return Engine(method, train_loader, config, "cpu", val_loader)

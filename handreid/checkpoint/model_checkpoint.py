@@ -1,9 +1,10 @@
 """The checkpoint format: what a finished training run hands to evaluation, search and export.
 
 One torch file (format "clip-handid", version 2): the full CLIP state_dict, every extra module
-of the method by name with the spec that rebuilds it (make_model.build_module), the retrieval
-feature, the resolved config, the identity names, the epoch and the selection record.
-First-release Stage-1 files are converted on load (legacy_formats.py). Written atomically.
+of the method by name with the spec that rebuilds it (backbone.build_module: a generic kind or
+one the method registered), the retrieval feature, the resolved config, the identity names,
+the epoch and the selection record. First-release files are converted on load (legacy.py).
+Written atomically.
 """
 from pathlib import Path
 
@@ -22,20 +23,15 @@ CHECKPOINT_KEYS = ("method", "config", "backbone", "quick_gelu", "image_size", "
                    "epoch", "selection")
 
 
-def save_checkpoint(path, model, config, identity_names, epoch, method="stage1",
-                    module_specs=None, selection=None, state=None):
-    """Write a checkpoint atomically (a kill mid-write leaves the old file): the full CLIP
-    state_dict, every extra module's state by name with how to rebuild it (module_specs;
-    default: Stage 1's classifier), the retrieval feature, the resolved config, the identity
-    names, the epoch and the selection record ({"metric", "value", per-signal values}).
-    `state` (a HandIdModel state_dict) replaces the model's current weights, e.g. those
-    of an earlier best epoch."""
+def save_checkpoint(path, model, config, identity_names, epoch, method, module_specs,
+                    selection=None, state=None):
+    """Write a checkpoint of `method` (its name) atomically (a kill mid-write leaves the old
+    file): the full CLIP state_dict, every extra module's state by name with how to rebuild it
+    (module_specs), the retrieval feature, the resolved config, the identity names, the epoch
+    and the selection record ({"metric", "value", per-signal values}). `state` (a HandIdModel
+    state_dict) replaces the model's current weights, e.g. those of an earlier best epoch."""
     arch, pretrained = backbone.resolve_backbone(config)
     state = model.state_dict() if state is None else state
-    if module_specs is None:
-        module_specs = {} if model.classifier is None else {
-            "classifier": backbone.classifier_spec(config["head"], backbone.embed_dim(config),
-                                                     len(identity_names))}
     obj = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -94,13 +90,13 @@ def read_checkpoint(path, train_command):
 
 def check_matches_config(path, ckpt, config):
     """UserError unless the checkpoint fits `config`: method, backbone, dataset, aspect, image
-    size, normalisation, Stage-1 head."""
+    size, normalisation, and what the method itself checks (Method.check_checkpoint)."""
     trained, method = ckpt["config"], ckpt["method"]
     if method not in registry.known():
         raise UserError(f"{path} was written by the training method {method!r}, which this "
                         f"code does not know (known: {', '.join(registry.known())}); "
                         f"evaluate it with the code that trained it")
-    if method != config["method"]:
+    if method != registry.load(config["method"]).name:
         raise UserError(f"{path} was trained by method {method!r} but the config says method: "
                         f"{config['method']}; set method: {method}, or point save_path: at a "
                         f"{config['method']} checkpoint "
@@ -127,9 +123,7 @@ def check_matches_config(path, ckpt, config):
         raise UserError(f"{path} was trained with normalize: {trained.get('normalize', 'clip')} "
                         f"but the config says normalize: {config['normalize']}; set normalize: "
                         f"{trained.get('normalize', 'clip')}")
-    if method == "stage1" and trained.get("head", "linear") != config["head"]:
-        raise UserError(f"{path} has a {trained.get('head')} head but the config says head: "
-                        f"{config['head']}; set head: {trained.get('head')}")
+    registry.load(method).method_class.check_checkpoint(path, trained, config)
 
 
 def check_modules(path, ckpt):
@@ -141,8 +135,9 @@ def check_modules(path, ckpt):
             raise UserError(f"{path} is a {ckpt['method']} checkpoint without its module "
                             f"{name!r}; it is incomplete: retrain it "
                             f"({registry.train_command(ckpt['method'])})")
-    unknown = sorted({spec["kind"] for spec in specs.values()} - set(backbone.MODULE_KINDS))
-    if unknown or ckpt["feature"].get("kind") not in backbone.FEATURE_KINDS:
+    unknown = sorted({spec["kind"] for spec in specs.values()
+                      if backbone.module_class(spec["kind"]) is None})
+    if unknown or backbone.feature_function(ckpt["feature"].get("kind")) is None:
         what = f"module kind {unknown[0]!r}" if unknown else \
             f"feature {ckpt['feature'].get('kind')!r}"
         raise UserError(f"{path} uses a {what} that this code does not know; evaluate it with "
@@ -167,9 +162,10 @@ def load_strict(module, state_dict, path, what, train_command):
 
 def load_checkpoint(path, config, device="cpu", freeze_text=True):
     """-> (HandIdModel, ckpt) from a checkpoint of any known method, checked against `config`
-    (method, backbone, dataset, aspect, image size, head) and loaded strictly; the model
-    computes the checkpoint's retrieval feature. No weights are downloaded: the architecture
-    is built random-initialised, then overwritten."""
+    (method, backbone, dataset, aspect, image size, the method's own checks) and loaded
+    strictly; the model computes the checkpoint's retrieval feature with the kinds its method
+    registered (the method's file is imported, its training code is not run). No weights are
+    downloaded: the architecture is built random-initialised, then overwritten."""
     command = registry.train_command(config["method"])
     ckpt = read_checkpoint(path, command)
     check_matches_config(path, ckpt, config)

@@ -2,8 +2,8 @@
 argument parser every script shares (--config, --set; its errors are ConfigErrors).
 
 All experiments read one flat dict. Keys, types, defaults and allowed values live in
-schema.SCHEMA; docs/config.md documents them. A bad key, type or value raises ConfigError
-(exit code 2).
+schema.SCHEMA and in the methods' files (registry.config_keys); docs/config.md documents them.
+A bad key, type or value raises ConfigError (exit code 2).
 """
 import argparse
 import json
@@ -11,16 +11,18 @@ from pathlib import Path
 
 import yaml
 
+from handreid.core import registry
 from handreid.core.errors import ConfigError
-from handreid.core.schema import SCHEMA, check_value, suggest
+from handreid.core.schema import check_value, suggest
 
 # data_dir of each dataset when the config leaves it out (the prepare scripts' --out default)
 DEFAULT_DATA_DIRS = {"11k": "datasets/11khands", "hd": "datasets/HD", "folder": "datasets/folder"}
 PREPARE_SCRIPTS = {"11k": "prepare_11k.py", "hd": "prepare_hd.py", "folder": "prepare_folder.py"}
 
 
-def parse_override(text):
-    """'key=value' -> (key, value), the value parsed as YAML ('1e-5' -> float, 'true' -> bool)."""
+def parse_override(text, keys=None):
+    """'key=value' -> (key, value), the value parsed as YAML ('1e-5' -> float, 'true' -> bool)
+    and read as its key in `keys` (default: registry.config_keys())."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set lr=1e-5")
     key, raw = text.split("=", 1)
@@ -29,7 +31,7 @@ def parse_override(text):
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    kind = SCHEMA.get(key, {}).get("type")
+    kind = (keys or registry.config_keys()).get(key, {}).get("type")
     # YAML reads '1e-5' as a string; numbers written that way are common in lr overrides.
     if kind is float and isinstance(value, str):
         try:
@@ -87,19 +89,21 @@ def resolve_config(path=None, overrides=()):
     """(config, origins): defaults <- the base: chain of the YAML file, farthest first <- the
     file <- `key=value` overrides, validated, derived paths filled in; origins names, per key,
     the file or `--set` its value came from ("default" or "derived" otherwise)."""
-    config = {key: spec["default"] for key, spec in SCHEMA.items()}
-    origins = dict.fromkeys(config, "default")
     chain = read_chain(path) if path is not None else []
-    set_items = [parse_override(o) if isinstance(o, str) else o for o in overrides]
+    # The method is loaded before anything is validated: its own keys become known.
+    keys = registry.config_keys(_named_method(chain, overrides))
+    config = {key: spec["default"] for key, spec in keys.items()}
+    origins = dict.fromkeys(config, "default")
+    set_items = [parse_override(o, keys) if isinstance(o, str) else o for o in overrides]
     sources = [(str(file), data.items()) for file, data in chain] + [("--set", set_items)]
     for where, items in sources:
         for key, value in items:
-            if key not in SCHEMA:
-                raise ConfigError(f"{where}: unknown key '{key}'{suggest(key)}")
-            config[key] = check_value(key, value, where)
+            if key not in keys:
+                raise ConfigError(f"{where}: unknown key '{key}'{suggest(key, keys)}")
+            config[key] = check_value(key, value, where, keys)
             origins[key] = where
     from_files = {key: value for _, data in chain for key, value in data.items()}
-    _rename_overridden_run(config, from_files, {key for key, _ in set_items})
+    _rename_overridden_run(config, from_files, {key for key, _ in set_items}, keys)
     derived = {"name": lambda: Path(path).stem if path is not None else "experiment",
                "data_dir": lambda: DEFAULT_DATA_DIRS[config["dataset"]],
                "save_path": lambda: f"saved_models/{config['name']}.pth",
@@ -108,6 +112,14 @@ def resolve_config(path=None, overrides=()):
         if config[key] is None:
             config[key], origins[key] = value(), "derived"
     return config, origins
+
+
+def _named_method(chain, overrides):
+    """The `method:` a config names last (its file chain, then --set), before validation."""
+    named = [data["method"] for _, data in chain if "method" in data]
+    named += [value for key, value in (parse_override(o) if isinstance(o, str) else o
+                                       for o in overrides) if key == "method"]
+    return named[-1] if named else None
 
 
 def load_config(path=None, overrides=()):
@@ -136,13 +148,13 @@ def config_from_args(args):
 RUN_IDENTITY_KEYS = ("method", "model", "dataset", "data_dir", "aspect")
 
 
-def _rename_overridden_run(config, from_file, set_keys):
+def _rename_overridden_run(config, from_file, set_keys, keys):
     """A --set of a RUN_IDENTITY_KEYS key makes another run than the file's: its name,
     save_path and log_path (where the file names them and --set does not) get a suffix saying
     what changed, so it never shares (or is refused as) the file's own run. The same --set on
     the train and the eval config gives both the same names."""
     changed = [key for key in RUN_IDENTITY_KEYS
-               if key in set_keys and config[key] != from_file.get(key, SCHEMA[key]["default"])]
+               if key in set_keys and config[key] != from_file.get(key, keys[key]["default"])]
     if not changed:
         return
     def slug(value):  # a data_dir counts by its folder name

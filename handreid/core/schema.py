@@ -1,5 +1,7 @@
-"""The config keys: each key's type, default, allowed values and the line docs/config.md
-gives it (SCHEMA), and the check of one value against its key (ConfigError, exit code 2)."""
+"""The general config keys: each key's type, default, allowed values and the line
+docs/config.md gives it (SCHEMA), and the check of one value against its key (ConfigError,
+exit code 2). A method's own keys are declared in its file with `option` (handreid/methods/);
+registry.config_keys gives every key a config holds."""
 import difflib
 
 from handreid.core.errors import ConfigError
@@ -89,11 +91,6 @@ SCHEMA = {
                                              "or pixel (per-pixel N(0, 1) noise in normalised "
                                              "space, timm's mode='pixel', as CLIP-ReID)",
                                 choices=("zero", "pixel")),
-    "triplet_intermediate_layer": option(int, None, "Stage 2: a third triplet feature, "
-                                                     "CLIP-ReID's: ViT the class token after this "
-                                                     "many blocks (before ln_post; CLIP-ReID: "
-                                                     "blocks - 1 = 11), ResNet the mean of this "
-                                                     "layer (CLIP-ReID: 3); default: off"),
     "pos_embed_interpolation": option(str, "bicubic", "how a ViT's position embedding is "
                                                        "resized to another image_size: bicubic "
                                                        "(open_clip's) or bilinear (CLIP-ReID's)",
@@ -102,9 +99,10 @@ SCHEMA = {
                                       "CLIP-ReID's ViT config) or imagenet (CLIP-ReID's RN50 "
                                       "config)", choices=("clip", "half", "imagenet")),
     # training engine (every method)
-    "method": option(str, "stage1", "training method that wrote the checkpoint: stage1 "
-                                     "(cross-entropy, text tower frozen), clipreid (Stage 2) or "
-                                     "clip_handid (CLIP-HandID)"),
+    # Its default is handreid/methods' DEFAULT, filled in by registry.config_keys.
+    "method": option(str, None, "training method: a built-in method (the stem of its file in "
+                                 "handreid/methods/) or the path of a .py file defining a Method "
+                                 "subclass, relative to the working directory"),
     "sampler": option(str, "random", "train batches: random, or pk (batch_size / num_instances "
                                       "identities with num_instances images each)",
                        choices=("random", "pk")),
@@ -130,45 +128,13 @@ SCHEMA = {
     "channels_last": option(bool, False, "channels-last memory format (ResNet backbones)"),
     "tf32": option(bool, False, "TF32 matmuls and convolutions on GPUs that have them"),
     "device": option(str, "auto", "auto, cpu, cuda or cuda:N"),
-    # stage 2 (CLIP-ReID)
+    # the prompt that Stage 2 (CLIP-ReID) and CLIP-HandID both read; their other keys are
+    # in their own files (handreid/methods/)
     "prompt_template": option(str, "A photo of a X X X X hand.",
                                "Stage-2 text template; each standalone X is one learnable token "
                                "per training identity"),
-    "prompt_epochs": option(int, 120, "Stage-2 phase 1: epochs that learn the prompts (0 = take "
-                                       "them from prompt_checkpoint)", low=0),
-    "prompt_checkpoint": option(str, None, "a Stage-2 checkpoint whose learned prompts phase 2 "
-                                            "starts from when prompt_epochs is 0"),
-    "prompt_batch_size": option(int, 64, "Stage-2 phase 1: image features per step (per process)",
-                                 low=1),
-    "prompt_lr": option(float, 3.5e-4, "Stage-2 phase 1: Adam learning rate of the prompts",
-                         low=0.0),
-    "prompt_weight_decay": option(float, 1e-4, "Stage-2 phase 1: weight decay of the prompts",
-                                   low=0.0),
-    "prompt_warmup_epochs": option(int, 5, "Stage-2 phase 1: linear warmup epochs", low=0),
-    "prompt_warmup_lr": option(float, 1e-5, "Stage-2 phase 1: learning rate at the first warmup "
-                                             "step", low=0.0),
-    "prompt_min_lr": option(float, 1e-6, "Stage-2 phase 1: learning rate at the end of the "
-                                          "cosine decay", low=0.0),
     "warmup_factor": option(float, 0.1, "Stage-2 phase 2: lr factor where the linear warmup "
                                          "starts", low=0.0),
-    "id_loss_weight": option(float, 0.25, "Stage-2 phase 2: weight of the identity "
-                                           "cross-entropy (summed over both heads)", low=0.0),
-    "i2t_loss_weight": option(float, 1.0, "Stage-2 phase 2: weight of the image-to-text "
-                                           "cross-entropy", low=0.0),
-    "neck_feat": option(str, "before", "Stage-2 retrieval feature: the two image features "
-                                        "before or after their BNNeck BN, concatenated",
-                         choices=("before", "after")),
-    # CLIP-HandID (method clip_handid; prompt_template holds the placeholder word)
-    "placeholder": option(str, "sks", "CLIP-HandID: the word of prompt_template (one token) "
-                                       "whose embedding the image's pseudo-word replaces"),
-    "inversion": option(str, "learned", "CLIP-HandID pseudo-word: learned (the paper: the "
-                                         "inversion network's token, trained through the frozen "
-                                         "text tower) or released (the released code: the token's "
-                                         "mean over its dimensions, no gradient)",
-                         choices=("learned", "released")),
-    "interaction_network": option(bool, False, "CLIP-HandID: the interaction network (text over "
-                                                "image attention, per sample) with a third head "
-                                                "and a third part of the retrieval feature"),
     # outputs
     "save_path": option(str, None, "checkpoint file (default: saved_models/<name>.pth)"),
     "log_path": option(str, None, "human log file; metrics and plots go beside it "
@@ -222,13 +188,13 @@ SCHEMA = {
 }
 
 
-def suggest(key):
-    close = difflib.get_close_matches(key, SCHEMA, n=1)
+def suggest(key, keys=SCHEMA):
+    close = difflib.get_close_matches(key, keys, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def check_value(key, value, where):
-    spec = SCHEMA[key]
+def check_value(key, value, where, keys=SCHEMA):
+    spec = keys[key]
     kind = spec["type"]
     if isinstance(value, (bool, str)) and value in spec["aliases"]:
         value = spec["aliases"][value]

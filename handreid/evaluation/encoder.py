@@ -24,8 +24,9 @@ def load_model(config):
         # Random-initialised backbones (model: tiny, pretrained: none) then give the same
         # baseline on every run.
         torch.manual_seed(config["seed"])
-        clip_model, classifier = backbone.build_model(config, num_classes=None)
-        return backbone.HandIdModel(clip_model, classifier), None
+        clip_model, _ = backbone.build_model(config)
+        return backbone.HandIdModel(clip_model), None
+    # The checkpoint's method is imported (registry) for the kinds of its modules and feature.
     model, ckpt = model_checkpoint.load_checkpoint(config["save_path"], config)
     info = {"path": str(config["save_path"]), "method": ckpt["method"], "epoch": ckpt["epoch"],
             "selection": ckpt["selection"], "val_accuracy": ckpt["selection"].get("val_accuracy"),

@@ -1,5 +1,6 @@
 """Stage 2: CLIP-ReID (Li et al., AAAI 2023) for hands; a method of the training engine
-(engine.py), in two phases.
+(train/engine.py), in two phases. This file is the whole method: its config keys, its model
+parts (prompts, the two-feature image encoder, the retrieval feature) and its training.
 
 Phase `prompts` (prompt_epochs): every training identity gets the learnable tokens of
 prompt_template (each X one token). Image encoder and text tower stay frozen; only the tokens
@@ -26,18 +27,221 @@ features concatenated, before or after their BN (neck_feat); evaluation L2-norma
 The checkpoint holds the learned prompts as module `prompt_learner` (its `context` tensor).
 prompt_epochs: 0 skips phase 1 and starts phase 2 from the prompts of prompt_checkpoint.
 """
+import re
+
+import open_clip
 import torch
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from handreid.checkpoint import model_checkpoint
-from handreid.model import losses
-from handreid.model import backbone
 from handreid.core import registry
-from handreid.data.loaders import train_gallery_loader
 from handreid.core.errors import ConfigError, UserError
-from handreid.train.method import Method, Phase, decay_groups, encoder_and_head_groups
 from handreid.core.runtime import rank_and_world
+from handreid.core.schema import option
+from handreid.data.loaders import train_gallery_loader
+from handreid.methods.base import Method, Phase, decay_groups, encoder_and_head_groups
+from handreid.model import backbone, losses
+
+# Stage 2's own config keys (prompt_template and warmup_factor, which CLIP-HandID reads too,
+# are general: core/schema.py).
+CONFIG_KEYS = {
+    "prompt_epochs": option(int, 120, "Stage-2 phase 1: epochs that learn the prompts (0 = take "
+                                       "them from prompt_checkpoint)", low=0),
+    "prompt_checkpoint": option(str, None, "a Stage-2 checkpoint whose learned prompts phase 2 "
+                                            "starts from when prompt_epochs is 0"),
+    "prompt_batch_size": option(int, 64, "Stage-2 phase 1: image features per step (per process)",
+                                 low=1),
+    "prompt_lr": option(float, 3.5e-4, "Stage-2 phase 1: Adam learning rate of the prompts",
+                         low=0.0),
+    "prompt_weight_decay": option(float, 1e-4, "Stage-2 phase 1: weight decay of the prompts",
+                                   low=0.0),
+    "prompt_warmup_epochs": option(int, 5, "Stage-2 phase 1: linear warmup epochs", low=0),
+    "prompt_warmup_lr": option(float, 1e-5, "Stage-2 phase 1: learning rate at the first warmup "
+                                             "step", low=0.0),
+    "prompt_min_lr": option(float, 1e-6, "Stage-2 phase 1: learning rate at the end of the "
+                                          "cosine decay", low=0.0),
+    "id_loss_weight": option(float, 0.25, "Stage-2 phase 2: weight of the identity "
+                                           "cross-entropy (summed over both heads)", low=0.0),
+    "i2t_loss_weight": option(float, 1.0, "Stage-2 phase 2: weight of the image-to-text "
+                                           "cross-entropy", low=0.0),
+    "neck_feat": option(str, "before", "Stage-2 retrieval feature: the two image features "
+                                        "before or after their BNNeck BN, concatenated",
+                         choices=("before", "after")),
+    "triplet_intermediate_layer": option(int, None, "Stage 2: a third triplet feature, "
+                                                     "CLIP-ReID's: ViT the class token after this "
+                                                     "many blocks (before ln_post; CLIP-ReID: "
+                                                     "blocks - 1 = 11), ResNet the mean of this "
+                                                     "layer (CLIP-ReID: 3); default: off"),
+}
+
+# ---------------------------------------------------------------- model parts
+# What evaluation rebuilds a Stage-2 checkpoint with (registered as the method's module and
+# feature kinds), and the two-feature image encoder CLIP-HandID builds on.
+
+PROMPT_PLACEHOLDER = re.compile(r"(?<![\w-])X(?![\w-])")
+
+
+def template_tokens(arch, template):
+    """-> (token ids of `template` [context_length], positions of its X placeholders).
+    Each standalone upper-case X is one learnable token; ConfigError without any."""
+    count = len(PROMPT_PLACEHOLDER.findall(template))
+    if count == 0:
+        raise ConfigError(f"prompt_template: {template!r} has no X placeholder; write each "
+                          f"learnable token as a standalone X, e.g. 'A photo of a X X X X hand.'")
+    tokenizer = open_clip.get_tokenizer(arch)
+    tokens = tokenizer([template])[0]
+    placeholder = tokenizer(["X"])[0][1]
+    positions = (tokens == placeholder).nonzero().flatten()
+    if len(positions) != count or tokens[-1] != 0:
+        raise ConfigError(f"prompt_template: {template!r} does not tokenize into {count} "
+                          f"placeholder tokens within the {len(tokens)}-token context (is it too "
+                          f"long, or is a lower-case 'x' a word of it?); shorten or reword it")
+    return tokens, positions
+
+
+def check_text_tower(clip_model, config):
+    """Stage 2 runs open_clip's built-in CLIP text tower on token embeddings directly."""
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final",
+              "text_projection", "attn_mask")
+    if not all(hasattr(clip_model, name) for name in needed):
+        raise ConfigError(f"model: {config['model']} ({type(clip_model).__name__}) has no "
+                          f"CLIP-style text tower that Stage 2 can feed learned tokens to; use "
+                          f"an OpenAI-style CLIP backbone such as vitb16 or rn50")
+
+
+class PromptLearner(nn.Module):
+    """Per-identity learnable tokens in a text template, encoded by the CLIP text tower.
+
+    Holds only the learned tokens (`context`: identities x placeholders x token width) and the
+    tokenized template; the frozen text tower is passed in, so it is stored once (in the
+    CLIP weights) and the prompts always meet the tower they were learned with."""
+
+    def __init__(self, arch, template, num_classes, width):
+        super().__init__()
+        tokens, positions = template_tokens(arch, template)
+        self.register_buffer("tokens", tokens)
+        self.register_buffer("positions", positions)
+        self.context = nn.Parameter(torch.empty(num_classes, len(positions), width))
+        nn.init.normal_(self.context, std=0.02)  # CLIP-ReID's (and CoOp's) init
+
+    def forward(self, clip_model, labels):
+        """Text features (projected, not normalised) of the identities `labels`."""
+        return encode_tokens_with(clip_model, self.tokens.expand(len(labels), -1),
+                                  self.positions, self.context[labels])
+
+
+def encode_tokens_with(clip_model, tokens, positions, inserted):
+    """Text features (projected, not normalised) of the token ids `tokens` [B, context]
+    whose embeddings at `positions` are replaced by `inserted` [B, len(positions), width];
+    gradients flow into `inserted` through the (frozen) text tower."""
+    cast_dtype = clip_model.transformer.get_cast_dtype()
+    x = clip_model.token_embedding(tokens).to(cast_dtype)
+    x = x.index_copy(1, positions, inserted.to(cast_dtype))
+    x = x + clip_model.positional_embedding.to(cast_dtype)
+    x = clip_model.ln_final(clip_model.transformer(x, attn_mask=clip_model.attn_mask))
+    x = text_global_pool(x, tokens, clip_model.text_pool_type,
+                         eos_token_id=getattr(clip_model, "text_eos_id", None))
+    if isinstance(clip_model.text_projection, nn.Linear):
+        return clip_model.text_projection(x)
+    return x @ clip_model.text_projection
+
+
+def _unsupported_encoder(visual):
+    return ConfigError(f"Stage 2 needs an open_clip VisionTransformer or ModifiedResNet image "
+                       f"encoder, got {type(visual).__name__}; use a CLIP backbone such as "
+                       f"vitb16 or rn50")
+
+
+def encode_image_pair(visual, images, intermediate=None):
+    """-> (pre-projection feature, projected feature) of open_clip's image encoder, the two
+    features CLIP-ReID puts its BNNecks on. ViT: the pooled class token after ln_post, and
+    that times `proj`. ModifiedResNet: the spatial mean of layer4, and the attention pool.
+    With `intermediate` (see check_intermediate_layer) a third feature, CLIP-ReID's extra
+    triplet feature: ViT the class token after that many transformer blocks (before
+    ln_post), ModifiedResNet the spatial mean of layer `intermediate`."""
+    if isinstance(visual, ModifiedResNet):
+        x = visual.stem(images)
+        maps = []
+        for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            x = layer(x)
+            maps.append(x)
+        pair = (x.mean(dim=(2, 3)), visual.attnpool(x))
+        return pair if intermediate is None else (*pair, maps[intermediate - 1].mean(dim=(2, 3)))
+    if isinstance(visual, VisionTransformer):
+        if intermediate is None:
+            pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+            return pooled, pooled if visual.proj is None else pooled @ visual.proj
+        transformer = visual.transformer
+        x = visual._embeds(images)
+        x = x if transformer.batch_first else x.transpose(0, 1)
+        for index, block in enumerate(transformer.resblocks, 1):
+            x = block(x)
+            if index == intermediate:
+                inner = (x if transformer.batch_first else x.transpose(0, 1))[:, 0]
+        pooled, _ = visual._pool(x if transformer.batch_first else x.transpose(0, 1))
+        return pooled, pooled if visual.proj is None else pooled @ visual.proj, inner
+    raise _unsupported_encoder(visual)
+
+
+def check_intermediate_layer(visual, layer):
+    """ConfigError unless `layer` names an intermediate feature encode_image_pair can give:
+    ViT 1 .. blocks - 1 (CLIP-ReID: blocks - 1), ModifiedResNet 1 .. 3 (CLIP-ReID: 3)."""
+    if layer is None:
+        return
+    resnet = isinstance(visual, ModifiedResNet)
+    if not resnet and not isinstance(visual, VisionTransformer):
+        raise _unsupported_encoder(visual)
+    top = 3 if resnet else len(visual.transformer.resblocks) - 1
+    if not 1 <= layer <= top:
+        what = "ResNet layer (layer1..layer3)" if resnet else \
+            f"number of transformer blocks (this ViT has {top + 1})"
+        raise ConfigError(f"triplet_intermediate_layer: {layer} is out of range; give a {what}: "
+                          f"1 to {top} (CLIP-ReID: {top}), or leave it out")
+
+
+def image_pair_dims(visual):
+    """Widths of encode_image_pair's two features, without running the encoder."""
+    if isinstance(visual, ModifiedResNet):
+        return visual.attnpool.k_proj.in_features, visual.attnpool.c_proj.out_features
+    if isinstance(visual, VisionTransformer):
+        width = visual.ln_post.normalized_shape[0]
+        return width, width if visual.proj is None else visual.proj.shape[1]
+    raise _unsupported_encoder(visual)
+
+
+def extra_module_specs(config, clip_model, num_classes):
+    """Stage 2's modules: the identities' prompts and a BNNeck head on each image feature."""
+    check_text_tower(clip_model, config)
+    pre_dim, proj_dim = image_pair_dims(clip_model.visual)
+    return {"prompt_learner": {"kind": "prompt_learner",
+                               "arch": backbone.resolve_backbone(config)[0],
+                               "template": config["prompt_template"],
+                               "num_classes": int(num_classes),
+                               "width": clip_model.token_embedding.embedding_dim},
+            "neck": backbone.classifier_spec("bnneck", pre_dim, num_classes),
+            "neck_proj": backbone.classifier_spec("bnneck", proj_dim, num_classes)}
+
+
+def retrieval_feature(config):
+    """The two image features concatenated, before or after their BN (neck_feat)."""
+    return {"kind": "clipreid", "neck_feat": config["neck_feat"], "modules": ["neck", "neck_proj"]}
+
+
+def clipreid_embedding(model, images):
+    """CLIP-ReID's retrieval feature: both image features (neck_feat: before or after their
+    BNNeck's BN), concatenated; raw, as every feature kind, so that a flip rule sums raw
+    features; evaluation L2-normalises it."""
+    pre, proj = encode_image_pair(model.clip_model.visual, images)
+    if model.feature["neck_feat"] == "after":
+        neck, neck_proj = (model.extras[name] for name in model.feature["modules"])
+        pre, proj = neck.bn(pre), neck_proj.bn(proj)
+    return torch.cat([pre, proj], dim=1)
+
+
+# ---------------------------------------------------------------- training
 
 PROMPTS, IMAGE_ENCODER = "prompts", "image_encoder"
 HEADS = ("neck", "neck_proj")
@@ -45,7 +249,7 @@ HEADS = ("neck", "neck_proj")
 
 def check_config(config):
     """The Stage-2 settings that can be checked before any data is read."""
-    backbone.template_tokens(backbone.resolve_backbone(config)[0], config["prompt_template"])
+    template_tokens(backbone.resolve_backbone(config)[0], config["prompt_template"])
     if config["prompt_epochs"] == 0 and not config["prompt_checkpoint"]:
         raise ConfigError("prompt_epochs: 0 skips learning the prompts; set prompt_checkpoint: "
                           "to a clipreid checkpoint to take them from, or prompt_epochs: >= 1")
@@ -54,7 +258,7 @@ def check_config(config):
 def read_prompts(path, identity_names):
     """-> (spec, state) of the learned prompts in the Stage-2 checkpoint `path`, which must
     have been trained on `identity_names` (what prompt_epochs: 0 starts phase 2 from)."""
-    ckpt = model_checkpoint.read_checkpoint(path, registry.train_command("clipreid"))
+    ckpt = model_checkpoint.read_checkpoint(path, registry.train_command(ClipReid.name))
     if "prompt_learner" not in ckpt["modules"]:
         raise UserError(f"prompt_checkpoint: {path} holds no learned prompts (it is a "
                         f"{ckpt['method']} checkpoint); point it at a clipreid checkpoint, or "
@@ -72,16 +276,19 @@ def _ratio(value, lr):
 
 class ClipReid(Method):
     name = "clipreid"
+    train_script = "experiments/train_stage2_clipreid.py"
+    config_keys = CONFIG_KEYS
+    module_kinds = {"prompt_learner": PromptLearner}
+    feature_kinds = {"clipreid": clipreid_embedding}
 
     check_config = staticmethod(check_config)
 
     def __init__(self, config, clip_model, identity_names):
-        super().__init__(config, identity_names)
+        super().__init__(config, clip_model, identity_names)
         check_config(config)
         backbone.freeze_text_tower(clip_model)
-        backbone.check_intermediate_layer(clip_model.visual,
-                                            config["triplet_intermediate_layer"])
-        self.specs = backbone.clipreid_module_specs(config, clip_model, len(identity_names))
+        check_intermediate_layer(clip_model.visual, config["triplet_intermediate_layer"])
+        self.specs = extra_module_specs(config, clip_model, len(identity_names))
         extras = {name: backbone.build_module(spec) for name, spec in self.specs.items()}
         for head in HEADS:
             backbone.init_classifier(extras[head], config["classifier_init_std"])
@@ -93,7 +300,7 @@ class ClipReid(Method):
                                   f"{spec['arch']}; set prompt_template: and model: to match")
             extras["prompt_learner"].load_state_dict(state)
         self.model = backbone.HandIdModel(clip_model, extras=extras,
-                                            feature=backbone.clipreid_feature(config))
+                                          feature=retrieval_feature(config))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
         self.phase = None
         self.image_features = self.image_labels = None  # phase 1: the frozen encoder's table
@@ -140,7 +347,7 @@ class ClipReid(Method):
         by a DistributedSampler seeded with `seed` (one shard per process)."""
         visual = self.model.clip_model.visual
         visual.eval()
-        features = [backbone.encode_image_pair(visual, images.to(device))[1].float()
+        features = [encode_image_pair(visual, images.to(device))[1].float()
                     for images, _ in train_gallery_loader(self.config, train_loader)]
         visual.train()
         self.image_features = torch.cat(features)
@@ -174,7 +381,7 @@ class ClipReid(Method):
         if self.phase == PROMPTS:  # inputs are rows of the feature table
             text = model.extras["prompt_learner"](model.clip_model, self.image_labels[inputs])
             return self.image_features[inputs], text
-        pre, proj, *inner = backbone.encode_image_pair(
+        pre, proj, *inner = encode_image_pair(
             model.clip_model.visual, inputs, self.config["triplet_intermediate_layer"])
         neck, neck_proj = (model.extras[head] for head in HEADS)
         return (pre, proj, neck(pre), neck_proj(proj), proj @ self.text_features.T, inner)
@@ -198,5 +405,5 @@ class ClipReid(Method):
 
     def classify(self, model, images):
         """Identity logits: the projected image feature against every identity's text."""
-        return backbone.encode_image_pair(model.clip_model.visual, images)[1] \
+        return encode_image_pair(model.clip_model.visual, images)[1] \
             @ self.text_features.T

@@ -3,7 +3,7 @@ epoch's weights are until then (a pending best), the resume state and the checks
 may resume from it.
 
 Files (every write atomic: a kill mid-write leaves the previous file):
-  save_path                    the best checkpoint (checkpoint_format.py), written at save
+  save_path                    the best checkpoint (model_checkpoint.py), written at save
                                points from the pending best epoch's weights.
   <save_path stem>.resume.pth  the state after the last save point: the trained weights only
                                (parameters no phase trains, e.g. the frozen text tower, are
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from handreid.checkpoint import model_checkpoint
 from handreid.checkpoint import legacy
 from handreid.core.atomic_files import atomic_write
-from handreid.core.schema import SCHEMA
+from handreid.core import registry
 from handreid.core.errors import UserError
 from handreid.core.runtime import check_not_running
 from handreid.train.selection import Best
@@ -121,7 +120,7 @@ def settings_changed(saved, config):
     """Training settings of `config` that differ from the saved run's; a key the saved run
     did not know yet counts with its default."""
     return [f"{key}: {saved.get(key, spec['default'])!r} -> {config[key]!r}"
-            for key, spec in SCHEMA.items()
+            for key, spec in registry.config_keys(config["method"]).items()
             if key not in NON_TRAINING_KEYS and saved.get(key, spec["default"]) != config[key]]
 
 
@@ -223,10 +222,8 @@ class Checkpointer:
         if self.pending is not None:
             weights = self.model.state_dict()
             weights.update(self.pending.weights or {})
-            model_checkpoint.save_checkpoint(
-                self.config["save_path"], self.model, self.config, self.method.identity_names,
-                best.epoch, method=self.method.name, module_specs=self.method.module_specs(),
-                selection=best.record(), state=weights)
+            self.method.save_checkpoint(self.config["save_path"], best.epoch, best.record(),
+                                        weights)
             self.pending, self.best_written = None, best.epoch
         state.best_written = self.best_written
         atomic_write(resume_path(self.config), lambda f: torch.save(state.to_dict(), f))

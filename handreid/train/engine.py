@@ -1,6 +1,6 @@
 """The training loop every method shares: phases -> epochs -> steps.
 
-A method (method.py; finetune_trainer_stage1.py is the smallest) gives the model, phases,
+A method (methods/base.py; one file of handreid/methods/) gives the model, phases,
 parameter groups and the loss of a batch. The Engine runs them with mixed precision, grad
 scaling, DDP, clipping, the lr schedule, device-side loss sums (read every PROGRESS_EVERY
 steps: no host sync per step), the NaN stop and a stop every rank agrees on. After each epoch
@@ -27,7 +27,7 @@ from handreid.data.device_augment import device_augment
 from handreid.data.loaders import set_loader_epoch
 from handreid.train.checkpointing import Checkpointer, ResumeState, read_resume_state, resume_path
 from handreid.core.errors import ConfigError, UserError
-from handreid.train.method import lr_factor, phase_of
+from handreid.methods.base import lr_factor, phase_of
 from handreid.train.run_log import RunLog, curve_path, log, metrics_path
 from handreid.core.runtime import (GracefulStop, autocast, epoch_seed, rank_and_world, resolve_precision,
                      run_lock, seed_everything)

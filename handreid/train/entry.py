@@ -1,6 +1,7 @@
 """What every train script does after its imports: parse --config/--set/--overwrite, check the
 config for the script's method, load the data, build the method, run the engine, print where
-the files are. A train script is a few lines: train_main(MethodClass, description).
+the files are. A train script is a few lines: train_main(MethodClass, description), or
+train_main(None, description) for the method the config names (experiments/train.py).
 """
 import torch.distributed as dist
 
@@ -25,7 +26,7 @@ def training_parser(description, default_config=None):
 
 def check_method(config, name):
     """ConfigError unless `config` is for the method `name` that a train script trains."""
-    if config["method"] != name:
+    if registry.load(config["method"]).name != name:
         raise ConfigError(f"this script trains method {name} but the config says method: "
                           f"{config['method']}; set method: {name}, or train it with "
                           f"{registry.train_command(config['method'], 'its own script')}")
@@ -59,8 +60,8 @@ def run_training(method_class, config, overwrite=False):
             for path in (config["save_path"], config["log_path"]):
                 check_writable(path)
         seed_everything(config["seed"])
-        train_loader, val_loader, num_classes = get_train_val_loaders(config)
-        method = method_class.build(config, list(train_loader.dataset.classes), num_classes)
+        train_loader, val_loader, _ = get_train_val_loaders(config)
+        method = method_class.build(config, list(train_loader.dataset.classes))
         if is_main_process():
             # Room for one checkpoint now, not at the first save point epochs later.
             check_writable(config["save_path"], room=sum(
@@ -75,9 +76,12 @@ def run_training(method_class, config, overwrite=False):
 
 
 def train_main(method_class, description, argv=None, default_config=None):
-    """A train script's main(): the first line of `description` is its --help text."""
+    """A train script's main(): the first line of `description` is its --help text.
+    `method_class` None trains the method that the config's `method:` names."""
     args = training_parser(description.partition("\n")[0], default_config).parse_args(argv)
     config = config_from_args(args)
+    if method_class is None:
+        method_class = registry.load(config["method"]).method_class
     check_method(config, method_class.name)
     method_class.check_config(config)
     report(*run_training(method_class, config, args.overwrite))

@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 
 from handreid.core.atomic_files import atomic_write, atomic_write_text
 from handreid.train.checkpointing import resume_path
-from handreid.train.method import schedule_warnings
 from handreid.core.runtime import PRECISION_NAMES
+from handreid.methods.base import schedule_warnings
 
 log = logging.getLogger("handid.train")
 

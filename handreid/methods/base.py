@@ -1,20 +1,20 @@
 """What a method author reads: the `Method` contract, the `Phase` (epochs, optimizer, lr
-schedule) and the parameter-group helpers. A method is a small subclass of Method in its own
-file (finetune_trainer_stage1.py is the smallest); the engine (engine.py) runs it.
+schedule) and the parameter-group helpers. A method is one file of handreid/methods/ (or any
+.py file that `method:` names): its Method subclass, its model modules, its retrieval
+features and its config keys; stage1.py is the smallest. The engine (train/engine.py) runs it.
 
-A method gives: its model (a make_model.HandIdModel: CLIP, extra modules by name, the
-retrieval feature), its phases, the trainable parameter groups of each phase, the loss of a
-batch as named terms, and how to build itself from a config (`build`). Everything else
-(precision, DDP, clipping, schedule stepping, validation and selection, checkpoints, exact
-resume, logs) is the engine's.
+A method gives: its model (a backbone.HandIdModel: CLIP, extra modules by name, the
+retrieval feature), its phases, the trainable parameter groups of each phase and the loss of a
+batch as named terms. Everything else (precision, DDP, clipping, schedule stepping, validation
+and selection, checkpoints, exact resume, logs) is the engine's.
 """
 import math
 import re
 from dataclasses import dataclass
 
-from handreid.model import losses
-from handreid.model import backbone
+from handreid.checkpoint import model_checkpoint
 from handreid.core import registry
+from handreid.model import backbone, losses
 
 # Parameter names (split at '.' and '_') that get no weight decay even when not 1-D.
 NO_DECAY_NAME = re.compile(r"(^|[._])(bias|norm|ln|bn|positional|\w*embedding)\w*", re.I)
@@ -151,23 +151,26 @@ def schedule_warnings(phases):
 
 
 class Method:
-    """What a training method supplies; the engine does the rest. Subclasses set `name` (kept
-    in checkpoints; declared with its train command in method_registry, or give
-    `train_command` here), build `self.model` (a make_model.HandIdModel) in __init__, and
-    implement build, param_groups and loss."""
-    name = None
-    train_command = None
+    """What a training method supplies; the engine does the rest. A subclass that sets `name`
+    is registered (core/registry.py) with its train script, config keys and the module and
+    feature kinds its checkpoints need; it builds `self.model` in __init__ and implements
+    param_groups and loss."""
+    name = None                  # kept in checkpoints; a built-in method's is its file stem
+    # The script that trains it, quoted in every error about its checkpoints and resume states.
+    train_script = "experiments/train.py"
+    config_keys = {}             # its own config keys: {key: schema.option(...)}
+    module_kinds = {}            # {kind: nn.Module class} of the extra modules it saves
+    feature_kinds = {}           # {kind: function(model, images)} of its retrieval features
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            registry.attach(cls)
+        if cls.__dict__.get("name"):  # a subclass that keeps its parent's name is no new method
+            registry.register(cls)
 
     @classmethod
-    def build(cls, config, identity_names, num_classes):
-        """The method for a train script, once the data is loaded (train_entry.run_training).
-        Default: `config`'s CLIP, no identity head, as cls(config, clip_model,
-        identity_names) (Stage 2 and CLIP-HandID); a method built otherwise overrides it."""
+    def build(cls, config, identity_names):
+        """The method for a train script, once the data is loaded (train/entry.py):
+        cls(config, clip_model, identity_names) with `config`'s CLIP (text tower frozen)."""
         clip_model, _ = backbone.build_model(config)
         return cls(config, clip_model, identity_names)
 
@@ -175,18 +178,32 @@ class Method:
     def check_config(config):
         """ConfigError for settings this method cannot train with, before any data loads."""
 
-    def __init__(self, config, identity_names):
+    @staticmethod
+    def check_checkpoint(path, trained, config):
+        """UserError when a checkpoint of this method, trained with the config `trained`,
+        cannot serve `config` (the checkpoint code checks backbone, data, image size and
+        normalisation for every method)."""
+
+    def __init__(self, config, clip_model, identity_names):
+        """Default model: CLIP alone, retrieval on its image embedding."""
         self.config = config
         self.identity_names = list(identity_names)
-        self.model = None
+        self.model = backbone.HandIdModel(clip_model)
 
     def phases(self):
         """[Phase]; default one phase from the config's epochs and schedule keys."""
         return [Phase.from_config(self.config)]
 
     def module_specs(self):
-        """{extra module name: make_model spec} so evaluation can rebuild them."""
+        """{extra module name: spec ({"kind": ..., **constructor arguments})} so evaluation
+        rebuilds them without this method's training code."""
         return {}
+
+    def save_checkpoint(self, path, epoch, selection=None, state=None):
+        """Write this method's model as the checkpoint `path` (checkpoint/model_checkpoint.py);
+        `state` (a HandIdModel state_dict) replaces the model's weights now."""
+        model_checkpoint.save_checkpoint(path, self.model, self.config, self.identity_names,
+                                         epoch, self.name, self.module_specs(), selection, state)
 
     def is_frozen(self, state_name):
         """True for HandIdModel state entries that no phase trains (not kept in resume
@@ -214,7 +231,7 @@ class Method:
 
     def classify(self, model, images):
         """Identity logits for val accuracy / val loss, or None without an identity head."""
-        return model(images)[0]
+        return None
 
     def triplet_term(self, features, labels):
         """{"triplet": weighted batch-hard triplet loss} when triplet_weight > 0, else {}."""
