@@ -12,8 +12,11 @@ epoch; a finished run is refused unless --overwrite. Outputs: see docs/engine.md
 built-in method also has its own script (train_stage1_frozen_text.py,
 train_stage2_clipreid.py, train_clip_handid.py), which refuses a config of another method.
 """
-# config first: it sets OMP_WAIT_POLICY (CPU threads do not spin) before torch loads
-from handreid.core import config_files  # noqa: F401
+
+from handreid.core.startup import start
+
+start()
+
 from handreid.core.errors import run_cli
 from handreid.train.entry import train_main
 
