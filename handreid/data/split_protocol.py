@@ -25,7 +25,7 @@ from tqdm import tqdm
 from handreid.core.config_files import ArgumentParser
 from handreid.core.errors import UserError
 from handreid.core.atomic_files import atomic_write, atomic_write_json
-from handreid.data.image_files import WORKERS, image_problem, warn_skipped
+from handreid.data.image_files import WORKERS, eight_bit, image_problem, warn_skipped
 
 FORMAT_VERSION = 1
 MANIFEST = "splits.json"
@@ -162,6 +162,7 @@ class ImageStore:
             return
         with Image.open(src) as image:
             side = int(self.mode.rsplit("_", 1)[1])
+            image = eight_bit(image)  # Pillow resizes 16-bit and float images badly or not
             image.thumbnail((side, side), Image.Resampling.BICUBIC)  # keeps the aspect ratio
             rgb = image.convert("RGB")
         atomic_write(dst, lambda out: rgb.save(out, "JPEG", quality=95))
