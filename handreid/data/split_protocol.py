@@ -180,6 +180,24 @@ class ImageStore:
         os.symlink(target.resolve(), entry)
 
 
+def protocol_fingerprint(folder):
+    """What a checkpoint keeps of the prepared split folder it was trained on (None if `folder`
+    holds no splits.json): the folder, the sha256 of its splits.json, how many train and val
+    identities it has, and `fingerprint`, one sha256 of the splits.json digest and the train
+    and val identity names, equal for two folders only when they hold the same protocol."""
+    folder = Path(folder)
+    try:
+        digest = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return None
+    identities = {split: sorted(p.name for p in (folder / split).iterdir() if p.is_dir())
+                  if (folder / split).is_dir() else [] for split in ("train", "val")}
+    fingerprint = hashlib.sha256(json.dumps([digest, identities]).encode()).hexdigest()
+    return {"split_folder": str(folder.resolve()), "splits_json_sha256": digest,
+            "train_identities": len(identities["train"]),
+            "val_identities": len(identities["val"]), "fingerprint": fingerprint}
+
+
 def folder_state(folder, request):
     """'missing', 'current' (prepared with this request), or why it holds something else."""
     if not os.path.lexists(folder):
