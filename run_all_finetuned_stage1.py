@@ -20,7 +20,10 @@ then resumes it); a second Ctrl-C stops it at once. A --configs pattern that mat
 is an error. With --seeds (or a config's seeds:), a fine-tuned config is trained and
 evaluated once per seed (save_path, log and results name get _seed<N>) and its row holds
 mean ± std over seeds, the std over seeds x splits and a 95% t interval (result_stats.py).
-The table's method column says baseline, stage1, clipreid (Stage 2) or clip_handid; it is written as <out>.md and <out>.csv.
+The table's method column says baseline, stage1, clipreid (Stage 2) or clip_handid; its note
+column says "unfinished (epoch k of n)" for the checkpoint of a run that has not finished. It is
+written as <out>.md and <out>.csv; where a summary with more rows is there, it stays and this
+one goes beside it as <out>.<time>.md / .csv (a warning says so).
 
 Features are shared across the configs of one invocation: an image is encoded once per model
 (backbone and weights, or checkpoint file; flip rule, precision), so a backbone's baseline on
@@ -33,6 +36,7 @@ import io
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -192,7 +196,8 @@ def run_one(config_path, args, store):
            "variant": config["variant"], "flip": result["flip"],
            "rerank": "yes" if result["rerank"] else "no", "splits": result["num_splits"],
            "seeds": "" if seeds == [None] else " ".join(map(str, seeds)),
-           "method": "baseline" if config["variant"] == "baseline" else config["method"]}
+           "method": "baseline" if config["variant"] == "baseline" else config["method"],
+           "note": unfinished_notes(results, seeds)}
     for key, _ in METRIC_COLUMNS:
         stats = result_stats.summarise_runs(results, key) or {}
         if len(results) == 1:  # the results file's own mean and std
@@ -201,6 +206,15 @@ def run_one(config_path, args, store):
                              ("_ci_lo", "lo"), ("_ci_hi", "hi")):
             row[key + suffix] = stats.get(name)
     return row
+
+
+def unfinished_notes(results, seeds):
+    """'unfinished (epoch k of n)' for each evaluated checkpoint whose run has not finished
+    (with seeds: per seed), '' when every run finished."""
+    notes = [(seed, (result["checkpoint"] or {}).get("unfinished"))
+             for seed, result in zip(seeds, results)]
+    return "; ".join(("" if seed is None else f"seed {seed}: ") + f"unfinished ({note})"
+                     for seed, note in notes if note)
 
 
 def sort_key(row):
@@ -239,13 +253,16 @@ def same_as_baseline(rows):
 
 
 def markdown_table(rows, failures):
+    # The note column is there when a row has one (an unfinished run's checkpoint).
+    noted = any(row["note"] for row in rows)
     lines = ["| config | method | model | dataset | variant | flip | rerank | splits | seeds | "
-             + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
-             "|---" * (9 + len(METRIC_COLUMNS)) + "|"]
+             + " | ".join(label for _, label in METRIC_COLUMNS) + (" | note" if noted else "")
+             + " |", "|---" * (9 + len(METRIC_COLUMNS) + noted) + "|"]
     for row in rows:
         cells = [row["config"], row["method"], row["model"], row["dataset"], row["variant"],
                  row["flip"], row["rerank"], str(row["splits"]), row["seeds"] or "-"]
         cells += [metric_cell(row, key) for key, _ in METRIC_COLUMNS]
+        cells += [row["note"] or "-"] if noted else []
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     if rows:
@@ -259,6 +276,9 @@ def markdown_table(rows, failures):
                  "EER and TAR@FAR: verification over all query x gallery pairs. Cllr (bits, "
                  "not percent): of the calibrated likelihood ratios, with likelihood_ratio: "
                  "true.\n")
+    if noted:
+        text += ("\nunfinished (epoch k of n): the checkpoint of a run that stopped after k of "
+                 "its n epochs (its resume state says so); the same train command resumes it.\n")
     for tuned, base in same_as_baseline(rows):
         text += (f"\nWarning: {tuned} evaluates exactly as the baseline {base} (every metric "
                  f"equal): its training did not change the features; check lr, warmup_epochs "
@@ -273,12 +293,50 @@ def csv_table(rows):
               "seeds"]
     fields += [key + suffix for key, _ in METRIC_COLUMNS
                for suffix in ("", "_std", "_std_seeds_splits", "_ci_lo", "_ci_hi")]
+    fields.append("note")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: "" if v is None else round(v, 4) if isinstance(v, float) else v
                       for k, v in row.items()} for row in rows)
     return buffer.getvalue()
+
+
+def summary_rows(out):
+    """How many rows the summary at `out` holds now: the larger count of its .md and .csv
+    (0 for files that are not there or do not parse)."""
+    counts = [0]
+    try:
+        lines = out.with_suffix(".md").read_text().splitlines()
+        counts.append(max(0, sum(line.startswith("| ") for line in lines) - 1))  # - header
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        with out.with_suffix(".csv").open(newline="") as handle:
+            counts.append(sum(1 for _ in csv.DictReader(handle)))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        pass
+    return max(counts)
+
+
+def write_summary(out, table, csv_text, rows):
+    """Write the table as <out>.md and <out>.csv -> their paths. A summary there with more rows
+    (an earlier, fuller run) is never replaced by this one: it goes beside it as
+    <out>.<time>.md / .csv, and a warning says so."""
+    md, csv_path = out.with_suffix(".md"), out.with_suffix(".csv")
+    earlier = summary_rows(out)
+    if rows < earlier:
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+        beside = [md.with_name(f"{md.stem}.{stamp}{suffix}") for suffix in (".md", ".csv")]
+        while any(path.exists() for path in beside):
+            n += 1
+            beside = [md.with_name(f"{md.stem}.{stamp}-{n}{suffix}") for suffix in (".md", ".csv")]
+        print(f"warning: {md} holds {earlier} rows and this run has {rows}: kept it, this "
+              f"table goes to {beside[0]} and {beside[1]}", file=sys.stderr)
+        md, csv_path = beside
+    atomic_write_text(md, table)
+    atomic_write_text(csv_path, csv_text)
+    return md, csv_path
 
 
 def main(argv=None):
@@ -305,10 +363,8 @@ def main(argv=None):
               file=sys.stderr)
     table = markdown_table(rows, failures)
     print("\n" + table)
-    out = Path(args.out)
-    atomic_write_text(out.with_suffix(".md"), table)
-    atomic_write_text(out.with_suffix(".csv"), csv_table(rows))
-    print(f"summary: {out.with_suffix('.md')}, {out.with_suffix('.csv')}")
+    md, csv_path = write_summary(Path(args.out), table, csv_table(rows), len(rows))
+    print(f"summary: {md}, {csv_path}")
     if failures:
         print(f"{len(failures)} of {len(failures) + len(rows)} configs failed", file=sys.stderr)
         return 1

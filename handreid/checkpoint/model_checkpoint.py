@@ -3,8 +3,13 @@
 One torch file (format "clip-handid", version 2): the full CLIP state_dict, every extra module
 of the method by name with the spec that rebuilds it (backbone.build_module: a generic kind or
 one the method registered), the retrieval feature, the resolved config, the identity names,
-the epoch and the selection record. First-release files are converted on load (legacy.py).
-Written atomically.
+the epoch and the selection record; since these were added, `data` (the fingerprint of the
+prepared split folder it trained on: split_protocol.protocol_fingerprint) and
+`planned_epochs` (the run's epochs over all phases), both absent from older files, which
+still load. First-release files are converted on load (legacy.py). Written atomically.
+
+Beside it, <stem>.resume.pth (train/checkpointing.py) holds the run's resume state, or the
+record that it finished; evaluation reads it (run_record, unfinished_note) without the engine.
 """
 from pathlib import Path
 
@@ -24,12 +29,13 @@ CHECKPOINT_KEYS = ("method", "config", "backbone", "quick_gelu", "image_size", "
 
 
 def save_checkpoint(path, model, config, identity_names, epoch, method, module_specs,
-                    selection=None, state=None):
+                    selection=None, state=None, data=None, planned_epochs=None):
     """Write a checkpoint of `method` (its name) atomically (a kill mid-write leaves the old
     file): the full CLIP state_dict, every extra module's state by name with how to rebuild it
     (module_specs), the retrieval feature, the resolved config, the identity names, the epoch
-    and the selection record ({"metric", "value", per-signal values}). `state` (a HandIdModel
-    state_dict) replaces the model's current weights, e.g. those of an earlier best epoch."""
+    and the selection record ({"metric", "value", per-signal values}), the fingerprint of the
+    training data (`data`) and the run's planned epochs. `state` (a HandIdModel state_dict)
+    replaces the model's current weights, e.g. those of an earlier best epoch."""
     arch, pretrained = backbone.resolve_backbone(config)
     state = model.state_dict() if state is None else state
     obj = {
@@ -48,6 +54,8 @@ def save_checkpoint(path, model, config, identity_names, epoch, method, module_s
         "identity_names": list(identity_names),
         "epoch": int(epoch),
         "selection": selection or {},
+        "data": data,
+        "planned_epochs": planned_epochs,
     }
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -56,19 +64,84 @@ def _substate(state, prefix):
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def resume_file(save_path):
+    """<stem>.resume.pth beside a checkpoint: its run's resume state, or the record that the
+    run finished (train/checkpointing.py writes it)."""
+    path = Path(save_path)
+    return path.with_name(f"{path.stem}.resume.pth")
+
+
+def run_record(save_path):
+    """(finished, epochs trained) from the resume state beside `save_path`, or None when there
+    is none or it cannot be read (training reports that itself)."""
+    path = resume_file(save_path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return bool(state["finished"]), int(state["epoch"])
+    except Exception:
+        return None
+
+
+def unreadable(path, err):
+    """The words evaluation and training both use for a checkpoint file that does not load."""
+    return (f"cannot read checkpoint {path}: corrupt, truncated or not a torch file "
+            f"({type(err).__name__})")
+
+
+def checkpoint_problem(path):
+    """None if `path` holds a loadable torch file, else what is wrong with it, in the words
+    read_checkpoint uses (training checks a finished run's checkpoint with it)."""
+    if not Path(path).is_file():
+        return f"checkpoint not found: {path}"
+    try:  # mmap: reads the file's index, not its tensors (a truncated file has none)
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:  # files of the old (non-zip) torch format cannot be mapped
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            return unreadable(path, err)
+    return None
+
+
+def unfinished_note(save_path, ckpt):
+    """"epoch k of n" when the run that wrote this checkpoint did not finish, else None: its
+    resume state beside it says so (k: the epochs trained), or, with no state beside it, a run
+    that keeps its last epoch (selection: last, or no val/) saved an epoch below the planned
+    ones. A best-epoch checkpoint alone (state deleted or not copied) tells nothing: its run
+    may have finished after its best epoch."""
+    planned = ckpt.get("planned_epochs")
+    record = run_record(save_path)
+    if record is not None:
+        finished, done = record
+    elif planned and ckpt["selection"].get("metric") in (None, "last"):
+        finished, done = ckpt["epoch"] >= planned, ckpt["epoch"]
+    else:
+        return None
+    if finished:
+        return None
+    return f"epoch {done} of {planned}" if planned else f"epoch {done}"
+
+
 def read_checkpoint(path, train_command):
     """The checkpoint at `path` in today's layout (first-release files converted); UserError
-    naming `train_command` (the expected method's) if it is missing, unreadable or foreign."""
+    naming `train_command` (the expected method's) if it is missing, unreadable or foreign.
+    A missing or unreadable file of a finished run gets the fix training gives for it."""
     path = Path(path)
     if not path.is_file():
+        record = run_record(path)
+        if record and record[0]:
+            raise UserError(f"checkpoint not found: {path}, though {resume_file(path)} records "
+                            f"that its training finished; train first: {train_command} "
+                            f"--overwrite, or restore the file")
         raise UserError(f"checkpoint not found: {path}; train first: {train_command} "
                         f"(or set save_path: to an existing checkpoint)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"cannot read checkpoint {path}: corrupt, truncated or not a torch file "
-                        f"({type(err).__name__}); delete it and train again: "
-                        f"{train_command}") from None
+        raise UserError(f"{unreadable(path, err)}; train it again: {train_command} "
+                        f"--overwrite, or restore the file") from None
     found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found not in (CHECKPOINT_FORMAT, legacy.CHECKPOINT_V1[0]):
         raise UserError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (found {found!r}); "

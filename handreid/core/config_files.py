@@ -6,6 +6,7 @@ schema.SCHEMA and in the methods' files (registry.config_keys); docs/config.md d
 A bad key, type or value raises ConfigError (exit code 2).
 """
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -103,15 +104,30 @@ def resolve_config(path=None, overrides=()):
             config[key] = check_value(key, value, where, keys)
             origins[key] = where
     from_files = {key: value for _, data in chain for key, value in data.items()}
-    _rename_overridden_run(config, from_files, {key for key, _ in set_items}, keys)
+    set_keys = {key for key, _ in set_items}
+    _rename_overridden_run(config, from_files, set_keys, keys)
+    if "save_path" in set_keys and "log_path" not in set_keys:
+        config["log_path"] = None  # a file's log_path belongs to the file's save_path
     derived = {"name": lambda: Path(path).stem if path is not None else "experiment",
                "data_dir": lambda: DEFAULT_DATA_DIRS[config["dataset"]],
                "save_path": lambda: f"saved_models/{config['name']}.pth",
-               "log_path": lambda: f"logs/{config['name']}.log"}
+               "log_path": lambda: log_path_of(config["save_path"])}
     for key, value in derived.items():
         if config[key] is None:
             config[key], origins[key] = value(), "derived"
     return config, origins
+
+
+def log_path_of(save_path):
+    """log_path when a config leaves it out (or --set gives another save_path): it follows
+    save_path, so two runs that differ only in save_path never share a log:
+    saved_models/<folders>/<stem>.pth -> logs/<folders>/<stem>.log; a checkpoint elsewhere
+    gets <stem>.log beside it (a path under logs/ could not tell two such places apart)."""
+    path = Path(save_path)
+    if not path.is_absolute() and path.parts[:1] == ("saved_models",) and len(path.parts) > 1:
+        return str(Path("logs", *path.parts[1:]).with_suffix(".log"))
+    log = path.with_suffix(".log")
+    return str(log if log != path else path.with_name(path.name + ".log"))
 
 
 def _named_method(chain, overrides):
@@ -151,15 +167,19 @@ RUN_IDENTITY_KEYS = ("method", "model", "dataset", "data_dir", "aspect")
 def _rename_overridden_run(config, from_file, set_keys, keys):
     """A --set of a RUN_IDENTITY_KEYS key makes another run than the file's: its name,
     save_path and log_path (where the file names them and --set does not) get a suffix saying
-    what changed, so it never shares (or is refused as) the file's own run. The same --set on
-    the train and the eval config gives both the same names."""
+    what changed, so it never shares (or is refused as) the file's own run; a data_dir counts
+    by its folder name and a short hash of its resolved path. The same --set on the train and
+    the eval config gives both the same names."""
     changed = [key for key in RUN_IDENTITY_KEYS
                if key in set_keys and config[key] != from_file.get(key, keys[key]["default"])]
     if not changed:
         return
-    def slug(value):  # a data_dir counts by its folder name
-        return "".join(c if c.isalnum() or c in ".-" else "-" for c in Path(str(value)).name)
-    suffix = "__" + "_".join(f"{key}-{slug(config[key])}" for key in changed)
+    def slug(key, value):
+        text = "".join(c if c.isalnum() or c in ".-" else "-" for c in Path(str(value)).name)
+        if key == "data_dir":  # two folders of one name (/a/mini, /b/mini) are other data
+            text += "-" + hashlib.sha256(str(Path(value).resolve()).encode()).hexdigest()[:8]
+        return text
+    suffix = "__" + "_".join(f"{key}-{slug(key, config[key])}" for key in changed)
     for key in ("name", "save_path", "log_path"):
         if key in set_keys or key not in from_file or config[key] is None:
             continue

@@ -138,7 +138,9 @@ SCHEMA = {
     # outputs
     "save_path": option(str, None, "checkpoint file (default: saved_models/<name>.pth)"),
     "log_path": option(str, None, "human log file; metrics and plots go beside it "
-                                   "(default: logs/<name>.log)"),
+                                   "(default: follows save_path: saved_models/<x>.pth -> "
+                                   "logs/<x>.log, a checkpoint elsewhere -> <stem>.log beside "
+                                   "it; a --set save_path without --set log_path derives it)"),
     # live training curves (run_log.py)
     "tensorboard": option(bool, True, "write TensorBoard events of the per-epoch metrics to "
                                        "<log stem>_tensorboard/ beside the log"),

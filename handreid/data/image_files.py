@@ -10,6 +10,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from handreid.core.errors import UserError
@@ -29,17 +30,74 @@ def warn_skipped(what, names, shown=5):
               file=sys.stderr)
 
 
+# Pillow modes whose samples are wider than 8 bits: 16-bit integer (any byte order), 32-bit
+# integer and 32-bit float. Pillow's own convert("RGB") clips them to 255 (a white image).
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Pillow opens these but its convert("RGB") is no colour conversion (CIELAB's L is copied).
+REFUSED_MODES = {"LAB": "CIELAB"}
+
+
+class ModeError(ValueError):
+    """An image whose pixel mode this code does not turn into RGB; the message says why."""
+
+
+def eight_bit(image):
+    """`image` with 8-bit samples: a wide mode scaled to an 8-bit grayscale image, any other
+    mode returned as it is (Pillow's modes of 8 bits a channel convert to RGB correctly).
+
+    Scaling maps the type's full range, never the image's own min/max: a 16-bit value v
+    becomes round(v x 255 / 65535) (the PNG specification's depth reduction; Pillow reads
+    16-bit RGB files as their high byte, at most 1 apart), so a dark exposure stays dark and
+    two photos of one camera keep their relative brightness.
+    Mode I holds 16-bit files on some Pillow versions: values in 0..65535 are scaled as 16-bit,
+    others refused; mode F (float) is read as 0..1 and refused outside it. ModeError names
+    what is refused."""
+    if image.mode in REFUSED_MODES:
+        raise ModeError(f"{REFUSED_MODES[image.mode]} colour ({image.mode} mode) is not read; "
+                        "convert the image to RGB")
+    if image.mode not in WIDE_MODES:
+        return image
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise ModeError(f"floating-point image (mode F) with values in "
+                            f"[{np.nanmin(values):.4g}, {np.nanmax(values):.4g}], not 0..1; "
+                            "save it as 8- or 16-bit")
+        scaled = values * 255
+    else:
+        if values.min() < 0 or values.max() > 65535:
+            raise ModeError(f"{image.mode} mode image with values in "
+                            f"[{values.min():.0f}, {values.max():.0f}], outside 16 bits; save "
+                            "it as 8- or 16-bit")
+        scaled = values / 257
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # 2-D uint8: mode L
+
+
+def to_rgb(image, path):
+    """`image` as 8-bit RGB (eight_bit's scaling, then Pillow's conversion: palette, grayscale,
+    CMYK, YCbCr; an alpha channel is dropped, not blended); UserError naming `path` for a mode
+    this code does not read."""
+    try:
+        return eight_bit(image).convert("RGB")
+    except ModeError as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+
+
 def image_problem(path):
-    """None if the image decodes, else why not. Decoding at 1/8 scale (JPEG draft mode) is cheap
-    and, unlike Image.verify(), catches the truncated files an interrupted download leaves."""
+    """None if the image decodes into RGB, else why not. Decoding at 1/8 scale (JPEG draft
+    mode) is cheap and, unlike Image.verify(), catches the truncated files an interrupted
+    download leaves."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
+            eight_bit(image)
     except FileNotFoundError:
         return "missing"
     except UnidentifiedImageError:
         return "not an image"
+    except ModeError as err:
+        return str(err)
     except Exception as err:  # PIL raises many types for broken files; any means unusable
         return f"unreadable: {err}"
     return None

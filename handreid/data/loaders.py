@@ -1,7 +1,8 @@
 """Datasets and loaders over the prepared split folders (see datasets/prepare_*.py).
 
-Every image goes through one decode step, `decode_image` (RGB, squash-resized to the input
-size, a side or (height, width), with bicubic filtering, uint8), then tensor transforms:
+Every image goes through one decode step, `decode_image` (8-bit RGB by image_files.to_rgb,
+whatever the file's mode, squash-resized to the input size, a side or (height, width), with
+bicubic filtering, uint8), then tensor transforms:
 augmentation for training, only scaling and the backbone's own mean/std normalisation for
 evaluation.
 
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from handreid.core.config_files import dataset_dir, prepare_command
 from handreid.core.errors import ConfigError, UserError
-from handreid.data.image_files import IMAGE_SUFFIXES
+from handreid.data.image_files import IMAGE_SUFFIXES, to_rgb
 from handreid.model.backbone import image_hw, preprocess_spec
 
 
@@ -55,13 +56,14 @@ def list_split(config, split_name):
 
 def decode_image(path, size, draft=False):
     """Image file -> uint8 tensor [3, height, width] of `size` (a side or (height, width));
-    names the file if it cannot be read."""
+    any mode Pillow opens becomes 8-bit RGB (to_rgb: 16-bit and float images scaled, not
+    clipped); names the file if it cannot be read."""
     height, width = image_hw(size)
     try:
         with Image.open(path) as image:
             if draft:
                 image.draft("RGB", (width, height))
-            image = image.convert("RGB").resize((width, height), Image.BICUBIC)
+            image = to_rgb(image, path).resize((width, height), Image.BICUBIC)
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise UserError(f"cannot read image {path} ({err}); replace the file or re-run the "
                         "prepare script, which reports and skips unreadable images") from None

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from handreid.core.config_files import ArgumentParser
 from handreid.core.errors import UserError
 from handreid.core.atomic_files import atomic_write, atomic_write_json
-from handreid.data.image_files import WORKERS, image_problem, warn_skipped
+from handreid.data.image_files import WORKERS, eight_bit, image_problem, warn_skipped
 
 FORMAT_VERSION = 1
 MANIFEST = "splits.json"
@@ -162,6 +162,7 @@ class ImageStore:
             return
         with Image.open(src) as image:
             side = int(self.mode.rsplit("_", 1)[1])
+            image = eight_bit(image)  # Pillow resizes 16-bit and float images badly or not
             image.thumbnail((side, side), Image.Resampling.BICUBIC)  # keeps the aspect ratio
             rgb = image.convert("RGB")
         atomic_write(dst, lambda out: rgb.save(out, "JPEG", quality=95))
@@ -177,6 +178,24 @@ class ImageStore:
                     raise
                 self.hard_links = False  # another file system: symlinks from here on
         os.symlink(target.resolve(), entry)
+
+
+def protocol_fingerprint(folder):
+    """What a checkpoint keeps of the prepared split folder it was trained on (None if `folder`
+    holds no splits.json): the folder, the sha256 of its splits.json, how many train and val
+    identities it has, and `fingerprint`, one sha256 of the splits.json digest and the train
+    and val identity names, equal for two folders only when they hold the same protocol."""
+    folder = Path(folder)
+    try:
+        digest = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return None
+    identities = {split: sorted(p.name for p in (folder / split).iterdir() if p.is_dir())
+                  if (folder / split).is_dir() else [] for split in ("train", "val")}
+    fingerprint = hashlib.sha256(json.dumps([digest, identities]).encode()).hexdigest()
+    return {"split_folder": str(folder.resolve()), "splits_json_sha256": digest,
+            "train_identities": len(identities["train"]),
+            "val_identities": len(identities["val"]), "fingerprint": fingerprint}
 
 
 def folder_state(folder, request):

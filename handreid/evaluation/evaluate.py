@@ -10,7 +10,7 @@ from handreid.core.atomic_files import atomic_write_json, keep_previous
 from handreid.core.errors import check_writable
 from handreid.core.runtime import resolve_device
 from handreid.evaluation import protocol
-from handreid.evaluation.encoder import load_model
+from handreid.evaluation.encoder import load_model, protocol_identities
 from handreid.evaluation.plots import (plot_cmc, plot_likelihood_ratios, plot_ranking,
                                        plot_verification)
 from handreid.evaluation.report import append_csv, csv_row, dataset_label, print_report
@@ -23,7 +23,7 @@ def evaluate_config(config, store=None):
     device = resolve_device(config)
     protocol.check_data(config)
     check_writable(Path(config["results_dir"]) / "results.csv")  # before any image is encoded
-    model, checkpoint = load_model(config)
+    model, checkpoint = load_model(config, protocol_identities(config))
     model.to(device)
     evaluated = protocol.evaluate(model, config, device, store)
     result = {"name": config["name"], "variant": config["variant"], "model": config["model"],

@@ -16,6 +16,7 @@ import torch
 
 from handreid.evaluation import protocol
 from handreid.core.atomic_files import atomic_write
+from handreid.data.image_files import to_rgb
 from handreid.metrics.verification import genuine_impostor_scores
 
 THUMB = 96
@@ -132,7 +133,7 @@ def _thumbnail(path, colour):
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
-        tile = ImageOps.pad(image.convert("RGB"), (THUMB, THUMB), color="white")
+        tile = ImageOps.pad(to_rgb(image, path), (THUMB, THUMB), color="white")
     return ImageOps.expand(tile, border=FRAME, fill=colour)
 
 

@@ -55,13 +55,21 @@ def protocol_note(report):
     return ", ".join(notes)
 
 
+def unfinished_text(checkpoint):
+    """', unfinished (epoch k of n): ...' for a checkpoint of a run that has not finished."""
+    note = (checkpoint or {}).get("unfinished")
+    return (f", unfinished ({note}): its training has not finished; resume it with the same "
+            f"train command for the final model") if note else ""
+
+
 def print_report(config, report, checkpoint):
     print(f"\n{config['name']} ({config['variant']}): {config['model']} on "
           f"{dataset_label(config)}, gallery {report['gallery']}, {protocol_note(report)}")
     if checkpoint:
         accuracy = checkpoint["val_accuracy"]
         print(f"checkpoint {checkpoint['path']} (epoch {checkpoint['epoch']}, val accuracy "
-              + ("n/a" if accuracy is None else f"{accuracy:.2f}%") + ")")
+              + ("n/a" if accuracy is None else f"{accuracy:.2f}%") + ")"
+              + unfinished_text(checkpoint))
     far = f"tar_at_far_{protocol.rate_label(1e-3)}"
     columns = ("rank1", "rank5", "rank10") + ap_order(report) + ("mINP", "eer", far)
     short = {"mAP_trapezoid": "mAP-trap", "eer": "EER", far: "TAR@1e-3"}

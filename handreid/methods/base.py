@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from handreid.checkpoint import model_checkpoint
 from handreid.core import registry
+from handreid.core.config_files import dataset_dir
+from handreid.data.split_protocol import protocol_fingerprint
 from handreid.model import backbone, losses
 
 # Parameter names (split at '.' and '_') that get no weight decay even when not 1-D.
@@ -200,10 +202,14 @@ class Method:
         return {}
 
     def save_checkpoint(self, path, epoch, selection=None, state=None):
-        """Write this method's model as the checkpoint `path` (checkpoint/model_checkpoint.py);
-        `state` (a HandIdModel state_dict) replaces the model's weights now."""
-        model_checkpoint.save_checkpoint(path, self.model, self.config, self.identity_names,
-                                         epoch, self.name, self.module_specs(), selection, state)
+        """Write this method's model as the checkpoint `path` (checkpoint/model_checkpoint.py)
+        with the fingerprint of the prepared data it trains on and its planned epochs; `state`
+        (a HandIdModel state_dict) replaces the model's weights now."""
+        model_checkpoint.save_checkpoint(
+            path, self.model, self.config, self.identity_names, epoch, self.name,
+            self.module_specs(), selection, state,
+            data=protocol_fingerprint(dataset_dir(self.config)),
+            planned_epochs=sum(phase.epochs for phase in self.phases()))
 
     def is_frozen(self, state_name):
         """True for HandIdModel state entries that no phase trains (not kept in resume

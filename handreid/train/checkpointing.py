@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from handreid.checkpoint import legacy
+from handreid.checkpoint import legacy, model_checkpoint
 from handreid.core.atomic_files import atomic_write
 from handreid.core import registry
 from handreid.core.errors import UserError
@@ -38,8 +38,7 @@ NON_TRAINING_KEYS = {"name", "data_dir", "num_workers", "cache_images", "device"
 
 
 def resume_path(config):
-    path = Path(config["save_path"])
-    return path.with_name(f"{path.stem}.resume.pth")
+    return model_checkpoint.resume_file(config["save_path"])
 
 
 def sum_fingerprint(tensors):
@@ -133,12 +132,7 @@ def read_resume_state(config, overwrite=False):
         return None
     state = load_resume_state(path)
     if state.finished:
-        best = state.best
-        value = "n/a" if best.value is None else f"{best.value:.4g}"
-        raise UserError(f"training of {config['save_path']} already finished ({state.epoch} "
-                        f"epochs, best {best.metric or 'epoch'} {value} at epoch "
-                        f"{best.epoch}); pass --overwrite to train again, or set another "
-                        f"save_path")
+        raise finished_error(config, state)
     changed = settings_changed(state.config, config)
     if changed:
         raise UserError(f"{path} belongs to a run with other training settings "
@@ -147,15 +141,33 @@ def read_resume_state(config, overwrite=False):
     return state
 
 
+def finished_error(config, state):
+    """The UserError of a re-run of a finished run: pass --overwrite; when the finished run's
+    checkpoint is gone or does not load, it says so in evaluation's words."""
+    best = state.best
+    value = "n/a" if best.value is None else f"{best.value:.4g}"
+    finished = (f"training of {config['save_path']} already finished ({state.epoch} epochs, "
+                f"best {best.metric or 'epoch'} {value} at epoch {best.epoch})")
+    problem = model_checkpoint.checkpoint_problem(config["save_path"])
+    if problem:
+        return UserError(f"{finished}, but {problem}; pass --overwrite to train again, or "
+                         f"restore the file")
+    return UserError(f"{finished}; pass --overwrite to train again, or set another save_path")
+
+
 def needs_training(config):
     """Whether `config`'s run has yet to be trained or finished (no checkpoint, or a resume
-    state of an unfinished run); UserError when another process is training it now, or when
-    an unfinished run cannot resume with `config`."""
+    state of an unfinished run); UserError when another process is training it now, when an
+    unfinished run cannot resume with `config`, or when a finished run's checkpoint is gone
+    or does not load (finished_error)."""
     check_not_running(config["save_path"])
     path = resume_path(config)
-    if not Path(config["save_path"]).is_file():
-        return True
-    if not path.exists() or load_resume_state(path).finished:
+    if not path.exists():
+        return not Path(config["save_path"]).is_file()
+    state = load_resume_state(path)
+    if state.finished:
+        if model_checkpoint.checkpoint_problem(config["save_path"]):
+            raise finished_error(config, state)
         return False
     read_resume_state(config)  # an unfinished run that cannot resume is an error here
     return True
