@@ -12,6 +12,8 @@ touched or moved one keeps its feature); removed files leave the index. An image
 not decode is named on stderr and skipped, the rest is indexed. An index made by another model
 or for another folder is refused: --rebuild re-encodes the gallery into it, or choose another
 --index. The index file is written atomically: an interrupted run leaves the previous one.
+One update of an index runs at a time: a second one started meanwhile stops with one line
+naming the first (the OS lock on <index>.lock that training takes on <save_path>.lock).
 
 Search (python experiments/search.py --config <eval config> --index <file> --query ...) is exact
 (chunked top-k, as for a folder) unless the index has a faiss structure (--faiss, kept by later
@@ -35,6 +37,7 @@ start()
 
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli, UserError
+from handreid.core.runtime import run_lock
 from handreid.search import gallery_index
 from handreid.evaluation.encoder import Encoder
 from handreid.search.topk import DEFAULT_CHUNK_SIZE, check_chunk_size
@@ -56,6 +59,39 @@ def faiss_request(args, index):
         raise UserError(f"--{next(iter(given)).replace('_', '-')} sets a faiss structure; pass "
                         "--faiss ivf or --faiss hnsw with it")
     return kind, {**requested, **given}
+
+
+def update_index(args, config):
+    """Load (unless --rebuild), update and write --index; -> (index, summary, gallery folder,
+    encoder)."""
+    index = None
+    if args.index.exists() and not args.rebuild:
+        index = gallery_index.load_index(args.index)
+    gallery = args.gallery or (index and Path(index.gallery))
+    if gallery is None:
+        raise UserError(f"--index {args.index} does not exist yet; pass --gallery <folder> to "
+                        "build it")
+    if index and index.gallery != os.path.abspath(gallery):
+        raise UserError(f"{args.index} indexes the gallery {index.gallery}, not {gallery}; pass "
+                        "--rebuild to index this folder into it, or another --index path")
+    kind, requested = faiss_request(args, index)
+    encoder = Encoder(config)
+    if index:
+        gallery_index.check_model(index, encoder.description, args.index,
+                                  "pass --rebuild to re-encode the gallery with this model, or "
+                                  "another --index path")
+    built, summary = gallery_index.update(index, gallery, encoder)
+    settings = kind and {**gallery_index.faiss_settings(kind, len(built.paths), **requested),
+                         "requested": requested}
+    stored = index and index.faiss and {k: v for k, v in index.faiss.items()
+                                        if k not in ("recall", "build_seconds")}
+    gallery_changed = index is None or summary["encoded"] or built.paths != index.paths
+    if gallery_changed or settings != stored:
+        built = gallery_index.with_faiss(built, settings, args.chunk_size)
+        summary["modified"] = True
+    if summary["modified"]:
+        gallery_index.save_index(args.index, built)
+    return built, summary, gallery, encoder
 
 
 def main(argv=None):
@@ -85,33 +121,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_chunk_size(args.chunk_size)
     config = config_from_args(args)
-    index = None
-    if args.index.exists() and not args.rebuild:
-        index = gallery_index.load_index(args.index)
-    gallery = args.gallery or (index and Path(index.gallery))
-    if gallery is None:
-        raise UserError(f"--index {args.index} does not exist yet; pass --gallery <folder> to "
-                        "build it")
-    if index and index.gallery != os.path.abspath(gallery):
-        raise UserError(f"{args.index} indexes the gallery {index.gallery}, not {gallery}; pass "
-                        "--rebuild to index this folder into it, or another --index path")
-    kind, requested = faiss_request(args, index)
-    encoder = Encoder(config)
-    if index:
-        gallery_index.check_model(index, encoder.description, args.index,
-                                  "pass --rebuild to re-encode the gallery with this model, or "
-                                  "another --index path")
-    built, summary = gallery_index.update(index, gallery, encoder)
-    settings = kind and {**gallery_index.faiss_settings(kind, len(built.paths), **requested),
-                         "requested": requested}
-    stored = index and index.faiss and {k: v for k, v in index.faiss.items()
-                                        if k not in ("recall", "build_seconds")}
-    gallery_changed = index is None or summary["encoded"] or built.paths != index.paths
-    if gallery_changed or settings != stored:
-        built = gallery_index.with_faiss(built, settings, args.chunk_size)
-        summary["modified"] = True
-    if summary["modified"]:
-        gallery_index.save_index(args.index, built)
+    # One update of an index at a time (the lock training takes): a second one would
+    # encode the same images again and replace the first one's file.
+    with run_lock(args.index, doing="updated", fix="choose another --index"):
+        built, summary, gallery, encoder = update_index(args, config)
     identities = len(set(built.identities) - {""})
     print(f"{args.index}: {len(built.paths)} images of {identities} identities from {gallery}, "
           f"{len(summary['encoded'])} encoded ({summary['new']} new, {summary['changed']} "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from handreid.core.atomic_files import open_no_follow
 from handreid.core.errors import ConfigError, UserError
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -126,26 +127,31 @@ def lock_path(save_path):
     return Path(f"{save_path}.lock")
 
 
-def _acquire(handle, save_path):
+def _open_lock(path, fix):
+    """The lock file, created if missing, never through a symbolic link (open_no_follow)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.fdopen(open_no_follow(path, os.O_RDWR | os.O_CREAT, fix), "r+")
+
+
+def _acquire(handle, save_path, doing, fix):
     """Take the lock on an open lock file without waiting; UserError naming its holder."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
-        raise UserError(f"{save_path} is being trained by {holder}; wait for it to finish or "
-                        f"stop it, or set another save_path") from None
+        raise UserError(f"{save_path} is being {doing} by {holder}; wait for it to finish or "
+                        f"stop it, or {fix}") from None
 
 
 @contextlib.contextmanager
-def run_lock(save_path):
+def run_lock(save_path, doing="trained", fix="set another save_path"):
     """Hold an OS lock on <save_path>.lock while a run writes save_path. The kernel drops the
     lock when the process ends, however it ends, so a crash or kill -9 leaves no stale lock.
-    UserError naming the holder when another process has it."""
-    path = lock_path(save_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        _acquire(handle, save_path)
+    UserError naming the holder (`save_path is being <doing> by ...; ... or <fix>`) when
+    another process has it."""
+    with _open_lock(lock_path(save_path), fix) as handle:
+        _acquire(handle, save_path, doing, fix)
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
@@ -162,8 +168,8 @@ def check_not_running(save_path):
     path = lock_path(save_path)
     if not path.exists():
         return
-    with open(path, "a+") as handle:
-        _acquire(handle, save_path)
+    with _open_lock(path, "set another save_path") as handle:
+        _acquire(handle, save_path, "trained", "set another save_path")
         fcntl.flock(handle, fcntl.LOCK_UN)
 
 

@@ -224,7 +224,17 @@ def check_value(key, value, where, keys=SCHEMA):
                           f"got {value!r}")
     if spec["min"] is not None and value < spec["min"]:
         raise ConfigError(f"{where}: '{key}' must be >= {spec['min']}, got {value!r}")
+    if key == "name":
+        _check_name(value, where)
     return value
+
+
+def _check_name(name, where):
+    """`name` makes file names inside results_dir (and the default save_path and log_path):
+    it may not lead out of the folder."""
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"{where}: 'name' {name!r} is not a file name (it would lead out of "
+                          f"results_dir); use a name without '/' or '\\'")
 
 
 def _check_size(key, value, low, where):

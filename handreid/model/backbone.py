@@ -7,8 +7,9 @@ checkpoint/model_checkpoint.py.
 `model:` names a backbone: the documents' short names (vitb16 -> ViT-B-16 with OpenAI weights,
 ...), any open_clip `architecture:pretrained_tag`, or `tiny`, a small random-initialised CLIP
 registered from handid_tiny.json beside this file for tests and the demo. `pretrained:` overrides
-the weights: an open_clip tag, a local file (OpenAI .pt TorchScript archive, open_clip
-checkpoint or state dict), or `none` for random init.
+the weights: an open_clip tag, a local file (OpenAI .pt TorchScript archive, its tensors read
+without running its code; open_clip checkpoint or state dict, read with weights_only), or
+`none` for random init.
 
 HandIdModel.features() is the one function that turns images into identity features, for
 training and for evaluation alike.
@@ -17,8 +18,6 @@ import contextlib
 import difflib
 import logging
 import os
-import warnings
-import zipfile
 from pathlib import Path
 
 import open_clip
@@ -30,6 +29,7 @@ from torch import nn
 
 from handreid.core import registry
 from handreid.core.errors import ConfigError, UserError
+from handreid.model import torchscript_weights
 
 # The project's small CLIP for tests and the demo, registered with open_clip by its file stem.
 TINY_CONFIG = Path(__file__).resolve().parent / "handid_tiny.json"
@@ -197,23 +197,20 @@ def embed_dim(config):
     return open_clip.get_model_config(resolve_backbone(config)[0])["embed_dim"]
 
 
-def _is_torchscript(path):
-    # OpenAI's released .pt files are TorchScript archives (a zip holding constants.pkl); torch
-    # refuses them with weights_only=True and hands them to torch.jit.load otherwise.
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") for name in archive.namelist())
-
-
 def _torchscript_state_dict(path):
-    """fp32 state dict of an OpenAI TorchScript archive (fp16 inside), the archive's
-    non-weight entries dropped."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still needed
-        archive = torch.jit.load(str(path), map_location="cpu")
-    return {k: v.float() for k, v in archive.state_dict().items()
+    """fp32 state dict of an OpenAI TorchScript archive (fp16 inside), read without running
+    the archive's code (torchscript_weights), its non-weight entries dropped."""
+    return {k: v.float() for k, v in torchscript_weights.read_state_dict(path).items()
             if k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def _state_dict_source(arch):
+    """Where the weights of `arch` come as a state dict: open_clip's converted files of its
+    OpenAI weights on the hf-hub (for offline users handed a TorchScript archive)."""
+    repo = open_clip.get_pretrained_cfg(arch, "openai").get("hf_hub", "").strip("/")
+    where = f"the hf-hub repo {repo}" if repo else "open_clip's published weights"
+    return (f"open_clip_model.safetensors or open_clip_pytorch_model.bin from {where} "
+            f"(the same weights as a state dict)")
 
 
 @contextlib.contextmanager
@@ -233,7 +230,7 @@ def create_clip(config, weights=None):
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"pretrained: weights file not found: {weights} (give the path of a "
                         f"local {arch} weights file, an open_clip tag, or none)")
-    jit_archive = weights is not None and _is_torchscript(weights)
+    jit_archive = weights is not None and torchscript_weights.is_torchscript(weights)
     # bilinear: the weights are read at their own size, then their position embedding is
     # resized as CLIP-ReID does (F.interpolate bilinear, no antialiasing).
     bilinear = config["pos_embed_interpolation"] == "bilinear"
@@ -253,6 +250,10 @@ def create_clip(config, weights=None):
             resize_pos_embed(state, model, **({"interpolation": "bilinear", "antialias": False}
                                              if bilinear else {}))
             model.load_state_dict(state, strict=True)
+    except torchscript_weights.ArchiveRefused as err:
+        raise UserError(f"pretrained: {weights} is a TorchScript archive that holds more than "
+                        f"weights ({err}); nothing of it was run. Use "
+                        f"{_state_dict_source(arch)} and set pretrained: to that file") from None
     except Exception as err:
         if weights is None:
             raise

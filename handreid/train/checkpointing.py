@@ -123,12 +123,29 @@ def settings_changed(saved, config):
             if key not in NON_TRAINING_KEYS and saved.get(key, spec["default"]) != config[key]]
 
 
+def refuse_foreign_checkpoint(config):
+    """A fresh run replaces no file at save_path: without its resume state beside it, the file
+    is not this run's (a document, a checkpoint copied from elsewhere, a finished checkpoint
+    whose resume state was removed, or the first checkpoint of a run killed before its resume
+    state was written) and is replaced only with --overwrite."""
+    save_path = Path(config["save_path"])
+    if save_path.exists():
+        raise UserError(f"{save_path} exists without the resume state {resume_path(config)} "
+                        f"a run leaves beside its checkpoint (another file, a copied "
+                        f"checkpoint, or a run stopped before its first save completed); pass "
+                        f"--overwrite to replace it, or set another save_path")
+
+
 def read_resume_state(config, overwrite=False):
     """The ResumeState of an unfinished run at save_path, or None to start fresh.
-    UserError for a finished run (unless overwrite), an unreadable file, or a run whose
-    training settings differ from `config`."""
+    UserError for a finished run (unless overwrite), an unreadable file, a run whose
+    training settings differ from `config`, or a file at save_path that no run of it wrote
+    (refuse_foreign_checkpoint; unless overwrite)."""
     path = resume_path(config)
-    if overwrite or not path.exists():
+    if overwrite:
+        return None
+    if not path.exists():
+        refuse_foreign_checkpoint(config)
         return None
     state = load_resume_state(path)
     if state.finished:

@@ -82,7 +82,7 @@ class Engine:
                                            enabled=self.amp_dtype == torch.float16)
         self.selection = Selection(config, has_val=val_loader is not None)
         self.checkpoints = Checkpointer(config, method, self.model)
-        self.run_log = RunLog(config, self.phases, self.is_main)
+        self.run_log = RunLog(config, self.phases, self.is_main, overwrite)
         self.stopped_early = None    # why the run stopped before its last epoch, if it did
         self.history = []
         self.epochs_done = 0

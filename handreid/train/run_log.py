@@ -17,7 +17,8 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from handreid.core.atomic_files import atomic_write, atomic_write_text
+from handreid.core.atomic_files import atomic_write, atomic_write_text, open_no_follow
+from handreid.core.errors import UserError
 from handreid.train.checkpointing import resume_path
 from handreid.core.runtime import PRECISION_NAMES
 from handreid.methods.base import schedule_warnings
@@ -35,6 +36,22 @@ TENSORBOARD_SCALARS = {"loss/total": "train_loss", "accuracy/train": "train_acc"
 def metrics_path(config):
     path = Path(config["log_path"])
     return path.with_name(f"{path.stem}_metrics.jsonl")
+
+
+def refuse_foreign_metrics(path, overwrite):
+    """A file at the metrics path whose first line is no metrics row of a run (a JSON object
+    with an epoch and a train loss) is replaced only with --overwrite."""
+    if overwrite or not path.is_file():
+        return
+    with open(path, "rb") as handle:
+        first = handle.readline(1 << 20)
+    try:
+        row = json.loads(first)
+    except ValueError:
+        row = None
+    if not (isinstance(row, dict) and {"epoch", "train_loss"} <= row.keys()):
+        raise UserError(f"{path} exists and is not the metrics file of a training run; move it "
+                        f"away, set another log_path, or pass --overwrite to replace it")
 
 
 def curve_path(config):
@@ -117,20 +134,28 @@ class RunLog:
     """The log lines, metrics JSONL, curves and tracker of one run on one rank (only rank 0
     writes). open() before the run, close() after it, also when it fails."""
 
-    def __init__(self, config, phases, is_main):
+    def __init__(self, config, phases, is_main, overwrite=False):
         self.config, self.phases, self.is_main = config, phases, is_main
+        self.overwrite = overwrite
         self.total_epochs = sum(phase.epochs for phase in phases)
-        self.handlers, self.tensorboard = [], None
+        self.handlers, self.tensorboard, self.log_file = [], None, None
 
     def open(self):
-        """File + console handlers on rank 0; other ranks stay silent."""
+        """File + console handlers on rank 0; other ranks stay silent. UserError, before
+        anything is written, for a metrics file this project did not write (unless
+        overwrite) or a symbolic link at log_path."""
         log.setLevel(logging.INFO)
         log.propagate = False
         if not self.is_main:
             self.handlers = [logging.NullHandler()]
         else:
-            Path(self.config["log_path"]).parent.mkdir(parents=True, exist_ok=True)
-            self.handlers = [logging.FileHandler(self.config["log_path"], encoding="utf-8"),
+            refuse_foreign_metrics(metrics_path(self.config), self.overwrite)
+            path = Path(self.config["log_path"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_file = os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND |
+                                                     os.O_CREAT, "set another log_path"),
+                                      "a", encoding="utf-8")
+            self.handlers = [logging.StreamHandler(self.log_file),
                              logging.StreamHandler(sys.stderr)]
             formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                           "%Y-%m-%d %H:%M:%S")
@@ -145,6 +170,8 @@ class RunLog:
         for handler in self.handlers:
             log.removeHandler(handler)
             handler.close()
+        if self.log_file is not None:
+            self.log_file.close()
 
     def start(self, method, epochs_done, device, world_size, amp_dtype, steps_per_epoch,
               selection, frozen_values):
