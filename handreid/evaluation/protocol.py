@@ -258,7 +258,7 @@ def split_metrics(features, split, config, index):
     similarity = split_similarity(features, split)
     scores = ranking_scores(features, split, config, similarity)
     row = compute_reid_metrics(scores, split.query_ids, split.gallery_ids,
-                               max_rank=config["max_rank"])
+                               max_rank=config["max_rank"], ties=config["ties"])
     verification = compute_verification_metrics(similarity, split.query_ids, split.gallery_ids,
                                                 far=FAR_LEVELS)
     row.update(eer=verification["eer"], eer_threshold=verification["eer_threshold"],
@@ -448,7 +448,8 @@ def evaluate(model, config, device, store=None):
     report = {
         "per_split": per_split, "mean": mean, "std": std, "std_ddof": STD_DDOF,
         "num_splits": len(splits), "gallery": gallery_template(config),
-        "ap_mode": config["ap_mode"], "max_rank": config["max_rank"], "flip": config["flip"],
+        "ap_mode": config["ap_mode"], "ties": config["ties"], "max_rank": config["max_rank"],
+        "flip": config["flip"],
         "rerank": rerank, "open_set": config["open_set"], "far_levels": list(FAR_LEVELS),
         "fpir_levels": list(FPIR_LEVELS) if config["open_set"] else None,
         "likelihood_ratio": {"calibrator": config["lr_calibrator"],
