@@ -26,10 +26,11 @@ def expected_query_metrics(row, matches, num_ranks):
     values, in_order = row[order], matches[order]
     starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # of each tie group
     ends = np.r_[starts[1:], len(row)]
+    in_group = np.add.reduceat(in_order.astype(np.int64), starts)
     found = 0  # true matches above the group
-    for b, end in zip(starts.tolist(), ends.tolist()):  # b: items above the group
-        t, m = end - b, int(in_order[b:end].sum())
-        if m:
+    for group in np.flatnonzero(in_group).tolist():  # the groups holding a true match
+        b, t, m = int(starts[group]), int(ends[group] - starts[group]), int(in_group[group])
+        if m:  # b: items above the group
             for p in range(1, t + 1):
                 before = (m - 1) * (p - 1) / (t - 1) if t > 1 else 0.0
                 ap += m / t * (found + 1 + before) / (b + p)
