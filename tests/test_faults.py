@@ -114,8 +114,9 @@ def test_a_collapsed_model_is_flagged_and_its_ties_rule_recorded(eval_sets, tmp_
     code, _, err = cli(run_eval_clip, capsys, *base, "--set", "ties=gallery_order",
                        "--set", "name=ordered")
     assert code == 0, err
-    ordered, expected = (json.loads(path.read_text()) for path in sorted(
-        (tmp_path / "results").glob("*.json"), key=lambda path: not path.name.startswith("ordered")))
+    files = sorted((tmp_path / "results").glob("*.json"),
+                   key=lambda path: not path.name.startswith("ordered"))
+    ordered, expected = (json.loads(path.read_text()) for path in files)
     assert (expected["ties"], ordered["ties"]) == ("expected", "gallery_order")
     assert expected["warnings"] == ordered["warnings"] and len(expected["warnings"]) == 1
     # Chance under the expected rule: no query's true matches stand out of the ties.

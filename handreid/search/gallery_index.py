@@ -207,24 +207,23 @@ def faiss_settings(kind, count, nlist=None, nprobe=None, hnsw_m=None, ef_search=
 
 def faiss_structure(index, source="the gallery index"):
     """The stored ivf / hnsw faiss index serving `index` (from `source`, a file), with its
-    search settings; an index
-    file is only trusted as far as it is checked: the structure must be the kind its
-    settings name, over exactly the index's features (count, size, inner product)."""
+    search settings. An index file is trusted only as far as it is checked: the structure
+    must be the kind its settings name, over exactly its features (count, size, inner
+    product), or a search would return rows the index does not hold."""
     settings = index.faiss
     faiss = _faiss()
     try:
         structure = faiss.deserialize_index(index.faiss_bytes)  # of its own class
     except RuntimeError as err:  # faiss' own error for bytes it cannot read
         raise _not_an_index(source, f"its faiss structure does not load: "
-                                           f"{str(err).splitlines()[0]}") from None
+                                    f"{str(err).splitlines()[0]}") from None
     kind = {"ivf": faiss.IndexIVFFlat, "hnsw": faiss.IndexHNSWFlat}[settings["kind"]]
     count, dim = index.features.shape
     if not isinstance(structure, kind) or structure.ntotal != count or structure.d != dim \
             or structure.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise _not_an_index(source, f"its faiss structure ({type(structure).__name__}, "
-                                           f"{structure.ntotal} x {structure.d}) is not the "
-                                           f"{settings['kind']} index of its {count} x {dim} "
-                                           f"features")
+                                    f"{structure.ntotal} x {structure.d}) is not the "
+                                    f"{settings['kind']} index of its {count} x {dim} features")
     if settings["kind"] == "ivf":
         structure.nprobe = settings["nprobe"]
     else:
