@@ -267,8 +267,9 @@ def test_a_yaml_bomb_and_a_huge_config_are_refused_at_once(tmp_path, capsys):
 
 @pytest.mark.parametrize("spec,message", [
     ({"kind": "linear", "dim": 512, "num_classes": 2 ** 22}, "ask for"),  # 2e9 weights
-    ({"kind": "linear", "dim": 10 ** 12, "num_classes": 3}, "is neither a size"),
-    ({"kind": "linear", "dim": "512", "num_classes": [3]}, "is neither a size"),
+    ({"kind": "linear", "dim": 10 ** 12, "num_classes": 3}, "is not a size"),
+    ({"kind": "linear", "dim": 512, "num_classes": [3]}, "is not a size"),
+    ({"kind": "linear", "dim": "512", "num_classes": 3}, "cannot be built from its spec"),
     ({"kind": "linear", "dim": 512, "classes": 3}, "cannot be built from its spec"),
     ("linear", "not a {'kind': ...} mapping"),
 ])

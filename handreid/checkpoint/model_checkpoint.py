@@ -6,6 +6,7 @@ one the method registered), the retrieval feature, the resolved config, the iden
 the epoch and the selection record. First-release files are converted on load (legacy.py).
 Written atomically.
 """
+import math
 from pathlib import Path
 
 import torch
@@ -126,9 +127,10 @@ def check_matches_config(path, ckpt, config):
     registry.load(method).method_class.check_checkpoint(path, trained, config)
 
 
-# Bounds of a module spec (widths, class counts, heads; a prompt template), far above any
-# real model: no size over MAX_MODULE_SIZE, their product (about the weights the module
-# allocates: dim x num_classes) at most MAX_MODULE_ELEMENTS (4 GiB of float32).
+# Bounds of a module spec's constructor arguments, far above any real model: sizes (widths,
+# class counts, heads) at most MAX_MODULE_SIZE and their product (about the weights the
+# module allocates: dim x num_classes) at most MAX_MODULE_ELEMENTS (4 GiB of float32); texts
+# (a prompt template) at most MAX_SPEC_TEXT characters; flags, finite numbers and None.
 MAX_MODULE_SIZE, MAX_MODULE_ELEMENTS, MAX_SPEC_TEXT = 1 << 22, 1 << 30, 1000
 
 
@@ -139,11 +141,13 @@ def _bad_spec(spec):
     elements = 1
     for key, value in spec.items():
         if isinstance(value, int) and not isinstance(value, bool) \
-                and 1 <= value <= MAX_MODULE_SIZE:
-            elements *= value
-        elif key != "kind" and not (isinstance(value, str) and len(value) <= MAX_SPEC_TEXT):
-            return (f"{key}: {str(value)[:40]!r} is neither a size in 1..{MAX_MODULE_SIZE} nor "
-                    f"a short text")
+                and 0 <= value <= MAX_MODULE_SIZE:
+            elements *= max(value, 1)
+        elif not (value is None or isinstance(value, bool)
+                  or isinstance(value, float) and math.isfinite(value)
+                  or isinstance(value, str) and len(value) <= MAX_SPEC_TEXT):
+            return (f"{key}: {str(value)[:40]!r} is not a size in 0..{MAX_MODULE_SIZE}, a "
+                    f"flag, a finite number or a short text")
     if elements > MAX_MODULE_ELEMENTS:
         return f"its sizes ask for {elements:.2e} weights, over {MAX_MODULE_ELEMENTS:.2e}"
     return None
