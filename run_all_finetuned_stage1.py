@@ -15,8 +15,10 @@ the same folder) in a subprocess, with the same --set overrides, through the tra
 `method` (the registry's): experiments/train_stage1_frozen_text.py (stage1),
 train_stage2_clipreid.py (clipreid), train_clip_handid.py (clip_handid), or experiments/train.py
 for a method file.
-Ctrl-C is passed on to a training child: it finishes its epoch and saves (the same command
-then resumes it); a second Ctrl-C stops it at once. A --configs pattern that matches nothing
+Ctrl-C (SIGTERM, SIGHUP) is passed on to a training child: it finishes its epoch and saves
+(the same command then resumes it); a second one stops it at once. The child ends with this
+process (Linux: a parent-death signal): a kill -9 of the batch leaves no training behind,
+and the same command resumes it from its last save point. A --configs pattern that matches nothing
 is an error. With --seeds (or a config's seeds:), a fine-tuned config is trained and
 evaluated once per seed (save_path, log and results name get _seed<N>) and its row holds
 mean ± std over seeds, the std over seeds x splits and a 95% t interval (result_stats.py).
@@ -31,8 +33,10 @@ the four 11k aspects, whose galleries all hold the other aspects' test images, e
 image once. Each results JSON counts the images encoded fresh and taken from earlier configs.
 """
 import csv
+import ctypes
 import glob
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -55,6 +59,7 @@ from handreid.core.runtime import check_not_running
 from handreid.evaluation.evaluate import evaluate_config
 
 ROOT = Path(__file__).resolve().parent
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # The summary table's order of the methods of one dataset and model; other methods go last.
 METHOD_ORDER = ("baseline", "stage1", "clipreid", "clip_handid")
 DEFAULT_CONFIGS = ["configs/baseline/eval_*.yml",
@@ -107,21 +112,35 @@ def seed_overrides(config, seed):
             f"log_path={log.with_name(f'{log.stem}_seed{seed}{log.suffix}')}"]
 
 
+def end_with_parent(parent):
+    """In the child, before it runs (Linux): the kernel sends SIGKILL to this process when its
+    parent dies, however it dies (kill -9 included), so no training is orphaned holding its
+    run lock; the run resumes from its last save point when the batch is run again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+        os._exit(1)  # no parent-death signal, or the parent already died before it was set
+
+
 def run_child(command):
-    """Run `command` in its own process group -> its exit code. A Ctrl-C (or SIGTERM) here
-    is passed on: the first lets a training finish its epoch and save (then this run stops
-    too), a second stops it at once; the child is never killed for the first."""
-    child = subprocess.Popen(command, process_group=0)
+    """Run `command` in its own process group -> its exit code. A Ctrl-C, SIGTERM or SIGHUP
+    (the terminal closed) here is passed on: the first lets a training finish its epoch and
+    save (then this run stops too), a second stops it at once; the child is never killed for
+    the first. The child ends with this process (end_with_parent): a kill -9 of the batch
+    ends its training too. Its own group keeps a terminal's Ctrl-C from reaching it twice."""
+    parent = os.getpid()
+    child = subprocess.Popen(command, process_group=0, preexec_fn=(
+        (lambda: end_with_parent(parent)) if sys.platform.startswith("linux") else None))
     stops = []
 
     def forward(signum, frame):
         stops.append(signum)
         if len(stops) > 2:
             child.kill()
-        else:
-            child.send_signal(signum)
+        else:  # SIGHUP as SIGTERM: the training's graceful stop knows that one
+            child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         code = child.wait()
     finally:
@@ -197,7 +216,9 @@ def run_one(config_path, args, store):
            "rerank": "yes" if result["rerank"] else "no", "splits": result["num_splits"],
            "seeds": "" if seeds == [None] else " ".join(map(str, seeds)),
            "method": "baseline" if config["variant"] == "baseline" else config["method"],
-           "note": unfinished_notes(results, seeds)}
+           "note": unfinished_notes(results, seeds),
+           # a collapsed model or one training identity: flagged, the numbers kept
+           "warnings": list(dict.fromkeys(w for r in results for w in r["warnings"]))}
     for key, _ in METRIC_COLUMNS:
         stats = result_stats.summarise_runs(results, key) or {}
         if len(results) == 1:  # the results file's own mean and std
@@ -259,7 +280,8 @@ def markdown_table(rows, failures):
              + " | ".join(label for _, label in METRIC_COLUMNS) + (" | note" if noted else "")
              + " |", "|---" * (9 + len(METRIC_COLUMNS) + noted) + "|"]
     for row in rows:
-        cells = [row["config"], row["method"], row["model"], row["dataset"], row["variant"],
+        cells = [row["config"] + (" (warning)" if row["warnings"] else ""), row["method"],
+                 row["model"], row["dataset"], row["variant"],
                  row["flip"], row["rerank"], str(row["splits"]), row["seeds"] or "-"]
         cells += [metric_cell(row, key) for key, _ in METRIC_COLUMNS]
         cells += [row["note"] or "-"] if noted else []
@@ -283,6 +305,9 @@ def markdown_table(rows, failures):
         text += (f"\nWarning: {tuned} evaluates exactly as the baseline {base} (every metric "
                  f"equal): its training did not change the features; check lr, warmup_epochs "
                  f"against epochs, and that save_path is the trained checkpoint.\n")
+    for row in rows:
+        text += "".join(f"\nWarning: {row['config']}: {warning}\n"
+                        for warning in row["warnings"])
     if failures:
         text += "\nFailed:\n" + "".join(f"- {path}: {reason}\n" for path, reason in failures)
     return text
@@ -294,10 +319,12 @@ def csv_table(rows):
     fields += [key + suffix for key, _ in METRIC_COLUMNS
                for suffix in ("", "_std", "_std_seeds_splits", "_ci_lo", "_ci_hi")]
     fields.append("note")
+    fields.append("warnings")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: "" if v is None else round(v, 4) if isinstance(v, float) else v
+    writer.writerows({k: "" if v is None else round(v, 4) if isinstance(v, float) else
+                      " | ".join(v) if isinstance(v, list) else v
                       for k, v in row.items()} for row in rows)
     return buffer.getvalue()
 

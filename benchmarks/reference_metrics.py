@@ -6,20 +6,64 @@ per search; torchreid's k-reciprocal re-ranking on dense matrices; and a Market-
 of noisy identity features. Used by benchmarks/bench_metrics.py, bench_rerank.py and the tests.
 """
 from fractions import Fraction
+from math import comb
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 
-def reference_metrics_loop(similarity, query_ids, gallery_ids, max_rank=10):
-    """One query at a time, the textbook way. Returns the same dict as compute_reid_metrics."""
+def expected_query_metrics(row, matches, num_ranks):
+    """One query's (CMC [num_ranks], AP, trapezoid AP, INP), each the expected value over all
+    orders of tied gallery items, place by place: a tie group of t items with m true matches,
+    below b items holding K matches, has a match at each place p with probability m/t, and
+    then (m-1)(p-1)/(t-1) other matches before it on average (hypergeometric); its first
+    match is past place j with probability C(t-j, m)/C(t, m), its last one at place p with
+    probability C(p-1, m-1)/C(t, m)."""
+    num_rel = int(matches.sum())
+    cmc, ap, trapezoid, inp = np.zeros(num_ranks), 0.0, 0.0, 0.0
+    order = np.argsort(-row, kind="stable")
+    values, in_order = row[order], matches[order]
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # of each tie group
+    ends = np.r_[starts[1:], len(row)]
+    in_group = np.add.reduceat(in_order.astype(np.int64), starts)
+    found = 0  # true matches above the group
+    for group in np.flatnonzero(in_group).tolist():  # the groups holding a true match
+        b, t, m = int(starts[group]), int(ends[group] - starts[group]), int(in_group[group])
+        if m:  # b: items above the group
+            for p in range(1, t + 1):
+                before = (m - 1) * (p - 1) / (t - 1) if t > 1 else 0.0
+                ap += m / t * (found + 1 + before) / (b + p)
+                old = 1.0 if b + p == 1 else (found + before) / (b + p - 1)
+                trapezoid += m / t * old
+            if found == 0:  # the first match is in this group
+                for rank in range(1, num_ranks + 1):
+                    j = min(max(rank - b, 0), t)
+                    cmc[rank - 1] = 0.0 if j == 0 else 1 - comb(t - j, m) / comb(t, m)
+            if found + m == num_rel:  # the last one too
+                inp = sum(comb(p - 1, m - 1) / comb(t, m) * num_rel / (b + p)
+                          for p in range(m, t + 1))
+            found += m
+    return cmc, ap / num_rel, (ap + trapezoid) / 2 / num_rel, inp
+
+
+def reference_metrics_loop(similarity, query_ids, gallery_ids, max_rank=10,
+                           ties="expected"):
+    """One query at a time, the textbook way. Returns the same dict as compute_reid_metrics;
+    ties as its `ties` says."""
     similarity = np.asarray(similarity, dtype=np.float64)
     query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
     num_ranks = max(max_rank, 10)
     all_cmc, all_ap, all_trapezoid, all_inp = [], [], [], []
     for row, query_id in tqdm(zip(similarity, query_ids), total=len(query_ids), disable=None,
                               desc="loop reference", leave=False):
+        if ties == "expected":
+            matches = gallery_ids == query_id
+            if matches.any():
+                for values, value in zip((all_cmc, all_ap, all_trapezoid, all_inp),
+                                         expected_query_metrics(row, matches, num_ranks)):
+                    values.append(value)
+            continue
         # torchreid ranks by ascending distance; -similarity with a stable sort keeps tied
         # gallery items in gallery order, the documented tie rule.
         order = np.argsort(-row, kind="stable")

@@ -75,12 +75,17 @@ def test_trapezoid_ap_matches_mba_net_rule_and_reads_lower():
     assert (single["mAP"], single["mAP_trapezoid"]) == (pytest.approx(50.0), pytest.approx(25.0))
 
 
+GALLERY_ORDER = {"ties": "gallery_order"}  # torchreid's rule, kept for comparison
+
+
 def test_ties_keep_gallery_order():
     tied = np.full((1, 3), 0.5)
-    assert compute_reid_metrics(tied, ["p"], ["n", "p", "m"])["mAP"] == pytest.approx(50.0)
-    assert compute_reid_metrics(tied, ["p"], ["p", "n", "m"])["rank1"] == 100.0
+    assert compute_reid_metrics(tied, ["p"], ["n", "p", "m"],
+                                **GALLERY_ORDER)["mAP"] == pytest.approx(50.0)
+    assert compute_reid_metrics(tied, ["p"], ["p", "n", "m"], **GALLERY_ORDER)["rank1"] == 100.0
     # The match ties with two earlier negatives, behind a clearly better one: rank 4.
-    result = compute_reid_metrics(np.array([[0.7, 0.5, 0.5, 0.5]]), [1], [0, 0, 0, 1])
+    result = compute_reid_metrics(np.array([[0.7, 0.5, 0.5, 0.5]]), [1], [0, 0, 0, 1],
+                                  **GALLERY_ORDER)
     assert result["mAP"] == pytest.approx(25.0)
     assert result["cmc"][:4] == [0.0, 0.0, 0.0, 100.0]
 
@@ -100,7 +105,7 @@ def test_ties_in_a_long_gallery():
     similarity[0, [10, 50, 90]] = 0.8
     gallery = [0] * 100
     gallery[50] = 1
-    result = compute_reid_metrics(similarity, [1], gallery)
+    result = compute_reid_metrics(similarity, [1], gallery, **GALLERY_ORDER)
     assert result["mAP"] == pytest.approx(50.0)
     assert result["cmc"][:2] == [0.0, 100.0]
 
@@ -160,27 +165,32 @@ def random_case(seed, num_queries=70, num_gallery=300, num_ids=25, decimals=None
     return similarity, [f"id{i}" for i in query_ids], [f"id{i}" for i in gallery_ids]
 
 
+@pytest.mark.parametrize("ties", ["expected", "gallery_order"])
 @pytest.mark.parametrize("seed,decimals", [(0, None), (1, None), (2, 1), (3, 2), (4, 1), (5, 3)])
-def test_agrees_with_per_query_loop_reference(seed, decimals):
+def test_agrees_with_per_query_loop_reference(seed, decimals, ties):
     similarity, query_ids, gallery_ids = random_case(seed, decimals=decimals)
-    expected = reference_metrics_loop(similarity, query_ids, gallery_ids, max_rank=20)
+    expected = reference_metrics_loop(similarity, query_ids, gallery_ids, max_rank=20,
+                                      ties=ties)
     assert expected["num_valid_queries"] < expected["num_queries"]  # the case has invalid ones
-    result = compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20)
+    result = compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20, ties=ties)
     assert_same(result, expected)
 
 
+@pytest.mark.parametrize("ties", ["expected", "gallery_order"])
 @pytest.mark.parametrize("seed,decimals", [(0, None), (2, 1), (3, 2), (5, 3)])
-def test_float32_scores_agree_with_per_query_loop_reference(seed, decimals):
+def test_float32_scores_agree_with_per_query_loop_reference(seed, decimals, ties):
     # float32 on the CPU: the matches are ranked among the items at least as similar as each
     # row's least similar match (the informative case), or by sorting whole rows where those
     # are more than an eighth of the row (noise near 2: almost random scores); ties included.
     similarity, query_ids, gallery_ids = random_case(seed, decimals=decimals)
     similarity = similarity.astype(np.float32)
-    expected = reference_metrics_loop(similarity, query_ids, gallery_ids, max_rank=20)
-    assert_same(compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20), expected)
+    expected = reference_metrics_loop(similarity, query_ids, gallery_ids, max_rank=20,
+                                      ties=ties)
+    assert_same(compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20,
+                                     ties=ties), expected)
     for chunk_size in (1, 13):
         assert_same(compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=20,
-                                         chunk_size=chunk_size), expected)
+                                         chunk_size=chunk_size, ties=ties), expected)
 
 
 def test_float32_ties_and_signed_zeros_in_the_candidate_path():
@@ -192,7 +202,7 @@ def test_float32_ties_and_signed_zeros_in_the_candidate_path():
     similarity[1, [2, 9]] = (-0.0, 0.0)  # the match (9) ties with -0.0 before it: rank 2
     gallery = ["n"] * 64
     gallery[5], gallery[9] = "p", "q"
-    result = compute_reid_metrics(similarity, ["p", "q"], gallery, max_rank=4)
+    result = compute_reid_metrics(similarity, ["p", "q"], gallery, max_rank=4, **GALLERY_ORDER)
     assert result["cmc"] == [0.0, 50.0, 100.0, 100.0]  # ranks 3 and 2
     assert result["mAP"] == pytest.approx(pct((Fraction(1, 3) + Fraction(1, 2)) / 2))
 
@@ -213,7 +223,9 @@ def test_reference_loops_match_hand_case():
     # The references themselves are pinned to a hand-computed value, so neither can drift
     # together with the code it checks.
     case = (np.array([[0.9, 0.8, 0.7, 0.6, 0.5]]), [1], [1, 2, 1, 3, 1])
-    assert reference_metrics_loop(*case)["mAP"] == pytest.approx(pct(Fraction(34, 45)))
+    for ties in ("expected", "gallery_order"):
+        assert reference_metrics_loop(*case, ties=ties)["mAP"] == \
+            pytest.approx(pct(Fraction(34, 45)))
     _, torchreid_map = reference_metrics.torchreid_python_loop(*case)
     assert torchreid_map == pytest.approx(float(Fraction(34, 45)))
 
@@ -275,6 +287,7 @@ def test_runs_on_the_similarity_device():
     ((np.ones((1, 2)), [1], ["1", "2"]), {}, "different label types"),
     ((np.ones((1, 2)), ["a"], ["a", "b"]), {"max_rank": 0}, "max_rank"),
     ((np.ones((1, 2)), ["a"], ["a", "b"]), {"chunk_size": 0}, "chunk_size"),
+    ((np.ones((1, 2)), ["a"], ["a", "b"]), {"ties": "random"}, "ties must be one of"),
 ])
 def test_bad_input_is_a_clear_error(args, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -11,6 +11,7 @@ still load. First-release files are converted on load (legacy.py). Written atomi
 Beside it, <stem>.resume.pth (train/checkpointing.py) holds the run's resume state, or the
 record that it finished; evaluation reads it (run_record, unfinished_note) without the engine.
 """
+import math
 from pathlib import Path
 
 import torch
@@ -199,12 +200,48 @@ def check_matches_config(path, ckpt, config):
     registry.load(method).method_class.check_checkpoint(path, trained, config)
 
 
+# Bounds of a module spec's constructor arguments, far above any real model: sizes (widths,
+# class counts, heads) at most MAX_MODULE_SIZE and their product (about the weights the
+# module allocates: dim x num_classes) at most MAX_MODULE_ELEMENTS (4 GiB of float32); texts
+# (a prompt template) at most MAX_SPEC_TEXT characters; flags, finite numbers and None.
+MAX_MODULE_SIZE, MAX_MODULE_ELEMENTS, MAX_SPEC_TEXT = 1 << 22, 1 << 30, 1000
+
+
+def _bad_spec(spec):
+    """What is wrong with one module spec, or None."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+        return "not a {'kind': ...} mapping"
+    elements = 1
+    for key, value in spec.items():
+        if isinstance(value, int) and not isinstance(value, bool) \
+                and 0 <= value <= MAX_MODULE_SIZE:
+            elements *= max(value, 1)
+        elif not (value is None or isinstance(value, bool)
+                  or isinstance(value, float) and math.isfinite(value)
+                  or isinstance(value, str) and len(value) <= MAX_SPEC_TEXT):
+            return (f"{key}: {str(value)[:40]!r} is not a size in 0..{MAX_MODULE_SIZE}, a "
+                    f"flag, a finite number or a short text")
+    if elements > MAX_MODULE_ELEMENTS:
+        return f"its sizes ask for {elements:.2e} weights, over {MAX_MODULE_ELEMENTS:.2e}"
+    return None
+
+
 def check_modules(path, ckpt):
-    """Every module the feature or the specs name is there and of a kind this code builds."""
+    """Every module the feature or the specs name is there, of a kind this code builds, its
+    spec within sane sizes (a crafted spec must not ask for a terabyte)."""
     specs, states = ckpt["module_specs"], ckpt["modules"]
+    if not all(isinstance(part, dict) for part in (specs, states, ckpt["feature"])):
+        raise UserError(f"{path} is a damaged checkpoint (module_specs, modules or feature is "
+                        f"not a mapping); retrain it ({registry.train_command(ckpt['method'])})")
+    for name, spec in specs.items():
+        problem = _bad_spec(spec)
+        if problem:
+            raise UserError(f"{path} has an invalid spec for module {str(name)[:40]!r} "
+                            f"({problem}); it is damaged or not made by this code: retrain it "
+                            f"({registry.train_command(ckpt['method'])})")
     needed = [ckpt["feature"].get("module")] + list(ckpt["feature"].get("modules", []))
     for name in [n for n in needed if n] + list(specs):
-        if name not in specs or name not in states:
+        if name not in specs or not isinstance(states.get(name), dict):
             raise UserError(f"{path} is a {ckpt['method']} checkpoint without its module "
                             f"{name!r}; it is incomplete: retrain it "
                             f"({registry.train_command(ckpt['method'])})")
@@ -252,7 +289,12 @@ def load_checkpoint(path, config, device="cpu", freeze_text=True):
         backbone.freeze_text_tower(clip_model)
     extras = {}
     for name, spec in ckpt["module_specs"].items():
-        extras[name] = backbone.build_module(spec)
+        try:
+            extras[name] = backbone.build_module(spec)
+        except (TypeError, ValueError) as err:  # keys or values its class does not take
+            raise UserError(f"{path}: module {name!r} cannot be built from its spec "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:80]}); it is "
+                            f"damaged or not made by this code: retrain it ({command})") from None
         load_strict(extras[name], ckpt["modules"][name], path, name, command)
     model = backbone.HandIdModel(clip_model, extras=extras, feature=ckpt["feature"])
     return model.to(device), ckpt

@@ -44,15 +44,52 @@ def parse_override(text, keys=None):
     return key, value
 
 
+# A config is a few KB of keys. Files from others are read within these limits: a larger
+# file is no config (a 34 MB one took minutes to parse), and aliases that expand a small file
+# into a huge value (a "billion laughs" of nested anchors) are refused before the value is
+# built or printed.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader that refuses a document whose nodes, every alias expanded,
+    number more than MAX_CONFIG_NODES (counted while composing, before constructing)."""
+
+    def compose_document(self):
+        self.expanded = {}  # id(node) -> its node count with aliases expanded
+        return super().compose_document()
+
+    def compose_node(self, parent, index):
+        node = super().compose_node(parent, index)
+        if id(node) not in self.expanded:  # an alias returns its anchor's node, counted
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [part for pair in node.value for part in pair] \
+                if isinstance(node, yaml.MappingNode) else []
+            # get: a recursive alias points at a node still being composed
+            count = 1 + sum(self.expanded.get(id(child), 1) for child in children)
+            if count > MAX_CONFIG_NODES:
+                raise yaml.YAMLError(f"aliases expand it past {MAX_CONFIG_NODES} values")
+            self.expanded[id(node)] = count
+        return node
+
+
 def _read_yaml(path):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {size / 2 ** 20:.1f} MiB, no config file (at most "
+                          f"{MAX_CONFIG_BYTES // 2 ** 20} MiB); pass the YAML config to --config")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_BoundedLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
+        if type(err) is yaml.YAMLError:  # _BoundedLoader's refusal
+            raise ConfigError(f"{path}: {err}; a config needs no such anchors: write the "
+                              f"values out") from None
         raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
     if data is None:
         data = {}

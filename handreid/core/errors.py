@@ -33,7 +33,7 @@ def run_cli(main):
     except OSError as err:
         if err.errno not in WRITE_ERRNOS:
             raise
-        print(f"error: {write_error(err.filename or 'a file', err)}", file=sys.stderr)
+        print(f"error: {write_error(err.filename, err)}", file=sys.stderr)
         sys.exit(UserError.exit_code)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -45,9 +45,13 @@ def run_cli(main):
 
 
 def write_error(path, err):
-    """UserError for a failed write of `path`: the reason and the fix (the free space when
-    the disk is full, the permission when the folder cannot be written)."""
+    """UserError for a failed write of `path`: the reason and the fix (the free space of
+    the file's own disk when it is full, the permission when the folder cannot be written).
+    `path` None: an error that names no file (then no free space is guessed)."""
     reason = err.strerror or str(err) if isinstance(err, OSError) else str(err)
+    if path is None:
+        return UserError(f"cannot write a file: {reason}; free space or write to another "
+                         f"folder or disk")
     kept = "the previous complete file, if any, is intact"
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return UserError(f"cannot write {path}: {reason} (the folder is read-only or not "

@@ -159,6 +159,12 @@ SCHEMA = {
                                         "standard (uninterpolated, torchreid/fast-reid) or "
                                         "trapezoid (MBA-Net / CLIP-HandID)",
                        choices=("standard", "trapezoid")),
+    "ties": option(str, "expected", "gallery items exactly as similar as a true match: expected "
+                                     "(every ranking metric is its expected value over all "
+                                     "orders of the tied items; a collapsed model scores "
+                                     "chance) or gallery_order (torchreid's stable sort, for "
+                                     "comparison with its numbers)",
+                    choices=("expected", "gallery_order")),
     "open_set": option(bool, False, "also report open-set identification: per split a seeded "
                                      "random half of the test identities leaves the gallery"),
     "rerank": option(bool, False, "k-reciprocal re-ranking (Zhong et al. 2017) of the ranking "

@@ -7,6 +7,7 @@ checks.
 """
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +15,21 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from handreid.core.errors import UserError
+
+# The one pixel limit of every image the project opens: 100 megapixels. A hand photo is a few
+# megapixels, a 61 MP camera or 108 MP phone photo passes; decoding takes width x height x 3
+# bytes per image and per loader worker (a 144 MP PNG took 430 MB each), and a decompression
+# bomb (a small file of a huge image) far more. PIL checks the size in Image.open, before
+# decoding: it warns over MAX_IMAGE_PIXELS and refuses over twice that; the warning is made
+# an error here, so every image over the limit is refused there (and named by our callers).
+# Set on import of this module, which the loaders import: DataLoader workers have it too.
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+# What opening or decoding a bad image file raises: OSError, UnidentifiedImageError (an
+# OSError), ValueError, and the pixel limit's error and warning.
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning)
 
 # What the loaders read: formats Pillow decodes without plugins.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -26,14 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from handreid.core.config_files import dataset_dir, prepare_command
 from handreid.core.errors import ConfigError, UserError
-from handreid.data.image_files import IMAGE_SUFFIXES, to_rgb
+from handreid.data.image_files import IMAGE_ERRORS, IMAGE_SUFFIXES, to_rgb
 from handreid.model.backbone import image_hw, preprocess_spec
 
 
@@ -64,7 +64,7 @@ def decode_image(path, size, draft=False):
             if draft:
                 image.draft("RGB", (width, height))
             image = to_rgb(image, path).resize((width, height), Image.BICUBIC)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except IMAGE_ERRORS as err:
         raise UserError(f"cannot read image {path} ({err}); replace the file or re-run the "
                         "prepare script, which reports and skips unreadable images") from None
     return v2.functional.pil_to_tensor(image)

@@ -13,7 +13,8 @@ from handreid.evaluation import protocol
 from handreid.evaluation.encoder import load_model, protocol_identities
 from handreid.evaluation.plots import (plot_cmc, plot_likelihood_ratios, plot_ranking,
                                        plot_verification)
-from handreid.evaluation.report import append_csv, csv_row, dataset_label, print_report
+from handreid.evaluation.report import (append_csv, checkpoint_warnings, csv_row,
+                                        dataset_label, print_report)
 
 
 def evaluate_config(config, store=None):
@@ -31,6 +32,7 @@ def evaluate_config(config, store=None):
               "device": str(device), "config": config,
               "timestamp": datetime.now().astimezone().isoformat(timespec="seconds"),
               **evaluated.report}
+    result["warnings"] = evaluated.report["warnings"] + checkpoint_warnings(checkpoint)
     print_report(config, result, checkpoint)
 
     results_dir = Path(config["results_dir"])
@@ -53,7 +55,7 @@ def evaluate_config(config, store=None):
     atomic_write_json(json_path, result)
     append_csv(Path(files["csv"]), csv_row(config, result, json_path))
     print(f"results: {json_path}" + (f" (previous run kept as {kept})" if kept else "")
-          + f"; row appended to {files['csv']}")
+          + f"; row added to {files['csv']}")
     if config["plots"]:
         print(f"plots: {files['cmc_plot']}, {files['ranking_plot']}, "
               f"{files['verification_plot']}"

@@ -106,7 +106,24 @@ def extract_features(model, loader, device, flip="off", amp="auto"):
     if features is None:
         raise UserError("no images to encode: the evaluation splits are empty; re-run the "
                         "prepare script")
+    check_finite(features, lambda row: loader.dataset.paths[row])
     return features
+
+
+BROKEN_MODEL = ("the model's weights are broken (a diverged training?) or its precision "
+                "overflowed; use another checkpoint, or set amp: fp32")
+
+
+def check_finite(features, name_of_row, fix=BROKEN_MODEL):
+    """UserError unless every feature is finite: NaN or inf would rank nothing (a NaN score
+    is no match) yet pass silently. Every command's features come through here, when
+    encoded or when a features or index file is loaded. `name_of_row(i)`: what row i is (an
+    image path)."""
+    values = torch.as_tensor(features)
+    bad = torch.nonzero(~torch.isfinite(values.reshape(len(values), -1)).all(1)).squeeze(1)
+    if len(bad):
+        raise UserError(f"{len(bad)} of {len(features)} features are not finite (NaN or inf; "
+                        f"first: {name_of_row(int(bad[0]))}): {fix}")
 
 
 def image_key(path):
@@ -258,7 +275,7 @@ def split_metrics(features, split, config, index):
     similarity = split_similarity(features, split)
     scores = ranking_scores(features, split, config, similarity)
     row = compute_reid_metrics(scores, split.query_ids, split.gallery_ids,
-                               max_rank=config["max_rank"])
+                               max_rank=config["max_rank"], ties=config["ties"])
     verification = compute_verification_metrics(similarity, split.query_ids, split.gallery_ids,
                                                 far=FAR_LEVELS)
     row.update(eer=verification["eer"], eer_threshold=verification["eer_threshold"],
@@ -397,6 +414,21 @@ def encode(model, config, device, paths, store=None):
     return features, len(missing), len(stored)
 
 
+# Features (unit vectors) all within this distance of their mean: a collapsed model.
+CONSTANT_SPREAD = 1e-3
+
+
+def feature_warnings(features):
+    """Warnings about what the features say of the model (the numbers stay as they are)."""
+    spread = float((features - features.mean(0)).norm(dim=1).max()) if len(features) else 0.0
+    if spread < CONSTANT_SPREAD:
+        return [f"the model gives (nearly) the same feature to every image (all within "
+                f"{spread:.1e} of their mean): it has collapsed, and its ranking metrics are "
+                f"chance (ties: expected) or an artefact of the gallery order (ties: "
+                f"gallery_order); retrain it (check lr, the training data and its loss)"]
+    return []
+
+
 def evaluate(model, config, device, store=None):
     """Run the multi-split protocol with `model` (a HandIdModel already on `device`); with a
     FeatureStore, images it holds for this model are not encoded again.
@@ -404,8 +436,9 @@ def evaluate(model, config, device, store=None):
     report: per_split (metrics of each split with its folder names and sizes), mean, std
     (ddof=1), counts (images_listed, unique_images, images_encoded = images encoded fresh x
     views, images_from_store), timings (seconds: list, encode (with loading), metrics,
-    total) and the protocol settings; with likelihood_ratio: true, each split's LR validity
-    metrics (likelihood_ratio.LR_METRICS) and how its LRs were calibrated."""
+    total), the protocol settings and warnings (feature_warnings); with likelihood_ratio:
+    true, each split's LR validity metrics (likelihood_ratio.LR_METRICS) and how its LRs were
+    calibrated."""
     start = time.perf_counter()
     paths, splits, listed = collect_splits(config)
     listed_at = time.perf_counter()
@@ -448,7 +481,9 @@ def evaluate(model, config, device, store=None):
     report = {
         "per_split": per_split, "mean": mean, "std": std, "std_ddof": STD_DDOF,
         "num_splits": len(splits), "gallery": gallery_template(config),
-        "ap_mode": config["ap_mode"], "max_rank": config["max_rank"], "flip": config["flip"],
+        "warnings": feature_warnings(features),
+        "ap_mode": config["ap_mode"], "ties": config["ties"], "max_rank": config["max_rank"],
+        "flip": config["flip"],
         "rerank": rerank, "open_set": config["open_set"], "far_levels": list(FAR_LEVELS),
         "fpir_levels": list(FPIR_LEVELS) if config["open_set"] else None,
         "likelihood_ratio": {"calibrator": config["lr_calibrator"],

@@ -1,10 +1,12 @@
 """One evaluation's report as the user reads it: the printed summary (per split, mean ± std,
-likelihood ratios, counts and time), the metric labels, and the row appended to results.csv
-(a CSV with another header is kept aside first)."""
+likelihood ratios, counts and time), the metric labels, and the row added to results.csv
+(the whole file written atomically; a CSV with another header is kept aside first)."""
 import csv
+import io
+import sys
 
 from handreid.casework import likelihood_ratio
-from handreid.core.atomic_files import keep_previous
+from handreid.core.atomic_files import atomic_write_text, keep_previous
 from handreid.evaluation import protocol
 
 ALL_METRICS = (protocol.RANKING_METRICS + protocol.VERIFICATION_METRICS
@@ -62,6 +64,15 @@ def unfinished_text(checkpoint):
             f"train command for the final model") if note else ""
 
 
+def checkpoint_warnings(checkpoint):
+    """Warnings about how a checkpoint was trained (the numbers stay as they are)."""
+    if checkpoint and checkpoint["num_train_identities"] == 1:
+        return [f"{checkpoint['path']} was trained on one identity: an identity loss over one "
+                f"class is 0 from the start and teaches nothing; train on at least two "
+                f"identities (check data_dir and the train split)"]
+    return []
+
+
 def print_report(config, report, checkpoint):
     print(f"\n{config['name']} ({config['variant']}): {config['model']} on "
           f"{dataset_label(config)}, gallery {report['gallery']}, {protocol_note(report)}")
@@ -109,24 +120,34 @@ def print_report(config, report, checkpoint):
           f"{counts['images_from_store']} from earlier configs; time "
           f"{timings['total_seconds']:.1f} s (encode {timings['encode_seconds']:.1f} s, "
           f"metrics {timings['metrics_seconds']:.2f} s)")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def append_csv(path, row):
-    """Append one row to the results CSV (header once). A CSV with another header (older
-    code) is kept aside first, never rewritten."""
+    """Add one row to the results CSV (header once), rewriting the whole file atomically like
+    every other output: a full disk or a kill leaves the previous file whole, never half a
+    row. A CSV with another header (older code) is kept aside first and started anew; one
+    with a cut row (an append of older code cut by a full disk) is kept aside and its
+    complete rows carried over."""
+    rows = []
     if path.exists():
         with path.open(newline="") as handle:
-            header = next(csv.reader(handle), None)
-        if header != CSV_FIELDS:
-            kept = keep_previous(path)
-            path.unlink()
-            print(f"{path} had other columns; kept it as {kept}")
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+            lines = list(csv.reader(handle))
+        complete = [line for line in lines[1:] if len(line) == len(CSV_FIELDS)]
+        if not lines or lines[0] != CSV_FIELDS:
+            print(f"{path} had other columns; kept it as {keep_previous(path)}")
+        elif len(complete) < len(lines) - 1:
+            print(f"{path} held {len(lines) - 1 - len(complete)} cut rows; kept it as "
+                  f"{keep_previous(path)}, the complete rows carried over")
+            rows = complete
+        else:
+            rows = lines[1:]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerows([CSV_FIELDS] + rows)
+    csv.DictWriter(buffer, fieldnames=CSV_FIELDS).writerow(row)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def csv_row(config, result, json_path):

@@ -11,14 +11,19 @@ labels per query). float32 scores on the CPU: one pass finds the items at least 
 each row's least similar match (with informative scores a small share of the row), and one
 sort of those few, keyed by (row, score, gallery index), gives every match its exact rank.
 Otherwise, or where those items are many, each row's similarities are sorted as bare values
-and every true match is placed by binary search; only rows where a true match ties with a
-non-match need the full stable argsort.
+and every true match is placed by binary search. Ties with a non-match count as the expected
+value over their orders (from the same counts: the items above and tied with each match), or
+under torchreid's gallery-order rule (ties="gallery_order") take a stable argsort of their rows.
 """
 import numpy as np
 import torch
 
 from handreid.metrics.inputs import (MetricInputError, check_no_nan, nan_error,
                                      prepare_scores)
+
+# Tie rules of compute_reid_metrics: expected value over the orders of tied items, or
+# torchreid's gallery order.
+TIES = ("expected", "gallery_order")
 
 # Default chunk: as many query rows as fit in ~4M similarity entries, so each per-chunk
 # temporary (sorted values, tie-row sort indices) stays within ~32 MB whatever the gallery size.
@@ -31,28 +36,116 @@ def _gallery_by_identity(gallery_codes, num_codes):
     return torch.argsort(gallery_codes, stable=True), counts.cumsum(0) - counts, counts
 
 
-def _sums_from_match_ranks(rows, ranks, num_ranks):
-    """Sums over queries of CMC hits [num_ranks], AP (standard, trapezoid) and INP, from the
-    1-based ranks of every true match of every query; entries are grouped by query (rows) and
-    in rank order."""
-    device = ranks.device
+def _rank_terms(rows, ranks):
+    """Per true match, from the 1-based ranks of every true match of every query (grouped by
+    query, in rank order): (k: its place among its query's matches, n: their number, rank,
+    precision at it, its trapezoid AP term), float64."""
     positives = torch.bincount(rows)  # each query's true matches, all of them listed
     starts = positives.cumsum(0) - positives
-    k = (torch.arange(len(rows), device=device) - starts[rows] + 1).to(torch.float64)
+    k = (torch.arange(len(rows), device=ranks.device) - starts[rows] + 1).to(torch.float64)
     n = positives[rows].to(torch.float64)
     r = ranks.to(torch.float64)
     precision = k / r  # at the k-th true match
     # MBA-Net / CLIP-HandID: mean of the precision just before and at the match; before
     # rank 1 it counts as 1. See compute_reid_metrics.
     trapezoid = (torch.where(r > 1, (k - 1) / (r - 1).clamp(min=1), 1.0) + precision) / 2
+    return k, n, r, precision, trapezoid
+
+
+def _sums(k, n, precision, trapezoid, cmc_rows, inp_rows):
+    """Sums over queries of CMC hits [num_ranks], AP (standard, trapezoid) and INP."""
     ap_sums = torch.stack([(precision / n).sum(), (trapezoid / n).sum()])
+    return cmc_rows.sum(0), ap_sums.cpu().numpy(), float(inp_rows.sum())
+
+
+def _first_hits(first_ranks, num_ranks):
+    """[queries, num_ranks] 1.0 where the first true match is within the top k: rank-k counts
+    a query once its first match is within the top k, so ranks past the gallery length count
+    every query (the curve is padded with its last value)."""
+    top = torch.arange(1, num_ranks + 1, device=first_ranks.device)
+    return (first_ranks[:, None] <= top).to(torch.float64)
+
+
+def _sums_from_match_ranks(rows, ranks, num_ranks):
+    """Sums over queries of CMC hits [num_ranks], AP (standard, trapezoid) and INP, from the
+    1-based ranks of every true match of every query; entries are grouped by query (rows) and
+    in rank order."""
+    k, n, r, precision, trapezoid = _rank_terms(rows, ranks)
     last = k == n  # mINP (fast-reid): true matches / rank of the hardest (last) one
-    inp_sum = (n[last] / r[last]).sum()
-    # CMC: rank-k counts a query once its first true match is within the top k, so ranks past
-    # the gallery length count every query: the curve is padded with its last value.
-    first_ranks = ranks[k == 1]
-    cmc_hits = (first_ranks[:, None] <= torch.arange(1, num_ranks + 1, device=device)).sum(0)
-    return cmc_hits, ap_sums.cpu().numpy(), float(inp_sum)
+    return _sums(k, n, precision, trapezoid, _first_hits(r[k == 1], num_ranks), n[last] / r[last])
+
+
+def _log_choose(n, k):
+    return torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+
+
+def _harmonic(x):
+    """The harmonic number H(x) up to a constant (only its differences are used)."""
+    return torch.special.digamma(x + 1)
+
+
+def _sums_expected(rows, above, tied, num_ranks):
+    """Like _sums_from_match_ranks, with ties counted as the expected value over every order
+    of the tied gallery items (all equally likely). Per true match: `above`, the gallery items
+    more similar to the query, and `tied`, those exactly as similar (itself included);
+    entries grouped by query in descending similarity.
+
+    A tie group of t items holding m true matches, below b items holding K matches, where
+    t > m (a non-match among them): its matches sit on a random m-subset of the t places, so
+    place p holds a match with probability m/t, and then (m-1)(p-1)/(t-1) other matches are
+    expected before it. Summing (matches so far) / rank over the places gives, per match,
+    AP term (B t + (K + 1 - B (b+1)) (H(b+t) - H(b))) / t with B = (m-1)/(t-1) and H the
+    harmonic numbers; the precision before the match, (K + B (p-1)) / (b+p-1), sums the same
+    way. CMC and mINP take the first and last match's place from the hypergeometric law.
+    Groups without a non-match have one outcome: those matches keep their exact ranks."""
+    positives = torch.bincount(rows)
+    k_int = torch.arange(len(rows), device=rows.device) - (positives.cumsum(0) - positives)[rows]
+    new_group = torch.ones_like(rows, dtype=torch.bool)
+    new_group[1:] = (rows[1:] != rows[:-1]) | (above[1:] != above[:-1])
+    group = new_group.cumsum(0) - 1
+    in_group = torch.bincount(group)[group]  # m
+    matches_above = k_int[new_group][group]  # K
+    ranks = above + k_int - matches_above + 1  # exact where no non-match ties
+    k, n, r, precision, trapezoid = _rank_terms(rows, ranks)
+    first, last = k == 1, k == n
+    cmc_rows, inp_rows = _first_hits(r[first], num_ranks), n[last] / r[last]
+    mixed = tied > in_group
+    if not mixed.any():
+        return _sums(k, n, precision, trapezoid, cmc_rows, inp_rows)
+    b, t, m, kk = (x[mixed].to(torch.float64) for x in (above, tied, in_group, matches_above))
+    spread = (m - 1) / (t - 1)  # B
+    ap = (spread * t + (kk + 1 - spread * (b + 1)) * (_harmonic(b + t) - _harmonic(b))) / t
+    before = torch.where(
+        b > 0,
+        spread * t + (kk - spread * b) * (_harmonic(b + t - 1) - _harmonic((b - 1).clamp(min=0))),
+        1 + spread * (t - 1)) / t  # b = 0: the first place counts 1, the others B each
+    precision[mixed], trapezoid[mixed] = ap, (before + ap) / 2
+
+    # CMC: P(first match within the top r) = 1 - C(t-j, m) / C(t, m), j = r - b places of
+    # the first match's group within the top r.
+    first_mixed = mixed[first]
+    if first_mixed.any():
+        b, t, m = (x[first][first_mixed].to(torch.float64)[:, None]
+                   for x in (above, tied, in_group))
+        top = torch.arange(1, num_ranks + 1, device=rows.device, dtype=torch.float64)
+        j = (top - b).clamp(min=0)
+        none_yet = torch.where(t - j >= m, torch.exp(_log_choose((t - j).clamp(min=m), m)
+                                                     - _log_choose(t, m)), 0.0)
+        cmc_rows[first_mixed] = torch.where(j > 0, 1 - none_yet, 0.0)
+    # mINP: the last match sits at place p of its group with probability
+    # C(p-1, m-1) / C(t, m), p = m..t.
+    last_mixed = mixed[last]
+    if last_mixed.any():
+        b, t, m, count = (x[last][last_mixed].to(torch.float64)
+                          for x in (above, tied, in_group, positives[rows]))
+        places = (t - m + 1).to(torch.int64)
+        owner = torch.repeat_interleave(torch.arange(len(places), device=rows.device), places)
+        p = m[owner] + (torch.arange(len(owner), device=rows.device)
+                        - (places.cumsum(0) - places)[owner])
+        weight = torch.exp(_log_choose(p - 1, m[owner] - 1) - _log_choose(t, m)[owner])
+        expected = torch.zeros_like(b).index_add_(0, owner, weight / (b[owner] + p))
+        inp_rows[last_mixed] = count * expected
+    return _sums(k, n, precision, trapezoid, cmc_rows, inp_rows)
 
 
 def _match_ranks_sorting_rows(similarity, query_codes, gallery_codes):
@@ -70,19 +163,25 @@ def _sorted_rows(similarity):
     return torch.sort(similarity, dim=1).values
 
 
-def _match_ranks_counting(similarity, match_values, in_row):
-    """Ranks [R, P] of each row's true matches, ascending (slots past in_row are padding), by
-    counting the gallery items more similar to the query than each match; and a flag per row
-    that is True where a match ties with a non-match, so the count cannot place it."""
+def _match_counts(similarity, match_values, in_row):
+    """(above, tied) [R, P] of each row's true matches in descending similarity (slots past
+    in_row are padding): the gallery items more similar to the query than each match, and
+    those exactly as similar (itself included), counted in the row's sorted values."""
     num_gallery = similarity.shape[1]
     values = torch.where(in_row, match_values, float("-inf")).sort(dim=1, descending=True).values
     sorted_rows = _sorted_rows(similarity)
     at_most = torch.searchsorted(sorted_rows, values, right=True)  # items at most as similar
     tied_items = at_most - torch.searchsorted(sorted_rows, values)
     above = torch.where(in_row, num_gallery - at_most, num_gallery + 1)  # ascending per row
+    return above, tied_items
+
+
+def _match_ranks_counting(above, tied_items, in_row):
+    """Ranks [R, P] of each row's true matches, ascending, from _match_counts; and a flag per
+    row that is True where a match ties with a non-match, so the count cannot place it."""
     # Matches tied with each other take consecutive ranks (which one takes which does not
     # matter): rank_k = max(above_k + 1, rank_(k-1) + 1), a running max.
-    k = torch.arange(1, values.shape[1] + 1, device=values.device)
+    k = torch.arange(1, above.shape[1] + 1, device=above.device)
     ranks = k + torch.cummax(above + 1 - k, dim=1).values
     # Two matches have equal values iff equal counts above (the more similar one is above the
     # other), so this counts the matches tied with each match.
@@ -125,9 +224,10 @@ def _not_below(scores, lowest):
     return np.concatenate(found), np.concatenate(values)
 
 
-def _match_ranks_above_lowest(similarity, match_values, match_index, in_row):
-    """(row, rank) of every true match, grouped by row in rank order, for a float32 CPU chunk;
-    None where sorting whole rows is cheaper.
+def _match_ranks_above_lowest(similarity, match_values, match_index, in_row, ties):
+    """(row, rank) of every true match, grouped by row in rank order, for a float32 CPU chunk
+    (ties "expected": (row, above, tied), _match_counts' counts); None where sorting whole
+    rows is cheaper.
 
     Only the gallery items at least as similar as a row's least similar true match can rank
     before one of its matches, and with informative scores they are a small share of the
@@ -158,11 +258,16 @@ def _match_ranks_above_lowest(similarity, match_values, match_index, in_row):
                          | match_index.numpy()[match_rows, slots])
     match_rows = match_keys >> row_shift
     row_starts = np.searchsorted(keys, np.arange(num_rows, dtype=np.int64) << row_shift)
+    if ties == "expected":  # the keys of one row and similarity: one block of `keys`
+        group = (match_keys >> column_bits) << column_bits
+        begins = np.searchsorted(keys, group)
+        tied = np.searchsorted(keys, group + (1 << column_bits)) - begins
+        return tuple(map(torch.from_numpy, (match_rows, begins - row_starts[match_rows], tied)))
     ranks = np.searchsorted(keys, match_keys) - row_starts[match_rows] + 1
     return torch.from_numpy(match_rows), torch.from_numpy(ranks)
 
 
-def _chunk_sums(similarity, query_codes, gallery_codes, gallery_groups, num_ranks):
+def _chunk_sums(similarity, query_codes, gallery_codes, gallery_groups, num_ranks, ties):
     """Metric sums over the valid queries of one chunk: (valid count, CMC hits, AP sums of
     both rules, INP)."""
     by_code, starts, counts = gallery_groups
@@ -170,7 +275,7 @@ def _chunk_sums(similarity, query_codes, gallery_codes, gallery_groups, num_rank
     valid = torch.nonzero(positives > 0).squeeze(1)
     if len(valid) == 0:
         check_no_nan(similarity)
-        return (0, torch.zeros(num_ranks, dtype=torch.int64, device=similarity.device),
+        return (0, torch.zeros(num_ranks, dtype=torch.float64, device=similarity.device),
                 np.zeros(2), 0.0)
     if len(valid) < len(query_codes):
         check_no_nan(similarity[positives == 0])
@@ -184,12 +289,17 @@ def _chunk_sums(similarity, query_codes, gallery_codes, gallery_groups, num_rank
     match_values = similarity.gather(1, match_index)
     found = None
     if similarity.device.type == "cpu" and similarity.dtype == torch.float32:
-        found = _match_ranks_above_lowest(similarity, match_values, match_index, in_row)
+        found = _match_ranks_above_lowest(similarity, match_values, match_index, in_row, ties)
+    sums = _sums_expected if ties == "expected" else _sums_from_match_ranks
     if found is not None:
-        cmc_hits, ap_sum, inp_sum = _sums_from_match_ranks(*found, num_ranks)
-        return len(query_codes), cmc_hits, ap_sum, inp_sum
+        return (len(query_codes),) + sums(*found, num_ranks)
     check_no_nan(similarity)
-    ranks, tied = _match_ranks_counting(similarity, match_values, in_row)
+    above, tied_items = _match_counts(similarity, match_values, in_row)
+    if ties == "expected":
+        rows, columns = torch.nonzero(in_row, as_tuple=True)
+        return (len(query_codes),) + sums(rows, above[rows, columns], tied_items[rows, columns],
+                                          num_ranks)
+    ranks, tied = _match_ranks_counting(above, tied_items, in_row)
     rows, columns = torch.nonzero(in_row & ~tied[:, None], as_tuple=True)
     cmc_hits, ap_sum, inp_sum = _sums_from_match_ranks(rows, ranks[rows, columns], num_ranks)
     tied_rows = torch.nonzero(tied).squeeze(1)
@@ -207,7 +317,8 @@ def _check_count(name, value):
         raise MetricInputError(f"{name} must be a positive integer, got {value!r}")
 
 
-def compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=10, chunk_size=None):
+def compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=10, chunk_size=None,
+                         ties="expected"):
     """CMC rank-1/5/10, the CMC curve, mAP under both AP rules and mINP (all in percent).
 
     Args:
@@ -218,9 +329,15 @@ def compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=10, chunk_
         max_rank: length of the returned CMC curve.
         chunk_size: query rows evaluated at once (default: ~4M similarity entries per chunk).
             Results do not depend on it.
+        ties: how gallery items exactly as similar as a true match are ordered (TIES).
+            "expected" (default): every metric is its expected value over all orders of the
+            tied items, equally likely; constant features (a collapsed model) score chance.
+            "gallery_order": torchreid's rule, a stable sort: tied items keep their gallery
+            order (index order of the columns), so a collapsed model scores whatever the
+            gallery order gives its true matches. Without such ties both give the same
+            numbers, bit for bit.
 
-    Per query the gallery is ranked by similarity, descending. Ties are broken by a stable
-    sort: tied gallery items keep their gallery order (index order of the columns).
+    Per query the gallery is ranked by similarity, descending; ties as `ties` says.
 
     - CMC rank-k: 1 if a true match is within the top k. When the gallery is shorter than
       max_rank the curve is padded with its last value (torchreid shortens it instead); a
@@ -245,6 +362,8 @@ def compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=10, chunk_
     UserError) on inconsistent inputs or when no query has a true match.
     """
     _check_count("max_rank", max_rank)
+    if ties not in TIES:
+        raise MetricInputError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
     if chunk_size is not None:
         _check_count("chunk_size", chunk_size)
     similarity, query_codes, gallery_codes, num_codes = prepare_scores(similarity, query_ids,
@@ -259,12 +378,13 @@ def compute_reid_metrics(similarity, query_ids, gallery_ids, max_rank=10, chunk_
                                  and similarity.dtype == torch.float32 else 1)
     rows = chunk_size or max(1, elements // num_gallery)
     num_valid, ap_sums, inp_sum = 0, np.zeros(2), 0.0
-    cmc_hits = torch.zeros(num_ranks, dtype=torch.int64, device=similarity.device)
+    cmc_hits = torch.zeros(num_ranks, dtype=torch.float64, device=similarity.device)
     with torch.no_grad():
         for start in range(0, num_queries, rows):
             chunk = similarity[start:start + rows]
             valid, hits, ap, inp = _chunk_sums(chunk, query_codes[start:start + rows],
-                                               gallery_codes, gallery_groups, num_ranks)
+                                               gallery_codes, gallery_groups, num_ranks,
+                                               ties)
             num_valid += valid
             cmc_hits += hits
             ap_sums += ap

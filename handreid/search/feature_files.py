@@ -11,6 +11,7 @@ import numpy as np
 
 from handreid.core.atomic_files import atomic_write
 from handreid.core.errors import UserError
+from handreid.evaluation.protocol import check_finite
 
 EXPORT_COMMAND = "python experiments/extract_features.py --config <eval config>"
 # What np.load raises for a file that is no .npz of ours (not a zip, truncated, keys missing).
@@ -34,4 +35,6 @@ def load_features(path):
     except UNREADABLE_NPZ as err:
         raise UserError(f"{path} is not a features file of this project ({type(err).__name__}); "
                         f"make one with {EXPORT_COMMAND} --images <dir> --out {path}") from None
+    check_finite(features, paths.__getitem__, f"{path} was made by a broken model; make it "
+                 f"again with a sound checkpoint: {EXPORT_COMMAND}")
     return features, paths, identities, description

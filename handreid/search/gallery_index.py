@@ -34,6 +34,7 @@ import numpy as np
 from handreid.core.atomic_files import atomic_write
 from handreid.data.image_files import IMAGE_SUFFIXES, WORKERS, image_problem
 from handreid.core.errors import UserError
+from handreid.evaluation.protocol import check_finite
 from handreid.search.feature_cache import file_digests
 from handreid.search.topk import top_k
 
@@ -204,10 +205,25 @@ def faiss_settings(kind, count, nlist=None, nprobe=None, hnsw_m=None, ef_search=
     return {"kind": kind}
 
 
-def faiss_structure(index):
-    """The stored ivf / hnsw faiss index serving `index`, with its search settings."""
+def faiss_structure(index, source="the gallery index"):
+    """The stored ivf / hnsw faiss index serving `index` (from `source`, a file), with its
+    search settings. An index file is trusted only as far as it is checked: the structure
+    must be the kind its settings name, over exactly its features (count, size, inner
+    product), or a search would return rows the index does not hold."""
     settings = index.faiss
-    structure = _faiss().deserialize_index(index.faiss_bytes)
+    faiss = _faiss()
+    try:
+        structure = faiss.deserialize_index(index.faiss_bytes)  # of its own class
+    except RuntimeError as err:  # faiss' own error for bytes it cannot read
+        raise _not_an_index(source, f"its faiss structure does not load: "
+                                    f"{str(err).splitlines()[0]}") from None
+    kind = {"ivf": faiss.IndexIVFFlat, "hnsw": faiss.IndexHNSWFlat}[settings["kind"]]
+    count, dim = index.features.shape
+    if not isinstance(structure, kind) or structure.ntotal != count or structure.d != dim \
+            or structure.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise _not_an_index(source, f"its faiss structure ({type(structure).__name__}, "
+                                    f"{structure.ntotal} x {structure.d}) is not the "
+                                    f"{settings['kind']} index of its {count} x {dim} features")
     if settings["kind"] == "ivf":
         structure.nprobe = settings["nprobe"]
     else:
@@ -284,24 +300,76 @@ def save_index(path, index):
     atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
+def _not_an_index(path, reason):
+    return UserError(f"{path} is not a gallery index of this project ({reason}); build one "
+                     f"with {INDEX_COMMAND} --gallery <folder> --index <file>, or pass "
+                     f"--rebuild to replace it")
+
+
+def _is_count(value, low, high):
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_structure(index):
+    """ValueError unless the arrays, model description and faiss settings of a loaded index
+    fit together."""
+    description = index.description
+    if not isinstance(description, dict) or not isinstance(description.get("fingerprint"), str) \
+            or not isinstance(description.get("feature"), dict):
+        raise ValueError("no model description")
+    features, count = index.features, len(index.paths)
+    if features.dtype != np.float32 or features.ndim != 2 or features.shape[0] != count \
+            or features.shape[1] < 1:
+        raise ValueError(f"features {features.dtype} {features.shape} for {count} paths")
+    if len(index.identities) != count or len(index.digests) != count \
+            or index.stats.shape != (count, 3) or index.stats.dtype.kind != "i":
+        raise ValueError("paths, identities, file stats and digests of different lengths")
+    settings = index.faiss
+    if settings is None:
+        return
+    kind = settings.get("kind") if isinstance(settings, dict) else None
+    if kind not in FAISS_KINDS:
+        raise ValueError(f"faiss kind {kind!r}")
+    if kind == "ivf" and not (_is_count(settings.get("nlist"), 1, count) and
+                              _is_count(settings.get("nprobe"), 1, settings["nlist"])):
+        raise ValueError(f"ivf nlist {settings.get('nlist')!r}, nprobe "
+                         f"{settings.get('nprobe')!r} for {count} features")
+    if kind == "hnsw" and not (_is_count(settings.get("hnsw_m"), 2, 4096) and
+                               _is_count(settings.get("ef_search"), 1, 1 << 20)):
+        raise ValueError(f"hnsw M {settings.get('hnsw_m')!r}, efSearch "
+                         f"{settings.get('ef_search')!r}")
+    if (kind == "flat") != (index.faiss_bytes is None):
+        raise ValueError(f"faiss {kind} with{'out' if index.faiss_bytes is None else ''} "
+                         "its structure")
+
+
 def load_index(path):
-    """-> the GalleryIndex stored in `path` (UserError if it is not one)."""
+    """-> the GalleryIndex stored in `path` (UserError if it is not one, or its parts do not
+    fit together; its features must be finite)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format {meta.get('format_version')}")
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            if version != FORMAT_VERSION:
+                raise ValueError(f"format {version}")
             blob = data["faiss_index"]
-            return GalleryIndex(
+            if blob.dtype != np.uint8 or blob.ndim != 1:
+                raise ValueError(f"faiss structure {blob.dtype} {blob.shape}")
+            index = GalleryIndex(
                 features=data["features"], paths=data["paths"].tolist(),
                 identities=data["identities"].tolist(), stats=data["stats"],
                 digests=data["digests"].tolist(), description=json.loads(str(data["model"])),
                 gallery=meta["gallery"], scanned_ns=meta["scanned_ns"], faiss=meta["faiss"],
                 faiss_bytes=blob if len(blob) else None)
+            _check_structure(index)
     except _UNREADABLE as err:
-        raise UserError(f"{path} is not a gallery index of this project ({type(err).__name__}: "
-                        f"{err}); build one with {INDEX_COMMAND} --gallery <folder> --index "
-                        f"<file>, or pass --rebuild to replace it") from None
+        raise _not_an_index(path, f"{type(err).__name__}: {err}") from None
+    check_finite(index.features, index.paths.__getitem__,
+                 f"the model that built {path} was broken; build it again with a sound "
+                 f"checkpoint (--rebuild)")
+    if index.faiss and index.faiss["kind"] != "flat":
+        faiss_structure(index, path)  # checked now, before any search
+    return index
 
 
 def open_for_search(path, description):

@@ -30,7 +30,7 @@ RESUME_FORMAT = "clip-handid-resume"
 RESUME_VERSION = 2
 # Config keys that do not change what training computes: a run may resume with other values.
 NON_TRAINING_KEYS = {"name", "data_dir", "num_workers", "cache_images", "device", "save_path",
-                     "log_path", "variant", "num_splits", "gallery", "flip", "ap_mode",
+                     "log_path", "variant", "num_splits", "gallery", "flip", "ap_mode", "ties",
                      "max_rank", "eval_batch_size", "results_dir", "plots", "plot_queries",
                      "save_every", "save_every_minutes", "open_set", "rerank", "rerank_k1",
                      "rerank_k2", "rerank_lambda", "seeds", "tensorboard",
