@@ -217,7 +217,7 @@ def test_a_finished_runs_missing_or_corrupt_checkpoint_gets_one_advice(make_conf
     assert str(evaluation.value).endswith("--overwrite, or restore the file")
     with pytest.raises(UserError) as training:
         train_main(Stage1, "", ["--config", config_file])
-    assert f"already finished (1 epochs" in one_line(training)
+    assert "already finished (1 epochs" in one_line(training)
     assert f", but {broken}" in str(training.value)
 
     assert train_main(Stage1, "", ["--config", config_file, "--overwrite"]) == 0
