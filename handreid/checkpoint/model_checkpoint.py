@@ -141,7 +141,7 @@ def read_checkpoint(path, train_command):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"{unreadable(path, err)}; train it again: {train_command} "
+        raise UserError(f"{unreadable(path, err)}; train again: {train_command} "
                         f"--overwrite, or restore the file") from None
     found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found not in (CHECKPOINT_FORMAT, legacy.CHECKPOINT_V1[0]):
