@@ -85,3 +85,14 @@ def test_a_warmup_as_long_as_training_says_what_the_lr_does():
     assert "never reaches" not in equal
     longer, = schedule_warnings([Phase(name="main", epochs=2, warmup_epochs=4)])
     assert "the lr never reaches its set value (it peaks at 0.5 x lr)" in longer
+
+
+def test_a_pk_batch_larger_than_the_data_names_the_batch_size_that_fits(make_config):
+    from handreid.data.loaders import get_train_val_loaders
+
+    # The Stage-2 recipes' batch (16 identities x 4) on 13 training identities: refused, as
+    # the batch is part of the recipe, with the batch size that fits them.
+    with pytest.raises(ConfigError, match=r"pk needs 16 distinct identities per step .* but "
+                                          r"train/ has 13; lower batch_size \(e\.g\. --set "
+                                          r"batch_size=52\) or raise num_instances"):
+        get_train_val_loaders(make_config(sampler="pk", batch_size=64, num_instances=4))
