@@ -67,13 +67,13 @@ def test_onnx_metadata_names_the_decode_the_features_use(cache_images, decode, t
     assert json.loads(props["preprocessing"])["draft_decode"] is cache_images
 
 
-def test_the_summary_legend_says_why_minp_equals_map():
-    row = {"config": "c.yml", "method": "stage1", "model": "tiny", "dataset": "11k/dorsal_r",
-           "variant": "finetuned", "flip": "sum", "rerank": "no", "splits": 1, "seeds": None}
-    for key, _ in run_all_finetuned_stage1.METRIC_COLUMNS:
-        row.update({key: 50.0, f"{key}_std": None, f"{key}_std_seeds_splits": None,
-                    f"{key}_ci_lo": None, f"{key}_ci_hi": None})
-    legend = run_all_finetuned_stage1.markdown_table([row], [])
+def test_the_summary_legend_says_why_minp_equals_map(prepared_11k, tmp_path, capsys):
+    out = tmp_path / "summary"
+    run_all_finetuned_stage1.main(["--configs", str(BASELINE_CONFIG), "--out", str(out),
+                                   "--set", f"data_dir={prepared_11k}", "--set", "num_splits=1",
+                                   "--set", f"results_dir={tmp_path / 'results'}",
+                                   "--set", "plots=false"])
+    legend = out.with_suffix(".md").read_text()
     assert "mINP (in the results files) equals mAP when each gallery holds one image per " \
            "identity" in legend
 
