@@ -306,7 +306,7 @@ def main(argv=None):
         print(f"warning: {tuned} evaluates exactly as the baseline {base}; see the summary",
               file=sys.stderr)
     table = markdown_table(rows, failures)
-    print("\n" + table)
+    print(f"\n{'=' * 32} the table {'=' * 32}\n\n{table}")
     out = Path(args.out)
     atomic_write_text(out.with_suffix(".md"), table)
     atomic_write_text(out.with_suffix(".csv"), csv_table(rows))

@@ -113,6 +113,15 @@ def plot_curves(handle, history, phases, best_epoch, selection, name):
     figure.savefig(handle, format="png", dpi=100)
 
 
+FILE_ONLY = {"file_only": True}  # `extra` of a log line the terminal does not show
+
+
+def not_file_only(record):
+    """The terminal's filter: lines meant for the log file alone (the resolved config) stay
+    out, so the progress and the results stand out."""
+    return not getattr(record, "file_only", False)
+
+
 class RunLog:
     """The log lines, metrics JSONL, curves and tracker of one run on one rank (only rank 0
     writes). open() before the run, close() after it, also when it fails."""
@@ -130,8 +139,10 @@ class RunLog:
             self.handlers = [logging.NullHandler()]
         else:
             Path(self.config["log_path"]).parent.mkdir(parents=True, exist_ok=True)
+            terminal = logging.StreamHandler(sys.stderr)
+            terminal.addFilter(not_file_only)
             self.handlers = [logging.FileHandler(self.config["log_path"], encoding="utf-8"),
-                             logging.StreamHandler(sys.stderr)]
+                             terminal]
             formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                           "%Y-%m-%d %H:%M:%S")
             for handler in self.handlers:
@@ -155,7 +166,9 @@ class RunLog:
         start = (f"resuming after epoch {epochs_done} from {resume_path(self.config)}"
                  if epochs_done else "starting from scratch")
         log.info(f"{method.name} training of {self.config['name']}: {start}")
-        log.info("resolved config:\n" + yaml.safe_dump(dict(self.config), sort_keys=False))
+        log.info("resolved config:\n" + yaml.safe_dump(dict(self.config), sort_keys=False),
+                 extra=FILE_ONLY)
+        log.info(f"log: {self.config['log_path']} (with the resolved config)")
         phases = ", ".join(f"{p.name} {p.epochs} epochs" for p in self.phases)
         log.info(f"device {device}, {world_size} process(es), precision "
                  f"{PRECISION_NAMES[amp_dtype]}, {len(method.identity_names)} identities, "
