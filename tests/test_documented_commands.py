@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # end to end (make test-slow)
 # (page, heading) of each block, in the order a user runs them.
 SECTIONS = [("README.md", "Train, evaluate, tabulate"),
             ("README.md", "Try it without weights"),

@@ -2,9 +2,12 @@
 with the resolved config in the run's log file only, and the final table stands out."""
 from pathlib import Path
 
+import pytest
+
 import run_all_finetuned_stage1
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # end to end (make test-slow)
 EVAL_CONFIG = ROOT / "configs/demo/eval_tiny_11k_dorsal_r.yml"
 
 

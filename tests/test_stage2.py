@@ -178,6 +178,7 @@ def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make
                        ckpt["modules"]["prompt_learner"]["context"])
 
 
+@pytest.mark.slow
 def test_kill_9_in_each_phase_resumes_bit_identically(make_config, tmp_path):
     # Under the shipped recipe's CLIP-ReID mechanisms (per-epoch lr, bias lr x2, decay on all
     # tensors, classifier init, pixel erasing, the last epoch kept, three triplet features).
@@ -209,6 +210,7 @@ def test_kill_9_in_each_phase_resumes_bit_identically(make_config, tmp_path):
         assert all(torch.equal(ours["modules"][name][k], v) for k, v in module.items()), name
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_gloo_processes_runs_both_phases(make_config, tmp_path):
     config = stage2_config(make_config, tmp_path, prompt_epochs=1, epochs=1, batch_size=8,
                            prompt_batch_size=8)
