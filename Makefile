@@ -1,12 +1,15 @@
-# make test  - create/reuse .venv, install requirements, run the test suite (CPU)
-# make demo  - the whole flow on synthetic hands with a tiny model (CPU, a few minutes)
-# make bench - benchmarks, results in benchmarks/results/
+# make test      - create/reuse .venv, install requirements, run the default test suite (CPU):
+#                  unit and in-process tests, one end-to-end run per method
+# make test-slow - the other end-to-end tests (marker `slow`: resume after kill -9, torchrun, ...)
+# make test-all  - both (what .ci/run runs)
+# make demo      - the whole flow on synthetic hands with a tiny model (CPU, a few minutes)
+# make bench     - benchmarks, results in benchmarks/results/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench
+.PHONY: test test-slow test-all demo bench
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +17,12 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 # Synthetic raw 11k -> prepare -> baseline eval, Stage-1 and Stage-2 training (tiny model),

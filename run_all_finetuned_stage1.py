@@ -294,7 +294,9 @@ def markdown_table(rows, failures):
                  "Interval: Student-t 95% interval of the mean over the splits (over all seeds "
                  "x splits with seeds). mAP: "
                  "uninterpolated (torchreid / fast-reid); mAP (trapezoid): the MBA-Net / "
-                 "CLIP-HandID rule. flip: sum is the published hand tables' test-time flip. "
+                 "CLIP-HandID rule; mINP (in the results files) equals mAP when each "
+                 "gallery holds one image per identity (one true match a query), as in these "
+                 "protocols. flip: sum is the published hand tables' test-time flip. "
                  "EER and TAR@FAR: verification over all query x gallery pairs. Cllr (bits, "
                  "not percent): of the calibrated likelihood ratios, with likelihood_ratio: "
                  "true.\n")
@@ -389,7 +391,7 @@ def main(argv=None):
         print(f"warning: {tuned} evaluates exactly as the baseline {base}; see the summary",
               file=sys.stderr)
     table = markdown_table(rows, failures)
-    print("\n" + table)
+    print(f"\n{'=' * 32} the table {'=' * 32}\n\n{table}")
     md, csv_path = write_summary(Path(args.out), table, csv_table(rows), len(rows))
     print(f"summary: {md}, {csv_path}")
     if failures:

@@ -16,7 +16,7 @@ start()
 from handreid.data import split_protocol
 from handreid.core.schema import ASPECTS
 from handreid.core.errors import run_cli, UserError
-from handreid.data.image_files import warn_skipped
+from handreid.data.image_files import IMAGE_SUFFIXES, warn_skipped
 
 DOWNLOAD = "download Hands.zip and HandInfo.csv from https://sites.google.com/view/11khands"
 ASPECT_OF_HAND = {"dorsal right": "dorsal_r", "dorsal left": "dorsal_l",
@@ -73,11 +73,22 @@ def kept_images(rows):
     return kept, malformed
 
 
+def missing_hands(raw):
+    """The message for a raw folder without Hands/: images unzipped beside HandInfo.csv
+    instead (Hands.zip extracted without its folder) are noticed and the move named."""
+    loose = sorted(p.name for p in raw.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if loose:
+        return (f"{raw / 'Hands'} not found, but {raw} holds {len(loose)} images beside "
+                f"HandInfo.csv (e.g. {loose[0]}); move them into {raw / 'Hands'}/, where the "
+                "11k layout keeps them")
+    return f"{raw / 'Hands'} not found: {DOWNLOAD} and unzip Hands.zip into {raw}"
+
+
 def build(raw, seed, num_splits):
     """{folder: manifest fields} of the four aspects; see split_protocol.prepare."""
     kept, malformed = kept_images(read_rows(raw / "HandInfo.csv"))
     if not (raw / "Hands").is_dir():
-        raise UserError(f"{raw / 'Hands'} not found: {DOWNLOAD} and unzip Hands.zip into {raw}")
+        raise UserError(missing_hands(raw))
     sources = sorted(s for ids in kept.values() for files in ids.values() for s in files)
     unusable = split_protocol.find_unusable_images(raw, sources)
     prepared = {}

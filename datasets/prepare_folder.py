@@ -5,7 +5,7 @@
         [--distractors <root2>] [--seed 0] [--num-splits 10] [--copy | --max-side N] [--overwrite]
 
 Layout: <root>/<identity>/<images>: one folder per person, named by the identity; images may
-sit in nested folders inside it and be of any of the formats jpg, jpeg, png, bmp. The split is
+sit in nested folders inside it and be jpg, jpeg, png, bmp, webp, tif or tiff. The split is
 by identity: a seeded draw of --test-fraction of the identities (or the names listed in
 --test-ids) are test identities, the rest training identities; no identity is in both. Then,
 as for 11k/HD: val = one random image per training identity, train = the rest; for split i,
@@ -152,7 +152,8 @@ def split_identities(identities, test_ids, fraction, seed):
 
 def build(base, args, identities, distractors, others, test_ids):
     """{folder: manifest fields}; see split_protocol.prepare."""
-    warn_skipped("files that are not images (jpg, jpeg, png, bmp)", others)
+    formats = ", ".join(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)
+    warn_skipped(f"files that are not images ({formats})", others)
     sources = sorted(s for ids in (identities, distractors) for files in ids.values()
                      for s in files)
     unusable = split_protocol.find_unusable_images(base, sources)

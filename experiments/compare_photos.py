@@ -5,8 +5,9 @@ of the model's evaluation, and the calibrated likelihood ratio with its verbal e
 
 Prints the cosine score of the two images' retrieval features (the evaluation's own decode,
 feature function and flip rule); the EER threshold (mean over splits) of this model's latest
-evaluation (<results_dir>/<name>_<variant>.json, from run_eval_clip.py) and on which side the
-score falls; then the likelihood ratio from the calibration file beside the checkpoint
+evaluation (the newest results JSON in results_dir, from run_eval_clip.py, of this checkpoint
+file and epoch, or this baseline backbone, with this flip rule) and on which side the score
+falls; then the likelihood ratio from the calibration file beside the checkpoint
 (calibrate.py): LR and log10 LR, the ELUB bounds that cap it, and the verbal equivalent on the
 ENFSI scale (ENFSI Guideline for Evaluative Reporting in Forensic Science, 2015).
 
@@ -37,20 +38,34 @@ def check_image(path, name):
                         "(JPEG, PNG, BMP, WebP, TIFF, ...)")
 
 
+def same_model(result, config, description):
+    """Whether a results file evaluated the model `config` and `description` name, with its
+    flip rule: the same checkpoint file and epoch, or for the baseline the same backbone."""
+    if result.get("flip") != config["flip"] or result.get("variant") != config["variant"]:
+        return False
+    if config["variant"] == "baseline":
+        evaluated = result.get("config") or {}
+        return all(evaluated.get(key) == config[key]
+                   for key in ("model", "pretrained", "image_size", "normalize"))
+    evaluated, mine = result.get("checkpoint") or {}, description["checkpoint"] or {}
+    return evaluated.get("epoch") == mine.get("epoch") and \
+        Path(evaluated.get("path", "")).resolve() == Path(mine["path"]).resolve()
+
+
 def eer_threshold(config, description):
-    """-> (threshold or None, where it came from or why there is none)."""
-    path = Path(config["results_dir"]) / f"{config['name']}_{config['variant']}.json"
-    try:
-        result = json.loads(path.read_text())
-        threshold, checkpoint = result["mean"]["eer_threshold"], result.get("checkpoint") or {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, f"no evaluation at {path}; run {EVAL_COMMAND} for it"
-    mine = description["checkpoint"] or {}
-    if (checkpoint.get("path"), checkpoint.get("epoch")) != (mine.get("path"), mine.get("epoch")) \
-            or result.get("flip") != config["flip"]:
-        return None, (f"{path} evaluated another checkpoint or flip rule; re-run "
-                      f"{EVAL_COMMAND}")
-    return threshold, f"{path}, mean over {result['num_splits']} splits"
+    """-> (threshold or None, where it came from or why there is none): from the newest results
+    file in results_dir that evaluated this model, whatever --set spelling named it then."""
+    folder = Path(config["results_dir"])
+    for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            result = json.loads(path.read_text())
+            if same_model(result, config, description):
+                return result["mean"]["eer_threshold"], \
+                    f"{path}, mean over {result['num_splits']} splits"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return None, (f"no evaluation of this model with flip {config['flip']} in {folder}; run "
+                  f"{EVAL_COMMAND} for it")
 
 
 def main(argv=None):

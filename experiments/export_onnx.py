@@ -2,8 +2,10 @@
 
     python experiments/export_onnx.py --config <eval config> --out model.onnx [--overwrite]
 
-The ONNX model takes `images`: float32 [batch, 3, S, S], RGB scaled to [0, 1], each image
-squash-resized to H x W (bicubic; the model's image_size), any batch size. Inside it: the
+The ONNX model takes `images`: float32 [batch, 3, H, W], RGB scaled to [0, 1], each image
+squash-resized to H x W (bicubic; the model's image_size), any batch size; with cache_images
+(the default) the features it matches decode JPEGs in PIL's draft mode before the resize, and
+its metadata says which decode to use. Inside it: the
 backbone's mean/std normalisation, the model's retrieval feature (HandIdModel.features: the
 image embedding, its BNNeck output, or the checkpoint's own definition), the test-time flip
 rule of the config (flip: sum or unit_mean), and L2 normalisation. Output `features`: float32 [batch, D], unit length, equal to
@@ -79,14 +81,27 @@ def max_difference(module, model_bytes, size, seed):
     return float(abs(got - expected).max())
 
 
+def input_text(height, width, draft_decode):
+    """The input as the evaluation's and extract_features.py's features were computed: with
+    cache_images (draft_decode) a JPEG is decoded in PIL's draft mode (reduced up to 8x by the
+    decoder) before the bicubic resize, which moves features by about 1e-3."""
+    decode = ("decoded as PIL's Image.open(path).draft('RGB', (W, H)) (JPEG draft mode), "
+              "then convert('RGB') and resize((W, H), BICUBIC)" if draft_decode else
+              "decoded in full, then convert('RGB') and resize((W, H), BICUBIC)")
+    return (f"images float32 [batch, 3, {height}, {width}], RGB in [0, 1] (uint8 / 255), "
+            f"W = {width}, H = {height}: {decode}, as the features of evaluation and "
+            f"extract_features.py; normalisation is inside")
+
+
 def with_metadata(model_bytes, description, spec):
     import onnx
 
     model = onnx.load_from_string(model_bytes)
     height, width = image_hw(spec["image_size"])
+    preprocessing = description["preprocessing"]
     props = {"description": json.dumps(description, sort_keys=True),
-             "input": f"images float32 [batch, 3, {height}, {width}], "
-                      "RGB in [0, 1], squash-resized (bicubic); normalisation is inside",
+             "input": input_text(height, width, preprocessing["draft_decode"]),
+             "preprocessing": json.dumps(preprocessing, sort_keys=True),
              "output": "features float32 [batch, D], L2-normalised",
              "image_size": str(spec["image_size"]), "mean": json.dumps(list(spec["mean"])),
              "std": json.dumps(list(spec["std"]))}

@@ -30,12 +30,15 @@ start()
 
 from handreid.core.config_files import config_from_args, make_parser
 from handreid.core.errors import run_cli
-from handreid.evaluation.evaluate import evaluate_config
 
 
 def main(argv=None):
     args = make_parser(__doc__.splitlines()[0]).parse_args(argv)
-    evaluate_config(config_from_args(args))
+    config = config_from_args(args)
+    # Only once the config is valid: a typo is answered before the evaluation's modules load.
+    from handreid.evaluation.evaluate import evaluate_config
+
+    evaluate_config(config)
 
 
 if __name__ == "__main__":

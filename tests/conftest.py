@@ -6,6 +6,7 @@ torch and the package's torch modules are imported inside the fixtures and helpe
 them: the tests that only read the source run without torch (test_import_graph.py)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from handreid.core.startup import start
 
 start()  # as the entry scripts do: tests run their main() in this process
+signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest handles Ctrl-C itself
 
 import pytest
 import yaml

@@ -196,6 +196,7 @@ def test_run_all_trains_it_and_tables_all_four_methods(make_config, tmp_path, ca
             evaluate_config(wrong)
 
 
+@pytest.mark.slow
 def test_kill_9_resumes_bit_identically(make_config, tmp_path):
     reference = handid_config(make_config, epochs=4, save_path=str(tmp_path / "ref/m.pth"),
                               log_path=str(tmp_path / "ref/train.log"))
@@ -217,6 +218,7 @@ def test_kill_9_resumes_bit_identically(make_config, tmp_path):
         assert all(torch.equal(ours["modules"][name][k], v) for k, v in module.items()), name
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_gloo_processes(make_config, tmp_path):
     config = handid_config(make_config, epochs=1, batch_size=8)
     run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))

@@ -248,6 +248,7 @@ def test_normalize_chooses_the_statistics_and_evaluation_must_match(make_config,
         model_checkpoint.load_checkpoint(tmp_path / "m.pth", make_config(normalize="half"))
 
 
+@pytest.mark.slow
 def test_a_stride_1_resnet_checkpoint_is_rebuilt_with_its_own_stride(make_config, tmp_path):
     config = make_config(model="rn50", pretrained="none", image_size=64, resnet_last_stride=1)
     clip_model, _ = backbone.build_model(config)

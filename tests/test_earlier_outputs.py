@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT, run_script
 
+pytestmark = pytest.mark.slow  # end to end (make test-slow)
 FIXTURES = ROOT / "tests/fixtures/main_0665f21"
 EVAL_CONFIG = ROOT / "configs/demo/eval_clip_handid_tiny_11k_dorsal_r.yml"
 

@@ -66,6 +66,7 @@ def test_stops_after_patience_epochs_without_improvement_and_keeps_the_best(make
     assert not all(torch.equal(kept[k], snapshots[6][k]) for k in kept)
 
 
+@pytest.mark.slow
 def test_kill_9_before_the_early_stop_then_the_same_command_stops_at_the_same_epoch(
         make_config, tmp_path):
     # lr 0.05 overfits the tiny model fast: val loss rises within a few epochs.
@@ -104,6 +105,7 @@ def test_kill_9_before_the_early_stop_then_the_same_command_stops_at_the_same_ep
                for k in ours["clip_state_dict"])
 
 
+@pytest.mark.slow
 def test_every_torchrun_process_stops_at_the_early_stop(make_config, tmp_path):
     # Rank 0 decides; the other rank must leave its epoch loop too, or the run would hang.
     # lr 0.3 makes the val loss of the tiny model rise within a few epochs.
@@ -129,6 +131,7 @@ def test_patience_without_a_val_split_is_refused(make_config):
         toy_engine_without_val(config)
 
 
+@pytest.mark.slow
 def test_selection_last_with_early_stopping_is_one_line_exit_2(make_config, tmp_path):
     # Early stopping waits on a val signal; selection: last (CLIP-ReID's rule) selects none.
     config_file = write_config(make_config(selection="last", early_stop_patience=2),

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------- a new method (toy_method.py)
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [2, 3], ids=["at-the-phase-boundary", "inside-phase-2"])
 def test_a_new_method_trains_resumes_exactly_and_evaluates(make_config, tmp_path, stop_at):
     settings = {"method": "toy_head_then_all", "sampler": "pk", "num_instances": 2,
@@ -173,6 +174,7 @@ def test_pk_with_more_identities_per_batch_than_train_has_is_refused(make_config
 
 # ---------------------------------------------------------------- one run per checkpoint
 
+@pytest.mark.slow
 def test_second_run_of_the_same_checkpoint_is_refused_and_kill_leaves_no_stale_lock(
         make_config, tmp_path):
     config = make_config(batch_size=4, epochs=500, save_every=2, save_every_minutes=0)
@@ -229,6 +231,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_old_fil
     assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]
 
 
+@pytest.mark.slow
 def test_training_into_a_full_disk_stops_with_one_line_and_resumes_later(make_config,
                                                                         tmp_path):
     config = make_config(batch_size=8, epochs=2, save_every=1)
@@ -271,6 +274,7 @@ def written_bytes():
     raise AssertionError("no wchar in /proc/self/io")
 
 
+@pytest.mark.slow
 def test_a_20_epoch_run_writes_at_most_6x_its_checkpoint(make_config):
     config = make_config(batch_size=16, epochs=20, num_splits=1)
     seed_everything(config["seed"])
@@ -288,6 +292,7 @@ def test_a_20_epoch_run_writes_at_most_6x_its_checkpoint(make_config):
 
 # ---------------------------------------------------------------- foreign checkpoints
 
+@pytest.mark.slow
 def test_unknown_method_and_missing_module_are_one_line_errors(make_config, tmp_path):
     config = make_config()
     names = [str(i) for i in range(13)]

@@ -8,6 +8,7 @@ import torch
 
 from conftest import ONE_THREAD, ROOT, run_script
 
+pytestmark = pytest.mark.slow  # end to end (make test-slow)
 FIXTURES = ROOT / "tests/fixtures/format_v2"
 TRAIN = {"stage1": "experiments/train_stage1_frozen_text.py",
          "stage2": "experiments/train_stage2_clipreid.py"}

@@ -22,6 +22,7 @@ def test_image_size_takes_a_side_or_height_and_width(tmp_path):
             load_config(None, [f"image_size={value}"])
 
 
+@pytest.mark.slow
 def test_a_non_square_input_trains_and_evaluates_on_a_vit(make_config, tmp_path):
     config = make_config(image_size=[64, 32], epochs=1, batch_size=8, aug_pad=4,
                          aug_random_erasing=0.5)

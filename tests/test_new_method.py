@@ -92,6 +92,7 @@ def learned(config):
              r["lr"]) for r in metric_rows(config)]
 
 
+@pytest.mark.slow
 def test_a_method_file_trains_resumes_after_kill_9_and_evaluates(make_config, tmp_path):
     settings = dict(method=str(write_toy(tmp_path)), toy_margin=0.3, epochs=3, batch_size=8,
                     lr=1e-3, save_every=1, save_every_minutes=0)
@@ -128,6 +129,7 @@ def test_a_method_file_trains_resumes_after_kill_9_and_evaluates(make_config, tm
     assert 0 < report["mean"]["mAP"] <= 100
 
 
+@pytest.mark.slow
 def test_run_all_trains_a_method_file_with_the_generic_train_script(make_config, tmp_path):
     write_toy(tmp_path)
     common = (f"model: tiny\ndata_dir: {make_config()['data_dir']}\nnum_workers: 0\n"
@@ -149,6 +151,7 @@ def test_run_all_trains_a_method_file_with_the_generic_train_script(make_config,
     assert rows == [(str(tmp_path / "eval_toy.yml"), "my_methods/toy.py", "finetuned")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, file_text, message", [
     ("stage3", None, "method: 'stage3' is neither a built-in method (clip_handid, clipreid, "
                      "stage1) nor a .py file"),

@@ -40,6 +40,7 @@ def results(folder, name):
     return json.loads((folder / "results" / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_one_model_per_seed_trained_once_and_summarised(seeded):
     folder, proc, rows = seeded
     # Two seeds -> two checkpoints with different weights; the flip config reused them.
@@ -76,6 +77,7 @@ def test_one_model_per_seed_trained_once_and_summarised(seeded):
     assert f"{float(row['rank1']):.2f} ± {float(row['rank1_std']):.2f} (± " in table
 
 
+@pytest.mark.slow
 def test_paired_comparison_equals_scipy(seeded):
     folder, _, _ = seeded
     side_a = [folder / f"results/tiny_seed{s}_finetuned.json" for s in (0, 1)]
@@ -112,6 +114,7 @@ def test_result_stats_paired_test_is_scipys():
     assert (report["lo"], report["hi"]) == pytest.approx((low, high))
 
 
+@pytest.mark.slow
 def test_self_comparison_and_refused_protocols(seeded):
     folder, _, _ = seeded
     path = folder / "results/tiny_seed0_finetuned.json"

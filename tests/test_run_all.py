@@ -136,6 +136,7 @@ def wait_for_epoch(folder, seed, epochs, proc):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_train_saves_and_the_same_command_resumes(prepared_11k, tmp_path):
     """SIGINT to the runner's process group mid-training: the child finishes its epoch and
     saves, seed 1 is not started; the same command resumes seed 0 (it says so; its resume
@@ -171,6 +172,7 @@ def test_ctrl_c_under_train_saves_and_the_same_command_resumes(prepared_11k, tmp
                for k in theirs["clip_state_dict"])
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once(prepared_11k, tmp_path):
     write_experiment(tmp_path, prepared_11k)
     proc, out = start_batch(tmp_path, "--set", "epochs=40")

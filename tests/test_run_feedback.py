@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import DEMO_TRAIN_CONFIG, ROOT
@@ -52,6 +53,7 @@ def test_a_cpu_run_waits_passively_writes_tensorboard_and_warns_of_a_long_warmup
     assert (tmp_path / "logs/run_curve.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_wait_policy_the_user_set_is_kept_and_tensorboard_can_be_off(prepared_11k, tmp_path):
     proc = train(prepared_11k, tmp_path, "epochs=1", "warmup_epochs=0", "tensorboard=false",
                  env={"OMP_WAIT_POLICY": "ACTIVE"})

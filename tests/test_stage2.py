@@ -3,6 +3,7 @@ learner, two-feature image encoder), what each phase trains, the checkpoint and 
 exact resume after kill -9 in either phase, torchrun on gloo, the run_all table with all three
 methods, and bad input."""
 import csv
+import functools
 import json
 import re
 from pathlib import Path
@@ -177,6 +178,7 @@ def test_phases_train_only_their_parts_and_the_checkpoint_holds_the_prompts(make
                        ckpt["modules"]["prompt_learner"]["context"])
 
 
+@pytest.mark.slow
 def test_kill_9_in_each_phase_resumes_bit_identically(make_config, tmp_path):
     # Under the shipped recipe's CLIP-ReID mechanisms (per-epoch lr, bias lr x2, decay on all
     # tensors, classifier init, pixel erasing, the last epoch kept, three triplet features).
@@ -208,6 +210,7 @@ def test_kill_9_in_each_phase_resumes_bit_identically(make_config, tmp_path):
         assert all(torch.equal(ours["modules"][name][k], v) for k, v in module.items()), name
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_gloo_processes_runs_both_phases(make_config, tmp_path):
     config = stage2_config(make_config, tmp_path, prompt_epochs=1, epochs=1, batch_size=8,
                            prompt_batch_size=8)
@@ -281,6 +284,14 @@ def test_prompts_from_a_checkpoint_without_prompts_is_an_error(make_config, tmp_
         main(["--config", write_config(config, tmp_path / "s2.yml")])
 
 
+@functools.cache
+def image_encoder(arch):
+    """An untrained open_clip image encoder of `arch`: the depth a recipe's layer resolves in."""
+    import open_clip
+
+    return open_clip.create_model(arch).visual
+
+
 @pytest.mark.parametrize("path", sorted(
     ROOT.glob("configs/finetuning_stage2_clipreid/train_*.yml")))
 def test_train_configs_name_their_outputs_and_follow_clipreid(path):
@@ -303,6 +314,9 @@ def test_train_configs_name_their_outputs_and_follow_clipreid(path):
             config["weight_decay_all"], config["classifier_init_std"],
             config["aug_erasing_fill"], config["selection"]) == (
         "epoch", 1, 2.0, True, 0.001, "pixel", "last")
-    assert (config["triplet_intermediate_layer"], config["resnet_last_stride"]) == (
-        (11, 2) if model == "vitb16" else (3, 1))
+    # The recipe's depth-free value (-1) names CLIP-ReID's block 11 of ViT-B/16, layer3 of RN50.
+    layer = clipreid.check_intermediate_layer(
+        image_encoder("ViT-B-16" if model == "vitb16" else "RN50"),
+        config["triplet_intermediate_layer"])
+    assert (layer, config["resnet_last_stride"]) == ((11, 2) if model == "vitb16" else (3, 1))
     assert config["prompt_template"] == TEMPLATE and "CLIP-ReID" in path.read_text()

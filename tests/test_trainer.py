@@ -118,6 +118,7 @@ def start_training(config_file):
                             text=True, env=ONE_THREAD)
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_and_sigkill_equals_an_uninterrupted_run(make_config, tmp_path):
     settings = {"batch_size": 4, "epochs": 4, "save_every": 1}
     reference = make_config(save_path=str(tmp_path / "ref/model.pth"),
@@ -204,6 +205,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(make_conf
     assert resume_path(config).read_bytes() == state
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_gloo_processes_writes_one_checkpoint(make_config, tmp_path):
     config = make_config(batch_size=4, epochs=1, warmup_epochs=0)
     run_torchrun(TRAIN, write_config(config, tmp_path / "ddp.yml"))

@@ -74,6 +74,31 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping of a YAML file (line numbers from 1)."""
+
+    def __init__(self, key, first, again):
+        super().__init__(f"key '{key}' is given twice (lines {first} and {again})")
+        self.key, self.first, self.again = key, first, again
+
+
+class UniqueKeyLoader(_BoundedLoader):
+    """The bounded loader, but a key given twice in one mapping is refused: PyYAML would keep the
+    last value silently, and the user edited the other."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise DuplicateKeyError(key, lines[key], line)
+                lines[key] = line
+            except TypeError:  # an unhashable key: SafeLoader refuses it below
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path):
     path = Path(path)
     if not path.is_file():
@@ -83,7 +108,9 @@ def _read_yaml(path):
         raise ConfigError(f"{path} is {size / 2 ** 20:.1f} MiB, no config file (at most "
                           f"{MAX_CONFIG_BYTES // 2 ** 20} MiB); pass the YAML config to --config")
     try:
-        data = yaml.load(path.read_text(), Loader=_BoundedLoader)
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}; keep one of them") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

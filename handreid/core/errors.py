@@ -1,10 +1,21 @@
 """The errors a user can fix, and how every script reports them: one line on stderr and a
-non-zero exit code, never a traceback."""
+non-zero exit code, never a traceback.
+
+The exit codes (docs/config.md): 0 done; 1 the command is well formed but what it names or
+finds cannot be used (UserError: missing or corrupt data, a checkpoint of another model, an
+output that exists without --overwrite, a full disk); 2 the command itself is wrong
+(ConfigError: an unknown, malformed or out-of-range argument, config key or value; the fix is
+in the command line or the config file); 130 interrupted (Ctrl-C), also while the script's
+modules load.
+"""
 import errno
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
+
+INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 
 class UserError(Exception):
@@ -20,6 +31,14 @@ class ConfigError(UserError):
     exit_code = 2
 
 
+def interrupted_while_starting(signum, frame):
+    """The SIGINT handler of an entry script until run_cli runs its main() (startup.start()
+    sets it): Ctrl-C while torch and the rest load is one line and exit code 130, as within
+    main(), not an import traceback."""
+    print("interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED)
+
+
 # errno values of a write that failed for lack of room or permission to write.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}
 
@@ -28,6 +47,10 @@ def run_cli(main):
     """Run main(); a UserError, or a write that failed for lack of space or permission
     anywhere in the script (e.g. linking a prepared dataset), becomes one line on stderr and a
     non-zero exit code, no traceback."""
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
+        # Within main() Ctrl-C is a KeyboardInterrupt again: training stops gracefully, and
+        # every `finally` runs.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = main()
     except OSError as err:
@@ -40,7 +63,7 @@ def run_cli(main):
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     sys.exit(result or 0)
 
 

@@ -150,12 +150,15 @@ class IdentityBatchSampler(Sampler):
         for index, target in enumerate(targets):
             self.by_identity.setdefault(int(target), []).append(index)
         if len(self.by_identity) < self.p * world_size:
+            # Refused, not shrunk: the batch is part of the recipe (it sets the triplet mining).
+            fits = len(self.by_identity) // world_size * num_instances
             raise ConfigError(
                 f"sampler: pk needs {self.p * world_size} distinct identities per step "
                 f"(batch_size {batch_size} / num_instances {num_instances}"
                 + (f" x {world_size} processes" if world_size > 1 else "")
-                + f") but train/ has {len(self.by_identity)}; lower batch_size or raise "
-                  f"num_instances")
+                + f") but train/ has {len(self.by_identity)}; lower batch_size"
+                + (f" (e.g. --set batch_size={fits})" if fits >= 2 * num_instances else "")
+                + " or raise num_instances")
         chunks = sum(max(1, len(items) // self.k) for items in self.by_identity.values())
         self.steps = max(1, chunks // (self.p * world_size))
 

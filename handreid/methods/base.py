@@ -140,10 +140,15 @@ def schedule_warnings(phases):
     for phase in phases:
         where = f"phase {phase.name}: " if len(phases) > 1 else ""
         if phase.epochs and phase.warmup_epochs >= phase.epochs:
+            # The factor of each epoch's last step (one step an epoch): independent of the
+            # steps per epoch, as the warmup is linear in steps.
+            peak = max(lr_factor(step, 1, phase) for step in range(phase.epochs))
+            outcome = ("the lr reaches its set value only at the last step and never decays"
+                       if peak >= 1 else
+                       f"the lr never reaches its set value (it peaks at {peak:.3g} x lr)")
             found.append(f"{where}warmup of {phase.warmup_epochs} epochs >= the "
-                         f"{phase.epochs} training epochs: the lr never reaches its set value "
-                         f"(it peaks at {lr_factor(phase.epochs - 1, 1, phase):.3g} x lr); "
-                         f"lower the warmup or train longer")
+                         f"{phase.epochs} training epochs: {outcome}; lower the warmup or "
+                         f"train longer")
         late = [m for m in phase.lr_steps if m >= phase.epochs]
         if phase.scheduler == "step" and late:
             found.append(f"{where}lr step(s) at epoch {', '.join(map(str, late))} lie beyond "

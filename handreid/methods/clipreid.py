@@ -72,9 +72,11 @@ CONFIG_KEYS = {
                          choices=("before", "after")),
     "triplet_intermediate_layer": option(int, None, "Stage 2: a third triplet feature, "
                                                      "CLIP-ReID's: ViT the class token after this "
-                                                     "many blocks (before ln_post; CLIP-ReID: "
-                                                     "blocks - 1 = 11), ResNet the mean of this "
-                                                     "layer (CLIP-ReID: 3); default: off"),
+                                                     "many blocks (before ln_post), ResNet the "
+                                                     "mean of this layer; negative: counted back "
+                                                     "from the last, -1 = the one before the "
+                                                     "last (CLIP-ReID's: ViT-B/16 block 11, RN50 "
+                                                     "layer3; any depth); default: off"),
 }
 
 # ---------------------------------------------------------------- model parts
@@ -187,19 +189,24 @@ def encode_image_pair(visual, images, intermediate=None):
 
 
 def check_intermediate_layer(visual, layer):
-    """ConfigError unless `layer` names an intermediate feature encode_image_pair can give:
-    ViT 1 .. blocks - 1 (CLIP-ReID: blocks - 1), ModifiedResNet 1 .. 3 (CLIP-ReID: 3)."""
+    """The 1-based ViT block or ModifiedResNet layer that triplet_intermediate_layer `layer`
+    names in `visual` (None for none): a positive value counts from the first block, a negative
+    one back from the last (-1: the block before the last, CLIP-ReID's: block 11 of ViT-B/16's
+    12, RN50's layer3), so a recipe fits any depth. ConfigError unless encode_image_pair can
+    give it: ViT 1 .. blocks - 1, ModifiedResNet 1 .. 3."""
     if layer is None:
-        return
+        return None
     resnet = isinstance(visual, ModifiedResNet)
     if not resnet and not isinstance(visual, VisionTransformer):
         raise _unsupported_encoder(visual)
     top = 3 if resnet else len(visual.transformer.resblocks) - 1
-    if not 1 <= layer <= top:
+    if not (1 <= layer <= top or -top <= layer <= -1):
         what = "ResNet layer (layer1..layer3)" if resnet else \
             f"number of transformer blocks (this ViT has {top + 1})"
         raise ConfigError(f"triplet_intermediate_layer: {layer} is out of range; give a {what}: "
-                          f"1 to {top} (CLIP-ReID: {top}), or leave it out")
+                          f"1 to {top} (CLIP-ReID: {top}), or counted back from the last, "
+                          f"-1 to -{top} (-1: the one before the last), or leave it out")
+    return layer if layer > 0 else top + 1 + layer
 
 
 def image_pair_dims(visual):
@@ -287,7 +294,8 @@ class ClipReid(Method):
         super().__init__(config, clip_model, identity_names)
         check_config(config)
         backbone.freeze_text_tower(clip_model)
-        check_intermediate_layer(clip_model.visual, config["triplet_intermediate_layer"])
+        self.intermediate_layer = check_intermediate_layer(
+            clip_model.visual, config["triplet_intermediate_layer"])
         self.specs = extra_module_specs(config, clip_model, len(identity_names))
         extras = {name: backbone.build_module(spec) for name, spec in self.specs.items()}
         for head in HEADS:
@@ -381,8 +389,8 @@ class ClipReid(Method):
         if self.phase == PROMPTS:  # inputs are rows of the feature table
             text = model.extras["prompt_learner"](model.clip_model, self.image_labels[inputs])
             return self.image_features[inputs], text
-        pre, proj, *inner = encode_image_pair(
-            model.clip_model.visual, inputs, self.config["triplet_intermediate_layer"])
+        pre, proj, *inner = encode_image_pair(model.clip_model.visual, inputs,
+                                              self.intermediate_layer)
         neck, neck_proj = (model.extras[head] for head in HEADS)
         return (pre, proj, neck(pre), neck_proj(proj), proj @ self.text_features.T, inner)
 

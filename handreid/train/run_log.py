@@ -130,6 +130,15 @@ def plot_curves(handle, history, phases, best_epoch, selection, name):
     figure.savefig(handle, format="png", dpi=100)
 
 
+FILE_ONLY = {"file_only": True}  # `extra` of a log line the terminal does not show
+
+
+def not_file_only(record):
+    """The terminal's filter: lines meant for the log file alone (the resolved config) stay
+    out, so the progress and the results stand out."""
+    return not getattr(record, "file_only", False)
+
+
 class RunLog:
     """The log lines, metrics JSONL, curves and tracker of one run on one rank (only rank 0
     writes). open() before the run, close() after it, also when it fails."""
@@ -155,8 +164,9 @@ class RunLog:
             self.log_file = os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND |
                                                      os.O_CREAT, "set another log_path"),
                                       "a", encoding="utf-8")
-            self.handlers = [logging.StreamHandler(self.log_file),
-                             logging.StreamHandler(sys.stderr)]
+            terminal = logging.StreamHandler(sys.stderr)
+            terminal.addFilter(not_file_only)
+            self.handlers = [logging.StreamHandler(self.log_file), terminal]
             formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                           "%Y-%m-%d %H:%M:%S")
             for handler in self.handlers:
@@ -182,7 +192,9 @@ class RunLog:
         start = (f"resuming after epoch {epochs_done} from {resume_path(self.config)}"
                  if epochs_done else "starting from scratch")
         log.info(f"{method.name} training of {self.config['name']}: {start}")
-        log.info("resolved config:\n" + yaml.safe_dump(dict(self.config), sort_keys=False))
+        log.info("resolved config:\n" + yaml.safe_dump(dict(self.config), sort_keys=False),
+                 extra=FILE_ONLY)
+        log.info(f"log: {self.config['log_path']} (with the resolved config)")
         phases = ", ".join(f"{p.name} {p.epochs} epochs" for p in self.phases)
         log.info(f"device {device}, {world_size} process(es), precision "
                  f"{PRECISION_NAMES[amp_dtype]}, {len(method.identity_names)} identities, "
