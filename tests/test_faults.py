@@ -174,6 +174,7 @@ def error_lines(proc):
     return lines
 
 
+@pytest.mark.slow
 def test_a_full_disk_leaves_results_csv_whole_and_names_its_disk(prepared_11k, tmp_path):
     results = tmp_path / "results"
     assert baseline_eval(prepared_11k, results).returncode == 0
@@ -192,6 +193,7 @@ def test_a_full_disk_leaves_results_csv_whole_and_names_its_disk(prepared_11k, t
     assert len(rows) == 302 and {len(r) for r in rows} == {len(rows[0])}
 
 
+@pytest.mark.slow
 def test_a_cut_row_of_older_code_is_kept_aside_and_left_out(prepared_11k, tmp_path):
     results = tmp_path / "results"
     assert baseline_eval(prepared_11k, results).returncode == 0
@@ -214,6 +216,7 @@ def children(pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+@pytest.mark.slow
 def test_kill_9_of_run_all_ends_its_trainer_and_the_rerun_resumes(prepared_11k, tmp_path):
     write_experiment(tmp_path, prepared_11k)
     command = [sys.executable, str(ROOT / "run_all_finetuned_stage1.py"), "--configs",
