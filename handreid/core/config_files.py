@@ -14,7 +14,7 @@ import yaml
 
 from handreid.core import registry
 from handreid.core.errors import ConfigError
-from handreid.core.schema import check_value, suggest
+from handreid.core.schema import SCHEMA, check_value, suggest
 
 # data_dir of each dataset when the config leaves it out (the prepare scripts' --out default)
 DEFAULT_DATA_DIRS = {"11k": "datasets/11khands", "hd": "datasets/HD", "folder": "datasets/folder"}
@@ -52,9 +52,23 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader that refuses a document whose nodes, every alias expanded,
-    number more than MAX_CONFIG_NODES (counted while composing, before constructing)."""
+class AliasBombError(yaml.YAMLError):
+    """A document whose aliases expand it past MAX_CONFIG_NODES values."""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping of a YAML file (line numbers from 1)."""
+
+    def __init__(self, key, first, again):
+        super().__init__(f"key '{key}' is given twice (lines {first} and {again})")
+        self.key, self.first, self.again = key, first, again
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader with two refusals: a document whose nodes, every alias expanded,
+    number more than MAX_CONFIG_NODES (counted while composing, before constructing), and a key
+    given twice in one mapping (PyYAML would keep the last value silently, and the user edited
+    the other)."""
 
     def compose_document(self):
         self.expanded = {}  # id(node) -> its node count with aliases expanded
@@ -69,22 +83,9 @@ class _BoundedLoader(yaml.SafeLoader):
             # get: a recursive alias points at a node still being composed
             count = 1 + sum(self.expanded.get(id(child), 1) for child in children)
             if count > MAX_CONFIG_NODES:
-                raise yaml.YAMLError(f"aliases expand it past {MAX_CONFIG_NODES} values")
+                raise AliasBombError(f"aliases expand it past {MAX_CONFIG_NODES} values")
             self.expanded[id(node)] = count
         return node
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A key given twice in one mapping of a YAML file (line numbers from 1)."""
-
-    def __init__(self, key, first, again):
-        super().__init__(f"key '{key}' is given twice (lines {first} and {again})")
-        self.key, self.first, self.again = key, first, again
-
-
-class UniqueKeyLoader(_BoundedLoader):
-    """The bounded loader, but a key given twice in one mapping is refused: PyYAML would keep the
-    last value silently, and the user edited the other."""
 
     def construct_mapping(self, node, deep=False):
         lines = {}
@@ -108,15 +109,15 @@ def _read_yaml(path):
         raise ConfigError(f"{path} is {size / 2 ** 20:.1f} MiB, no config file (at most "
                           f"{MAX_CONFIG_BYTES // 2 ** 20} MiB); pass the YAML config to --config")
     try:
-        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+        data = yaml.load(path.read_text(), Loader=ConfigLoader)
     except DuplicateKeyError as err:
         raise ConfigError(f"{path}: {err}; keep one of them") from None
+    except AliasBombError as err:
+        raise ConfigError(f"{path}: {err}; a config needs no such anchors: write the "
+                          f"values out") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        if type(err) is yaml.YAMLError:  # _BoundedLoader's refusal
-            raise ConfigError(f"{path}: {err}; a config needs no such anchors: write the "
-                              f"values out") from None
         raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
     if data is None:
         data = {}
@@ -197,8 +198,10 @@ def log_path_of(save_path):
 def _named_method(chain, overrides):
     """The `method:` a config names last (its file chain, then --set), before validation."""
     named = [data["method"] for _, data in chain if "method" in data]
-    named += [value for key, value in (parse_override(o) if isinstance(o, str) else o
-                                       for o in overrides) if key == "method"]
+    # only the method's own spec is needed to read its override (the others are read later)
+    method_only = {"method": SCHEMA["method"]}
+    named += [value for key, value in (parse_override(o, method_only) if isinstance(o, str)
+                                       else o for o in overrides) if key == "method"]
     return named[-1] if named else None
 
 
@@ -277,7 +280,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def make_parser(description, default_config=None):
     """An argument parser with --config, repeatable --set key=value and --print-config (read
-the result with config_from_args)."""
+    the result with config_from_args)."""
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, required=default_config is None,
                         help="YAML config file" + (f" (default: {default_config})"
